@@ -1,0 +1,61 @@
+"""JSONL reading and writing with errors that name the file and line."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from ftlab.errors import UserError
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line_number, record) for each non-blank line; a bad line is a UserError naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def read_jsonl(path: str | os.PathLike, required: Iterable[str] = (), limit: int | None = None) -> list[dict]:
+    """Read a JSONL file; every record must have the `required` fields. Empty files are an error."""
+    required = list(required)
+    records = []
+    for lineno, record in iter_jsonl(path):
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise UserError(f"{path}:{lineno}: missing field {missing[0]!r} (required: {', '.join(required)})")
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise UserError(f"{path}: file is empty (no JSON records)")
+    return records
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
+    """Write records atomically (temp file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one record and flush, so rows already written survive a crash."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
