@@ -1,0 +1,118 @@
+"""The task interface: one object per dataset owns loading, prompting, answer extraction and scoring.
+
+The same task object serves evaluation, SFT data preparation/filtering and verification in
+self-improvement loops, so there is exactly one answer checker per dataset.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ftlab.data.jsonl import read_jsonl
+from ftlab.errors import UserError
+
+
+@dataclass
+class Example:
+    """One normalized record of a dataset."""
+
+    id: str
+    question: str            # the task body shown to the model (without shots or template)
+    target: str              # supervised response text for SFT (reasoning + final answer), no EOS
+    gold: str                # normalized gold answer, comparable with extract_answer()
+    meta: dict[str, Any] = field(default_factory=dict)  # task-specific fields (hops, study_id, FOL, ...)
+
+
+class Task:
+    """Base class. Subclasses set `name`, `required_fields` and implement the four hooks below."""
+
+    name: str = ""
+    required_fields: tuple[str, ...] = ()
+    system_prompt: str | None = None
+    # Short worked examples for one-/few-shot prompting: list of (question, target) pairs.
+    shot_examples: Sequence[tuple[str, str]] = ()
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def to_example(self, record: dict, index: int) -> Example:
+        raise NotImplementedError
+
+    def instruction(self, question: str) -> str:
+        """The user message for one question (the task's prompt format)."""
+        return question
+
+    def extract_answer(self, text: str) -> str | None:
+        raise NotImplementedError
+
+    def score(self, output: str, example: Example) -> dict[str, Any]:
+        """Score one model output: at least {'extracted', 'correct'}; None extracted = unparsed."""
+        pred = self.extract_answer(output)
+        return {"extracted": pred, "correct": pred is not None and pred == example.gold}
+
+    def aggregate(self, scores: list[dict[str, Any]], examples: list[Example]) -> dict[str, Any]:
+        """Dataset-level metrics from per-example scores."""
+        n = len(scores)
+        return {
+            "n": n,
+            "accuracy": sum(bool(s["correct"]) for s in scores) / n if n else float("nan"),
+            "parse_rate": sum(s["extracted"] is not None for s in scores) / n if n else float("nan"),
+        }
+
+    # -- shared machinery -------------------------------------------------------------------
+    def load(self, source: str, split: str | None = None, limit: int | None = None) -> list[Example]:
+        """Load from a local JSONL file, or a Hugging Face datasets id (`hf:org/name` or `org/name`)."""
+        if os.path.exists(source) or source.endswith(".jsonl"):
+            records = read_jsonl(source, required=self.required_fields, limit=limit)
+            where = source
+        else:
+            records = load_hub_records(source.removeprefix("hf:"), split or "test", limit)
+            where = f"{source}[{split}]"
+        examples = []
+        for i, r in enumerate(records):
+            try:
+                examples.append(self.to_example(r, i))
+            except (KeyError, ValueError, TypeError) as e:
+                raise UserError(f"{where}: record {i + 1}: cannot read as {self.name}: {e}") from None
+        return examples
+
+    def messages(self, example: Example, shots: int = 0) -> list[dict[str, str]]:
+        """Chat messages: optional system prompt, `shots` worked examples as turns, then the question."""
+        msgs: list[dict[str, str]] = []
+        if self.system_prompt:
+            msgs.append({"role": "system", "content": self.system_prompt})
+        if shots > len(self.shot_examples):
+            raise UserError(f"task {self.name!r} has {len(self.shot_examples)} shot examples; {shots} requested")
+        for q, a in list(self.shot_examples)[:shots]:
+            msgs += [{"role": "user", "content": self.instruction(q)}, {"role": "assistant", "content": a}]
+        msgs.append({"role": "user", "content": self.instruction(example.question)})
+        return msgs
+
+    def render_prompt(self, example: Example, shots: int = 0, tokenizer: Any = None,
+                      chat_template: bool = True) -> str:
+        """Prompt text ready for generation; the model's chat template when asked and available."""
+        msgs = self.messages(example, shots)
+        if chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        # Plain-text format: turns separated by blank lines, answer follows "Answer:".
+        parts = [m["content"] for m in msgs if m["role"] == "system"]
+        for m in msgs:
+            if m["role"] == "user":
+                parts.append(f"{m['content']}\nAnswer:")
+            elif m["role"] == "assistant":
+                parts[-1] += f" {m['content']}"
+        return "\n\n".join(parts) + " "
+
+
+def load_hub_records(dataset_id: str, split: str, limit: int | None) -> list[dict]:
+    """Real `datasets.load_dataset` path; offline, fail fast with one line."""
+    from ftlab.hub import require_hub
+
+    require_hub(dataset_id, hint="pass a local JSONL file instead")
+    import datasets
+
+    ds = datasets.load_dataset(dataset_id, split=split)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    if len(ds) == 0:
+        raise UserError(f"{dataset_id}[{split}]: dataset is empty")
+    return [dict(r) for r in ds]
