@@ -1,0 +1,140 @@
+"""`ftlab <verb> ...`: the command line.
+
+Every verb takes a recipe (YAML) and dotted overrides, e.g.
+    ftlab train recipes/quickstart.yaml optim.lr=1e-5 train.max_steps=20
+User errors print one line `ftlab: error: ...` and exit with code 2; Ctrl-C exits with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from ftlab.errors import UserError
+
+log = logging.getLogger("ftlab")
+
+
+def setup_console_logging(verbose: bool = False) -> None:
+    logger = logging.getLogger("ftlab")
+    if not any(getattr(h, "_ftlab_console", False) for h in logger.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        h._ftlab_console = True  # type: ignore[attr-defined]
+        logger.addHandler(h)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    # Libraries' progress chatter belongs in the bars, not as warnings on every load.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ftlab.config import load_recipe
+    from ftlab.train import run_training
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    run_training(cfg)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ftlab.config import load_recipe
+    from ftlab.evaluate import run_compare, run_eval
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    if args.compare:
+        run_compare(cfg, args.compare)
+    else:
+        run_eval(cfg)
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from ftlab.config import load_recipe
+    from ftlab.infer import run_infer
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    run_infer(cfg, args.input, args.output)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ftlab.config import load_recipe
+    from ftlab.quickstart import run_quickstart
+
+    recipe = args.recipe or str(Path(__file__).parent / "recipes" / "quickstart.yaml")
+    cfg = load_recipe(recipe, args.overrides)
+    run_quickstart(cfg)
+    return 0
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from ftlab.models.memory import cli_memory
+
+    print(cli_memory(args))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ftlab", description="LLM fine-tuning research toolkit: recipes for SFT "
+                                "(full, LoRA, QLoRA), evaluation and inference, the same on CPU and GPU.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+
+    def with_recipe(name: str, help_: str, optional: bool = False) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("recipe", nargs="?" if optional else None, help="recipe YAML file")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
+        return sp
+
+    with_recipe("train", "train a model as a recipe says (SFT: full, LoRA, QLoRA)").set_defaults(fn=cmd_train)
+    ev = with_recipe("eval", "evaluate model (+ adapter) on a task: predictions.jsonl + metrics.json")
+    ev.add_argument("--compare", nargs=2, metavar=("BASE", "TUNED"),
+                    help="evaluate two models/adapters on identical prompts and print one table")
+    ev.set_defaults(fn=cmd_eval)
+    inf = with_recipe("infer", "generate for a JSONL of prompts or messages (resumable)")
+    inf.add_argument("--input", required=True, help="JSONL with 'prompt' or 'messages' per row")
+    inf.add_argument("--output", required=True, help="JSONL to write (re-running resumes after its last row)")
+    inf.set_defaults(fn=cmd_infer)
+    with_recipe("quickstart", "data -> eval -> LoRA SFT -> eval -> report, on a laptop CPU",
+                optional=True).set_defaults(fn=cmd_quickstart)
+    mem = sub.add_parser("memory", help="estimate GPU memory for training a model",
+                         description="estimate GPU memory: weights, gradients, optimizer states, activations")
+    mem.add_argument("model", help="model name, hub id, local dir, or a config.json path")
+    mem.add_argument("--method", choices=["full", "lora", "qlora"], default="full")
+    mem.add_argument("--optim", choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"], default="adamw")
+    mem.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    mem.add_argument("--batch-size", type=int, default=1)
+    mem.add_argument("--seq-len", type=int, default=1024)
+    mem.add_argument("--lora-r", type=int, default=16)
+    mem.add_argument("--gradient-checkpointing", action="store_true")
+    mem.set_defaults(fn=cmd_memory)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    setup_console_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"ftlab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("ftlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The typed recipe schema.
+
+Every key a recipe may set is declared here with its type and default, so OmegaConf rejects unknown
+keys and wrong types (unlike TRL/Trainer, which silently ignore a misspelled key). Sections mirror
+the pipeline: model -> lora -> data -> optim/schedule -> train -> eval -> track.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING  # noqa: F401  (re-exported for recipes that need a required value)
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class ModelConfig:
+    name: str = EMBEDDED_MODEL           # embedded name, hub id or local directory
+    scratch: Optional[dict[str, Any]] = None  # build randomly initialised from a config: {model_type: llama, ...}
+    tokenizer: Optional[str] = None      # defaults to the model's own (embedded tokenizer for scratch models)
+    adapter: Optional[str] = None        # PEFT adapter directory loaded on top of the model
+    revision: Optional[str] = None
+    trust_remote_code: bool = False      # off unless a recipe turns it on
+    attn_implementation: str = "sdpa"
+    dtype: str = "fp32"                  # weights dtype: fp32 | bf16 | fp16 (autocast is train.precision)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    quantize: Optional[str] = None       # "nf4" = QLoRA (bitsandbytes, GPU only)
+
+
+@dataclass
+class DataConfig:
+    task: str = "prontoqa"               # the task object that renders prompts/targets and scores answers
+    train: Optional[str] = None          # JSONL path or HF datasets id
+    train_split: str = "train"
+    val: Optional[str] = None
+    val_split: str = "validation"
+    limit: Optional[int] = None          # use the first N training examples (dataset-size ablations)
+    val_limit: Optional[int] = 64
+    shots: int = 0
+    chat_template: bool = True
+    max_length: int = 512
+    packing: bool = True                 # pack examples into rows without cross-example attention
+    group_by_length: bool = True
+    max_bad_share: float = 0.05          # fail preflight when more examples than this are truncated/dropped
+    filter_correct: bool = False         # keep only examples whose target the task scores correct (seed 002)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"                  # adamw | adamw_8bit | paged_adamw_8bit
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8                    # seed 003: 1e-8 gave NaNs on step 1-2 in bf16; 1e-6 is a recipe choice
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"                 # constant | linear | cosine | cosine_with_min_lr
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0            # used when warmup_steps == 0
+    min_lr: Optional[float] = None       # absolute floor for cosine_with_min_lr
+
+
+@dataclass
+class TrainConfig:
+    method: str = "sft"
+    epochs: float = 1.0
+    max_steps: Optional[int] = None      # optimizer steps; overrides epochs
+    max_minutes: Optional[float] = None  # wall-clock budget: stop cleanly after this many minutes
+    batch_size: int = 8                  # examples (or packed rows) per micro-batch
+    grad_accum: int = 1
+    precision: str = "fp32"              # fp32 | bf16 | fp16 (autocast)
+    grad_clip: Optional[float] = 1.0
+    gradient_checkpointing: bool = False
+    log_every: int = 1
+    eval_every: Optional[int] = None     # steps between validation loss/accuracy
+    log_generations_every: Optional[int] = None
+    save_every: Optional[int] = None
+    keep_last: int = 2
+    best_metric: Optional[str] = None    # e.g. eval/loss (lower is better) or eval/accuracy
+    nan_policy: str = "stop"             # stop | skip
+    resume: Optional[str] = None         # run directory or checkpoint directory; "latest" for the newest run
+    save_merged: bool = False            # also export LoRA merged into the base weights
+    save_final: bool = True
+
+
+@dataclass
+class EvalConfig:
+    task: Optional[str] = None           # defaults to data.task
+    source: Optional[str] = None         # JSONL path or HF datasets id; defaults to data.val
+    split: str = "test"
+    limit: Optional[int] = None
+    shots: int = 0
+    chat_template: bool = True
+    engine: str = "hf"                   # hf | vllm
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrackConfig:
+    wandb: bool = False
+    tensorboard: bool = False
+    project: str = "ftlab"
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    kind: str = "sft"                    # run-directory group: runs/<kind>/...
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    # Free-form section for job-specific settings (e.g. the quickstart's data generator and held-out sets).
+    job: dict[str, Any] = field(default_factory=dict)
+
+
+CHOICES = {
+    "model.dtype": ("fp32", "bf16", "fp16"),
+    "lora.quantize": (None, "nf4"),
+    "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
+    "schedule.name": ("constant", "linear", "cosine", "cosine_with_min_lr"),
+    "train.method": ("sft",),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.nan_policy": ("stop", "skip"),
+    "eval.engine": ("hf", "vllm"),
+}

