@@ -1,0 +1,77 @@
+"""Metric trackers: metrics.jsonl always; wandb and tensorboard when enabled and installed.
+
+Train and eval metrics live on their own step axes (seed 002): keys are prefixed `train/` or
+`eval/`, and wandb is told that `train/*` uses `train_step` and `eval/*` uses `eval_step`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any
+
+log = logging.getLogger("ftlab")
+
+
+def _clean(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep it visible as a string
+    return v
+
+
+class Trackers:
+    def __init__(self, run: Any, track_cfg: Any = None, config: dict | None = None):
+        self.run = run
+        self.wandb = None
+        self.tb = None
+        if track_cfg is not None and track_cfg.wandb:
+            self._init_wandb(track_cfg, config)
+        if track_cfg is not None and track_cfg.tensorboard:
+            self._init_tensorboard()
+
+    def _init_wandb(self, track_cfg: Any, config: dict | None) -> None:
+        try:
+            import wandb
+        except ImportError:
+            log.warning("track.wandb is on but wandb is not installed (pip install 'ftlab[track]'); skipping")
+            return
+        self.wandb = wandb.init(project=track_cfg.project, name=self.run.path.name, dir=str(self.run.path),
+                                config=config or {})
+        for axis in ("train", "eval"):
+            self.wandb.define_metric(f"{axis}_step")
+            self.wandb.define_metric(f"{axis}/*", step_metric=f"{axis}_step")
+
+    def _init_tensorboard(self) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("track.tensorboard is on but tensorboard is not installed; skipping")
+            return
+        self.tb = SummaryWriter(log_dir=str(self.run.path / "tensorboard"))
+
+    def log(self, metrics: dict[str, Any], step: int, axis: str = "train") -> None:
+        """Log metrics (keys without prefix) on the `axis` step axis."""
+        row = {f"{axis}/{k}": _clean(v) for k, v in metrics.items()}
+        record = {f"{axis}_step": step, "time": round(time.time(), 3), **row}
+        with open(self.run.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"{axis}_step": step, **row})
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: Any) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
