@@ -1,0 +1,147 @@
+"""Loss and log-prob utilities for supervised fine-tuning (pure tensor functions).
+
+Conventions used throughout:
+
+* `labels` are *already shifted*: `labels[:, t]` is the token that should follow `input_ids[:, t]`,
+  so `labels` has the same shape as `input_ids` and no `-100` sentinels are needed. Positions that
+  must not be trained are excluded by a boolean `response_mask` instead; the label there must
+  still be a valid token id (padding uses the pad id) because it is gathered before masking.
+* Log-probs and entropies are computed in float32 whatever the model dtype: a bf16 log-softmax
+  over a 150k vocabulary loses most of its mantissa.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def compute_entropy(logits: Tensor) -> Tensor:
+    """Entropy (nats) of softmax(logits) over the last dim; shape `logits.shape[:-1]`, float32.
+
+    Uses H = logsumexp(z) - sum(softmax(z) * z) on max-shifted logits z, so it stays finite and
+    accurate for huge logits (1e4) where exp() would overflow and the unshifted difference of two
+    ~1e4 numbers would cancel catastrophically. `-inf` logits (banned tokens) contribute 0.
+    """
+    z = logits.float()
+    z = z - z.amax(dim=-1, keepdim=True)  # max of each row is 0: no overflow, small magnitudes
+    p = torch.softmax(z, dim=-1)
+    p_times_z = torch.where(p > 0, p * z, torch.zeros_like(z))  # 0 * -inf would be NaN
+    return torch.logsumexp(z, dim=-1) - p_times_z.sum(dim=-1)
+
+
+def token_log_probs(logits: Tensor, labels: Tensor) -> Tensor:
+    """log_softmax(logits) gathered at `labels`, float32, without a second full-vocab tensor.
+
+    log p(y) = z_y - logsumexp(z): only the gathered logit and one logsumexp per position are kept,
+    instead of materialising (and saving for backward) a full (B, T, V) log-softmax.
+    """
+    logits = logits.float()
+    picked = torch.gather(logits, dim=-1, index=labels.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def get_response_log_probs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    return_token_entropy: bool = False,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Per-token log-probs of `labels` under `model` given `input_ids`.
+
+    Returns {"log_probs": (B, T) float32} and, when asked, {"token_entropy": (B, T) float32}.
+    The entropy is a diagnostic, computed without gradient so it does not keep a second full-vocab
+    activation alive for backward.
+
+    `use_cache=False` is passed on purpose: with the config default (`use_cache=True`) transformers
+    5.x creates an empty KV cache, and its packed-sequence detection from `position_ids` is skipped
+    whenever a cache exists, so packed examples would silently attend to each other (see
+    `ftlab.data.collate.packed_collate`). A training forward never needs a cache anyway.
+    """
+    kwargs: dict[str, Any] = {"use_cache": False}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    logits = model(input_ids=input_ids, **kwargs).logits
+    out = {"log_probs": token_log_probs(logits, labels)}
+    if return_token_entropy:
+        with torch.no_grad():
+            out["token_entropy"] = compute_entropy(logits)
+    return out
+
+
+def masked_normalize(
+    tensor: Tensor,
+    mask: Tensor,
+    normalize_constant: float = 1.0,
+    dim: int | None = None,
+) -> Tensor:
+    """Sum of `tensor` where `mask` is true, divided by `normalize_constant`; dim=None sums all.
+
+    Uses `where` rather than multiplication so a -inf/NaN at a masked-out position cannot leak in
+    (0 * -inf is NaN) and masked-out positions get exactly zero gradient.
+    """
+    kept = torch.where(mask.bool(), tensor, torch.zeros_like(tensor))
+    total = kept.sum() if dim is None else kept.sum(dim=dim)
+    return total / normalize_constant
+
+
+def masked_mean(tensor: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of `tensor` over positions where `mask` is true; dim=None averages everything.
+
+    A slice with no masked element yields NaN (0/0) on purpose: an empty average is undefined, and
+    clamping the count would report a misleading 0.
+    """
+    mask = mask.bool()
+    count = mask.sum() if dim is None else mask.sum(dim=dim)
+    return masked_normalize(tensor, mask, 1.0, dim) / count
+
+
+def sft_microbatch_train_step(
+    policy_log_probs: Tensor,
+    response_mask: Tensor,
+    gradient_accumulation_steps: int,
+    normalize_constant: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-example-normalised SFT loss for one micro-batch; calls `loss.backward()` itself.
+
+    loss = -sum(log_probs * mask) / normalize_constant / batch_size / gradient_accumulation_steps,
+    with batch_size = policy_log_probs.shape[0]. Dividing by the accumulation steps makes the
+    accumulated gradient equal to the gradient of the mean over the whole optimizer step (when all
+    micro-batches have the same size). Gradients *accumulate* into existing `.grad` (never zeroed).
+
+    Returns (scaled loss, metadata) where metadata holds detached tensors: `unscaled_loss` (the
+    micro-batch loss before dividing by the accumulation steps) and `num_response_tokens`.
+    """
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    batch_size = policy_log_probs.shape[0]
+    unscaled = -masked_normalize(policy_log_probs, response_mask, normalize_constant) / batch_size
+    loss = unscaled / gradient_accumulation_steps
+    loss.backward()
+    metadata = {
+        "unscaled_loss": unscaled.detach(),
+        "num_response_tokens": response_mask.bool().sum().detach(),
+    }
+    return loss, metadata
+
+
+def accumulation_loss(log_probs: Tensor, response_mask: Tensor, n_tokens_in_step: int | Tensor) -> Tensor:
+    """Token-normalised loss contribution of one micro-batch (torchtitan-style); no backward here.
+
+    Each micro-batch returns sum(-log_probs over its supervised tokens) / n_tokens_in_step, where
+    n_tokens_in_step counts the supervised tokens of the *whole optimizer step* (all micro-batches).
+    Summing the micro-batch gradients then gives exactly the gradient of the mean token loss over
+    the step, independent of how examples are split into micro-batches or padded. (Averaging
+    per-micro-batch means instead over-weights tokens in micro-batches with few tokens.)
+
+    Under data parallelism n_tokens_in_step must be the all-reduced global count, and the loss be
+    multiplied by the world size, because DDP averages gradients across ranks.
+    """
+    if isinstance(n_tokens_in_step, int) and n_tokens_in_step < 1:
+        raise ValueError(f"n_tokens_in_step must be >= 1, got {n_tokens_in_step}")
+    return -masked_normalize(log_probs, response_mask) / n_tokens_in_step

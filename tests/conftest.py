@@ -1,0 +1,25 @@
+"""Shared test fixtures: a tiny offline tokenizer with known ids, so expectations can be written by hand."""
+from __future__ import annotations
+
+import pytest
+
+# id = position in this list; every test can compute token ids by hand from it.
+TINY_VOCAB = "<pad> <eos> <unk> <bos> hello world the cat sat on mat user assistant : a b c d".split()
+
+
+def build_tiny_tokenizer():
+    """A whitespace word-level tokenizer (no network): pad=0, eos=1, unk=2, bos=3, hello=4, world=5, ..."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(TINY_VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # decodes words joined by single spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", bos_token="<bos>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()

@@ -1,0 +1,269 @@
+"""Tests for ftlab.losses; expected values are derived by hand in the comments."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ftlab.data.collate import pad_collate
+from ftlab.losses import (
+    accumulation_loss,
+    compute_entropy,
+    get_response_log_probs,
+    masked_mean,
+    masked_normalize,
+    sft_microbatch_train_step,
+    token_log_probs,
+)
+
+LN2, LN3, LN4 = math.log(2), math.log(3), math.log(4)
+
+
+# ---------------------------------------------------------------- entropy
+
+
+def test_entropy_uniform_is_log_vocab():
+    # softmax of equal logits is uniform over V=4 -> H = log 4, whatever the constant
+    logits = torch.full((2, 3, 4), 7.0)
+    h = compute_entropy(logits)
+    assert h.shape == (2, 3)
+    torch.testing.assert_close(h, torch.full((2, 3), LN4))
+
+
+def test_entropy_by_hand():
+    # logits [0, ln 3] -> p = [1/4, 3/4]
+    # H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 1/4 ln 4 + 3/4 (ln 4 - ln 3) = ln 4 - 3/4 ln 3 = 0.5623351
+    h = compute_entropy(torch.tensor([0.0, LN3]))
+    assert h.shape == ()
+    assert h.item() == pytest.approx(LN4 - 0.75 * LN3, abs=1e-6)
+
+
+def test_entropy_stable_for_huge_logits():
+    # [1e4, 0, -1e4]: all mass on token 0 -> H = 0; [1e4, 1e4, -1e4]: two equal tokens -> H = ln 2.
+    # A naive exp(1e4) overflows to inf and gives NaN.
+    h = compute_entropy(torch.tensor([[1e4, 0.0, -1e4], [1e4, 1e4, -1e4]]))
+    assert torch.isfinite(h).all()
+    torch.testing.assert_close(h, torch.tensor([0.0, LN2]), atol=1e-5, rtol=0)
+
+
+def test_entropy_ignores_minus_inf_logits():
+    # a banned token (-inf) has p = 0 and contributes 0 (not NaN from 0 * -inf): H = ln 2
+    h = compute_entropy(torch.tensor([0.0, float("-inf"), 0.0]))
+    assert h.item() == pytest.approx(LN2, abs=1e-6)
+
+
+# ---------------------------------------------------------------- log-probs
+
+
+class TableModel(torch.nn.Module):
+    """logits[b, t] = table[input_ids[b, t]]: a 'model' whose outputs we can write by hand."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table)
+        self.seen_kwargs: dict = {}
+
+    def forward(self, input_ids, **kwargs):
+        self.seen_kwargs = kwargs
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_token_log_probs_by_hand():
+    # row logits [0, ln 3] -> p = [1/4, 3/4] -> log p = [-ln 4, ln 3 - ln 4]
+    logits = torch.tensor([[[0.0, LN3], [0.0, LN3]]])
+    labels = torch.tensor([[0, 1]])
+    expected = torch.tensor([[-LN4, LN3 - LN4]])
+    torch.testing.assert_close(token_log_probs(logits, labels), expected)
+
+
+def test_get_response_log_probs_by_hand():
+    # token 0 -> logits [0, ln 3] (p = 1/4, 3/4); token 1 -> logits [0, 0] (p = 1/2, 1/2)
+    model = TableModel(torch.tensor([[0.0, LN3], [0.0, 0.0]]))
+    input_ids = torch.tensor([[0, 1, 0]])
+    labels = torch.tensor([[1, 0, 0]])
+    # pos 0: input 0, label 1 -> ln(3/4); pos 1: input 1, label 0 -> ln(1/2); pos 2: input 0, label 0 -> ln(1/4)
+    out = get_response_log_probs(model, input_ids, labels, return_token_entropy=True)
+    torch.testing.assert_close(out["log_probs"], torch.tensor([[LN3 - LN4, -LN2, -LN4]]))
+    # entropies: p=[1/4,3/4] -> ln4 - 3/4 ln3; uniform over 2 -> ln 2
+    h1 = LN4 - 0.75 * LN3
+    torch.testing.assert_close(out["token_entropy"], torch.tensor([[h1, LN2, h1]]))
+    assert out["log_probs"].requires_grad and not out["token_entropy"].requires_grad
+    # a training forward never uses a KV cache (it would also disable packed-sequence isolation)
+    assert model.seen_kwargs["use_cache"] is False
+    assert "attention_mask" not in model.seen_kwargs and "position_ids" not in model.seen_kwargs
+
+
+def test_get_response_log_probs_matches_log_softmax_on_tiny_llama(tiny_llama):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 32, (2, 6))
+    labels = torch.randint(0, 32, (2, 6))
+    out = get_response_log_probs(tiny_llama, ids, labels, return_token_entropy=True)
+    logits = tiny_llama(ids).logits
+    expected = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out["log_probs"], expected, atol=1e-5, rtol=0)
+    assert out["log_probs"].shape == (2, 6) and out["token_entropy"].shape == (2, 6)
+
+
+# ---------------------------------------------------------------- masked reductions
+
+T = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+M = torch.tensor([[True, False, True], [False, True, False]])
+
+
+def test_masked_normalize_by_hand():
+    # kept elements: 1, 3 (row 0) and 5 (row 1)
+    assert masked_normalize(T, M, 2.0).item() == pytest.approx((1 + 3 + 5) / 2)  # 4.5
+    torch.testing.assert_close(masked_normalize(T, M, 2.0, dim=1), torch.tensor([4 / 2, 5 / 2]))
+    torch.testing.assert_close(masked_normalize(T, M, 2.0, dim=0), torch.tensor([1 / 2, 5 / 2, 3 / 2]))
+    torch.testing.assert_close(masked_normalize(T, M), torch.tensor(9.0))  # default constant 1
+
+
+def test_masked_reductions_do_not_leak_masked_out_inf():
+    # -inf where the mask is False must not turn the result into NaN (0 * -inf)
+    t = torch.tensor([1.0, float("-inf")])
+    m = torch.tensor([True, False])
+    assert masked_normalize(t, m).item() == 1.0
+    assert masked_mean(t, m).item() == 1.0
+
+
+def test_masked_mean_by_hand():
+    # all: (1 + 3 + 5) / 3 = 3; rows: (1 + 3) / 2 = 2 and 5 / 1 = 5; columns: 1/1, 5/1, 3/1
+    assert masked_mean(T, M).item() == pytest.approx(3.0)
+    torch.testing.assert_close(masked_mean(T, M, dim=1), torch.tensor([2.0, 5.0]))
+    torch.testing.assert_close(masked_mean(T, M, dim=0), torch.tensor([1.0, 5.0, 3.0]))
+
+
+def test_masked_mean_empty_slice_is_nan():
+    # no masked element -> 0 / 0 = NaN, no clamping
+    assert torch.isnan(masked_mean(T, torch.zeros_like(M)))
+    row_mask = torch.tensor([[True, True, False], [False, False, False]])
+    out = masked_mean(T, row_mask, dim=1)
+    assert out[0].item() == pytest.approx(1.5) and torch.isnan(out[1])
+
+
+# ---------------------------------------------------------------- train step / accumulation loss
+
+LP = [[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]]
+LP_MASK = torch.tensor([[True, True, False], [False, True, True]])  # supervised: -1 -2 -5 -6
+
+
+def test_sft_microbatch_train_step_by_hand():
+    lp = torch.tensor(LP, requires_grad=True)
+    # masked sum = -1 - 2 - 5 - 6 = -14; batch 2, accumulation 4: loss = 14 / 2 / 4 = 1.75
+    loss, meta = sft_microbatch_train_step(lp, LP_MASK, gradient_accumulation_steps=4)
+    assert loss.item() == pytest.approx(1.75)
+    assert meta["unscaled_loss"].item() == pytest.approx(7.0)  # 14 / 2, before / 4
+    assert meta["num_response_tokens"].item() == 4
+    assert not meta["unscaled_loss"].requires_grad
+    # d loss / d lp = -mask / (2 * 4) = -0.125 on supervised positions, 0 elsewhere
+    expected_grad = -0.125 * LP_MASK.float()
+    torch.testing.assert_close(lp.grad, expected_grad)
+
+    # a second call accumulates into the existing .grad (never zeroes it): grad doubles
+    sft_microbatch_train_step(lp, LP_MASK, gradient_accumulation_steps=4)
+    torch.testing.assert_close(lp.grad, 2 * expected_grad)
+
+
+def test_sft_microbatch_train_step_normalize_constant():
+    lp = torch.tensor(LP, requires_grad=True)
+    # 14 / 2 (constant) / 2 (batch) / 1 (accumulation) = 3.5; grad = -1 / 4 on supervised positions
+    loss, _ = sft_microbatch_train_step(lp, LP_MASK, gradient_accumulation_steps=1, normalize_constant=2.0)
+    assert loss.item() == pytest.approx(3.5)
+    torch.testing.assert_close(lp.grad, -0.25 * LP_MASK.float())
+
+
+def test_accumulation_loss_by_hand():
+    lp = torch.tensor(LP, requires_grad=True)
+    # 4 tokens here but 7 in the whole optimizer step: 14 / 7 = 2; grad = -1/7 on supervised positions
+    loss = accumulation_loss(lp, LP_MASK, n_tokens_in_step=7)
+    assert loss.item() == pytest.approx(2.0)
+    loss.backward()
+    torch.testing.assert_close(lp.grad, -LP_MASK.float() / 7)
+    with pytest.raises(ValueError):
+        accumulation_loss(lp, LP_MASK, n_tokens_in_step=0)
+
+
+# ---------------------------------------------------------------- gradient accumulation equivalence
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+    )
+    return AutoModelForCausalLM.from_config(cfg).float().train()
+
+
+def _examples(n: int = 8) -> list[dict]:
+    """n examples of distinct lengths (so micro-batch padding differs from full-batch padding)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for k in range(n):
+        length = 3 + (5 * k) % n + k % 3  # 3..12, varied order
+        ids = torch.randint(1, 32, (length + 1,), generator=g).tolist()
+        prompt_len = 1 + k % 3
+        out.append({
+            "input_ids": ids[:-1], "labels": ids[1:],
+            "response_mask": [j + 1 >= prompt_len for j in range(length)],
+        })
+    return out
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run_step(model, examples, micro_batch: int, loss_fn) -> dict[str, torch.Tensor]:
+    """One optimizer step's worth of backward passes; returns the accumulated gradients."""
+    model.zero_grad(set_to_none=True)
+    n_tokens = sum(sum(ex["response_mask"]) for ex in examples)
+    gas = len(examples) // micro_batch
+    for start in range(0, len(examples), micro_batch):
+        batch = pad_collate(examples[start : start + micro_batch], pad_id=0)
+        lp = get_response_log_probs(
+            model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"]
+        )["log_probs"]
+        loss_fn(lp, batch["response_mask"], n_tokens, gas)
+    return _grads(model)
+
+
+def _token_rule(lp, mask, n_tokens, gas):
+    accumulation_loss(lp, mask, n_tokens).backward()
+
+
+def _per_example_rule(lp, mask, n_tokens, gas):
+    sft_microbatch_train_step(lp, mask, gradient_accumulation_steps=gas)
+
+
+def _naive_mean_of_means(lp, mask, n_tokens, gas):
+    (-masked_mean(lp, mask) / gas).backward()
+
+
+def _assert_same_grads(a, b):
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=f"gradient of {name} differs")
+
+
+@pytest.mark.parametrize("rule", [_token_rule, _per_example_rule], ids=["global-token-count", "per-example"])
+def test_gradient_accumulation_equivalence(tiny_llama, rule):
+    examples = _examples(8)
+    assert len({len(ex["input_ids"]) for ex in examples[0::2]}) > 1  # padding really differs
+    one_batch = _run_step(tiny_llama, examples, micro_batch=8, loss_fn=rule)   # accumulation 1
+    four_micro = _run_step(tiny_llama, examples, micro_batch=2, loss_fn=rule)  # accumulation 4
+    _assert_same_grads(one_batch, four_micro)
+
+
+def test_naive_mean_of_micro_batch_means_is_not_equivalent(tiny_llama):
+    # sanity check that the equivalence test has teeth: averaging per-micro-batch token means
+    # weights tokens differently when micro-batches hold different token counts
+    examples = _examples(8)
+    a = _run_step(tiny_llama, examples, micro_batch=8, loss_fn=_naive_mean_of_means)
+    b = _run_step(tiny_llama, examples, micro_batch=2, loss_fn=_naive_mean_of_means)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-4
