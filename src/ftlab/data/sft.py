@@ -1,0 +1,192 @@
+"""Turning (prompt, response) pairs into supervised token sequences, and checking them before training.
+
+The label convention matches `ftlab.losses`: `labels` are the next-token ids (already shifted, same
+length as `input_ids`) and `response_mask` marks which labels are trained on. Only response tokens
+(and the EOS that ends a complete response) are supervised; prompt tokens and padding never are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ftlab.errors import UserError
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` with no BOS/EOS added: templates and callers decide special tokens."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """The id used for right padding; falls back to EOS (padding is masked out, so any id works)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise UserError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
+    return int(pad)
+
+
+def tokenize_prompt_and_output(
+    prompt_strs: Sequence[str],
+    output_strs: Sequence[str],
+    tokenizer: Any,
+) -> dict[str, torch.Tensor]:
+    """Batch-tokenize prompts and outputs into right-padded, shifted tensors.
+
+    Prompt and output are tokenized separately (no special tokens) and concatenated, so the boundary
+    between them is exact even when the joint string would merge tokens across it. With L the longest
+    prompt+output length, returns `input_ids` = full[:, :-1], `labels` = full[:, 1:] and
+    `response_mask` (True exactly where the label is an output token), each of shape (batch, L - 1).
+    """
+    if len(prompt_strs) != len(output_strs):
+        raise ValueError(f"{len(prompt_strs)} prompts but {len(output_strs)} outputs")
+    pad_id = _pad_id(tokenizer)
+    prompts = [_ids(tokenizer, p) for p in prompt_strs]
+    outputs = [_ids(tokenizer, o) for o in output_strs]
+    max_len = max(len(p) + len(o) for p, o in zip(prompts, outputs))
+
+    full = torch.full((len(prompts), max_len), pad_id, dtype=torch.long)
+    is_output = torch.zeros((len(prompts), max_len), dtype=torch.bool)
+    for row, (p, o) in enumerate(zip(prompts, outputs)):
+        full[row, : len(p) + len(o)] = torch.tensor(p + o, dtype=torch.long)
+        is_output[row, len(p) : len(p) + len(o)] = True
+    return {"input_ids": full[:, :-1], "labels": full[:, 1:], "response_mask": is_output[:, 1:]}
+
+
+def encode_sft_example(prompt: str, response: str, tokenizer: Any, max_length: int) -> dict[str, Any] | None:
+    """Encode one training example: prompt ids + response ids + [EOS], shifted for next-token loss.
+
+    The prompt is tokenized without special tokens because it already contains the rendered chat
+    template (a BOS, if the model wants one, must be in the text). The EOS after the response is
+    supervised, so the model learns to stop.
+
+    Returns {"input_ids", "labels", "response_mask", "truncated"} with three lists of length n - 1
+    (n = number of tokens kept), or None when the example must be dropped.
+
+    Truncation policy (the sequence may hold at most max_length + 1 tokens, i.e. max_length inputs):
+      * a too-long example is cut from the right and marked truncated=True. The cut removes the EOS,
+        and no EOS is appended in its place: a cut-off response must not teach the model to stop
+        mid-answer. The kept response tokens are still supervised.
+      * if the prompt alone leaves no room for a single response token, the example is dropped
+        (None): it would train on nothing. Prompts are never truncated, since cutting the start of a
+        prompt would remove the template and the instruction.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the tokenizer has no EOS token; SFT needs one to teach the model to stop")
+    prompt_ids = _ids(tokenizer, prompt)
+    full = prompt_ids + _ids(tokenizer, response) + [int(eos)]
+    truncated = len(full) > max_length + 1
+    if truncated:
+        full = full[: max_length + 1]
+    # label j is full[j + 1]; it is a response (or EOS) token when j + 1 >= len(prompt_ids)
+    response_mask = [j + 1 >= len(prompt_ids) for j in range(len(full) - 1)]
+    if not any(response_mask):
+        return None
+    return {
+        "input_ids": full[:-1],
+        "labels": full[1:],
+        "response_mask": response_mask,
+        "truncated": truncated,
+    }
+
+
+@dataclass
+class PreflightReport:
+    """What `preflight` found: counts plus a few decoded examples with the supervised span marked."""
+
+    n: int
+    truncated: int
+    dropped: int
+    supervised_tokens: int
+    total_tokens: int
+    samples: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the run log."""
+        return (
+            f"{self.n} examples: {self.truncated} truncated, {self.dropped} dropped; "
+            f"{self.supervised_tokens} of {self.total_tokens} tokens supervised"
+        )
+
+
+MARK_OPEN, MARK_CLOSE = "«", "»"
+
+
+def render_supervision(example: dict[str, Any], tokenizer: Any) -> str:
+    """Decode an encoded example, wrapping the supervised tokens in «...» so a human can check them.
+
+    The full sequence is input_ids + the last label; token k (k >= 1) is supervised when
+    response_mask[k - 1] is true. Runs of same-status tokens are decoded together so multi-token
+    characters stay intact. Special tokens are kept visible (an EOS inside «» is the point).
+    """
+    tokens = list(example["input_ids"]) + list(example["labels"][-1:])
+    supervised = [False] + [bool(m) for m in example["response_mask"]]
+    parts: list[str] = []
+    start = 0
+    for k in range(1, len(tokens) + 1):
+        if k == len(tokens) or supervised[k] != supervised[start]:
+            text = tokenizer.decode(tokens[start:k], skip_special_tokens=False)
+            parts.append(f"{MARK_OPEN}{text}{MARK_CLOSE}" if supervised[start] else text)
+            start = k
+    return "".join(parts)
+
+
+def _check_example(index: int, example: dict[str, Any], eos_id: int) -> None:
+    """Raise a one-line UserError if the example cannot train the model properly."""
+    mask = example["response_mask"]
+    supervised = [j for j, m in enumerate(mask) if m]
+    if not supervised:
+        raise UserError(f"example #{index} has no supervised token (empty response after the prompt?)")
+    last_label = example["labels"][supervised[-1]]
+    if not example.get("truncated", False) and last_label != eos_id:
+        raise UserError(
+            f"example #{index}: the last supervised token is id {last_label}, not EOS (id {eos_id}); "
+            "the model would never learn to stop - check the chat template / encoding"
+        )
+
+
+def preflight(
+    encoded: Sequence[dict[str, Any] | None],
+    tokenizer: Any,
+    n_show: int = 3,
+    max_bad_share: float = 0.05,
+) -> PreflightReport:
+    """Check encoded examples before spending compute on them; None entries count as dropped.
+
+    Fails fast (one-line UserError) when the dataset is empty or fully dropped, when an example has
+    no supervised token, when a complete (non-truncated) example does not end its supervision with
+    EOS, or when truncated + dropped examples exceed `max_bad_share` of the dataset: silently
+    training on cut-off answers is a common cause of models that ramble or never stop.
+    """
+    n = len(encoded)
+    if n == 0:
+        raise UserError("the SFT dataset is empty")
+    kept = [(i, ex) for i, ex in enumerate(encoded) if ex is not None]
+    dropped = n - len(kept)
+    if not kept:
+        raise UserError(f"all {n} examples were dropped: every prompt is longer than max_length")
+
+    eos_id = tokenizer.eos_token_id
+    for i, ex in kept:
+        _check_example(i, ex, eos_id)
+
+    truncated = sum(bool(ex.get("truncated", False)) for _, ex in kept)
+    bad_share = (truncated + dropped) / n
+    if bad_share > max_bad_share:
+        raise UserError(
+            f"{truncated + dropped} of {n} examples ({bad_share:.1%}) are too long for max_length "
+            f"({truncated} truncated, {dropped} dropped), above max_bad_share={max_bad_share:.1%}; "
+            "raise max_length or filter long examples"
+        )
+    return PreflightReport(
+        n=n,
+        truncated=truncated,
+        dropped=dropped,
+        supervised_tokens=sum(sum(bool(m) for m in ex["response_mask"]) for _, ex in kept),
+        total_tokens=sum(len(ex["input_ids"]) for _, ex in kept),
+        samples=[render_supervision(ex, tokenizer) for _, ex in kept[:n_show]],
+    )
