@@ -1,0 +1,12 @@
+"""Training entry point: `run_training(cfg)` dispatches on `train.method`."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def run_training(cfg: Any) -> Any:
+    if cfg.train.method == "sft":
+        from ftlab.train.sft import run_sft
+
+        return run_sft(cfg)
+    raise NotImplementedError(cfg.train.method)
