@@ -1,0 +1,301 @@
+"""PrOntoQA: True/False questions over fictional ontologies, with gold chain-of-thought.
+
+Accepted inputs (one file may mix the record shapes of the first two):
+* the authors' normalized records (JSONL or a JSON list): `question` = context, `query` =
+  "True or false: ..." (Logic-LM files: "Is the following statement true or false? ..."),
+  `chain_of_thought` (list of sentences, optional), `answer` ("True"/"False"), optional `hops`, `id`;
+* LoGiPT conversations (jzfeng/LoGiPT-data): records with a `conversations` or `messages` list of
+  turns, read by `parse_logipt_conversation`;
+* the authors' raw generator JSON `{"example1": {"test_example": {...}}, ...}`.
+
+Queries are normalized to "True or false: <statement>" so every source is prompted the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from typing import Any, Iterable
+
+from ftlab.data.jsonl import iter_jsonl
+from ftlab.errors import UserError
+from ftlab.tasks.base import Example, Task, load_hub_records
+from ftlab.tasks.prontoqa_gen import generate_prontoqa  # noqa: F401  (re-exported for convenience)
+from ftlab.tasks.scoring import as_text, two_rule_metrics, two_rule_score
+
+AUTHORS_FIELDS = ("question", "query", "answer")
+EXTRACTION_RULE = (
+    "strict: the last 'answer is True/False' (case-insensitive, optional ':' or '**'); flexible: the last "
+    "standalone word 'true' or 'false' anywhere in the output. Primary (accuracy) = flexible."
+)
+_STRICT_RE = re.compile(r"answer\s+is\s*:?\s*\**\s*(true|false)\b", re.IGNORECASE)
+_WORD_RE = re.compile(r"\b(true|false)\b", re.IGNORECASE)
+# Query wordings seen in the wild, in front of the statement to judge.
+_QUERY_PREFIXES = [
+    re.compile(r"^\s*true\s+or\s+false\s*[:?]\s*", re.IGNORECASE),
+    re.compile(r"^.*?\btrue\s*,?\s+or\s+false\s*\?\s*", re.IGNORECASE | re.DOTALL),
+    re.compile(r"^.*?\btrue\s*,\s*false\s*,?\s*or\s+unknown\s*\?\s*", re.IGNORECASE | re.DOTALL),
+    re.compile(r"^\s*(?:prove|question)\s*:\s*", re.IGNORECASE),
+]
+
+
+def extract_true_false_strict(text: str) -> str | None:
+    matches = _STRICT_RE.findall(as_text(text))
+    return matches[-1].capitalize() if matches else None
+
+
+def extract_true_false_flexible(text: str) -> str | None:
+    matches = _WORD_RE.findall(as_text(text))
+    return matches[-1].capitalize() if matches else None
+
+
+def normalize_tf_label(value: Any) -> str:
+    """'True'/'true'/True/'A' -> 'True'; 'False'/'B' -> 'False'; anything else is an error."""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    text = str(value).strip().rstrip(".").lower()
+    if text in ("true", "a", "a) true"):
+        return "True"
+    if text in ("false", "b", "b) false"):
+        return "False"
+    raise ValueError(f"answer {value!r} is not True/False")
+
+
+def query_statement(query: str) -> str:
+    """'True or false: Max is sour.' / 'Is the following statement true or false? Max is sour.' -> 'Max is sour.'"""
+    text = query.strip()
+    for prefix in _QUERY_PREFIXES:
+        stripped = prefix.sub("", text, count=1)
+        if stripped != text:
+            return stripped.strip()
+    return text
+
+
+# -- LoGiPT conversations -------------------------------------------------------------------------
+_USER_ROLES = {"human", "user"}
+_ASSISTANT_ROLES = {"gpt", "assistant", "model", "bot", "chatgpt"}
+_OPTION_RE = re.compile(r"(?:correct\s+)?option\s+is\s*:?\s*\(?([ABC])\)?(?:\s*\)?\s*(true|false|unknown))?",
+                        re.IGNORECASE)
+_CONTEXT_RE = re.compile(
+    r"context\s*:\s*(.*?)(?=\n\s*(?:reasoning|question|query|options|statement)\s*:|\Z)",
+    re.IGNORECASE | re.DOTALL,
+)
+_QUESTION_RE = re.compile(r"(?:question|query|statement)\s*:\s*(.*)", re.IGNORECASE | re.DOTALL)
+
+
+def _turns(record: dict) -> list[tuple[str, str]]:
+    """(role, text) for each turn; roles normalized to 'user' / 'assistant' / 'system'."""
+    raw = record.get("conversations", record.get("messages"))
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("no non-empty 'conversations' or 'messages' list")
+    turns = []
+    for t in raw:
+        if not isinstance(t, dict):
+            raise ValueError("a conversation turn is not an object")
+        role = str(t.get("from", t.get("role", ""))).strip().lower()
+        text = t.get("value", t.get("content", ""))
+        role = "user" if role in _USER_ROLES else "assistant" if role in _ASSISTANT_ROLES else role
+        turns.append((role, text if isinstance(text, str) else ""))
+    return turns
+
+
+def _logipt_answer(text: str) -> str | None:
+    """'So, the correct option is: B) False' -> 'False'; falls back to 'answer is X', then the last word."""
+    options = _OPTION_RE.findall(text)
+    if options:
+        letter, word = options[-1]
+        return word.capitalize() if word else {"A": "True", "B": "False", "C": "Unknown"}[letter.upper()]
+    unknown = re.findall(r"answer\s+is\s*:?\s*(unknown)\b", text, re.IGNORECASE)
+    return extract_true_false_strict(text) or ("Unknown" if unknown else None) or extract_true_false_flexible(text)
+
+
+def _logipt_query(user_texts: list[str]) -> str | None:
+    """The statement to judge, from the last user turn that asks one."""
+    for text in reversed(user_texts):
+        for line in text.splitlines():
+            if re.search(r"true\s*,?\s+(?:false|or\s+false)", line, re.IGNORECASE) and "?" in line:
+                statement = line.split("?", 1)[1].strip()  # "...true, false, or unknown? Alex is not happy."
+                if statement:
+                    return statement
+            if re.match(r"\s*true\s+or\s+false\s*:", line, re.IGNORECASE):
+                return query_statement(line)
+        m = _QUESTION_RE.search(text)
+        if m and m.group(1).strip():
+            return query_statement(m.group(1).strip().splitlines()[0])
+    return None
+
+
+def parse_logipt_conversation(record: dict) -> dict:
+    """Read one LoGiPT (Vicuna-style) conversation into the authors' record shape.
+
+    Tolerant of the turn layout: turns under `conversations` ({"from", "value"}) or `messages`
+    ({"role", "content"}); the context is the text after "Context:" in the first user turn (the
+    whole turn when there is no such label), the statement comes from the question turn, the
+    reasoning chain is the non-empty lines of the assistant turns before the final one, and the
+    answer is read from the final assistant turn ("So, the correct option is: A) True").
+    Returns {"id", "question", "query", "chain_of_thought", "answer"}; ValueError when a part is missing.
+    """
+    turns = _turns(record)
+    user = [text for role, text in turns if role == "user"]
+    assistant = [text for role, text in turns if role == "assistant"]
+    if not user or not assistant:
+        raise ValueError("conversation needs at least one user and one assistant turn")
+    m = _CONTEXT_RE.search(user[0])
+    context = (m.group(1) if m else user[0]).strip()
+    statement = _logipt_query(user)
+    if not context or not statement:
+        raise ValueError("cannot find the context and the question in the conversation")
+    answer = _logipt_answer(assistant[-1])
+    if answer is None:
+        raise ValueError("cannot find the answer in the last assistant turn")
+    reasoning = assistant[:-1] if len(assistant) > 1 else [assistant[0]]
+    chain = [line.strip() for text in reasoning for line in text.splitlines() if line.strip()]
+    if len(assistant) == 1:  # one turn: drop its answer line from the reasoning
+        chain = [line for line in chain if not _OPTION_RE.search(line)]
+    return {
+        "id": record.get("id"),
+        "question": context,
+        "query": f"True or false: {statement}",
+        "chain_of_thought": chain,
+        "answer": answer,
+    }
+
+
+# -- file reading --------------------------------------------------------------------------------
+def _records_from_json(obj: Any, path: str) -> list[tuple[str, dict]]:
+    """(location, record) from a whole-file JSON value: a list of records or the raw generator dict."""
+    if isinstance(obj, list):
+        return [(f"{path}: record {i + 1}", r) for i, r in enumerate(obj)]
+    if isinstance(obj, dict):
+        if "conversations" in obj or "messages" in obj or "query" in obj:
+            return [(f"{path}: record 1", obj)]
+        out = []
+        for key, value in obj.items():  # {"example1": {"test_example": {...}, "in_context_example0": ...}}
+            inner = value.get("test_example") if isinstance(value, dict) else None
+            if not isinstance(inner, dict):
+                raise UserError(f"{path}: entry {key!r} has no 'test_example' object "
+                                f"(expected the PrOntoQA generator layout)")
+            out.append((f"{path}: entry {key!r}", {"id": key, **inner}))
+        return out
+    raise UserError(f"{path}: expected a JSON list or object, got {type(obj).__name__}")
+
+
+def read_prontoqa_records(path: str, limit: int | None = None) -> list[tuple[str, dict]]:
+    """(location, record) pairs from a JSONL file or a whole-file JSON (list or generator dict)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if path.endswith(".json") or head.startswith("["):
+        try:
+            with open(path, encoding="utf-8") as f:
+                obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        records = _records_from_json(obj, path)
+    else:
+        records = [(f"{path}:{lineno}", r) for lineno, r in iter_jsonl(path)]
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        raise UserError(f"{path}: file is empty (no records)")
+    return records
+
+
+def _check_fields(where: str, record: dict) -> None:
+    if "conversations" in record or "messages" in record:
+        return
+    missing = [k for k in AUTHORS_FIELDS if k not in record]
+    if missing:
+        raise UserError(f"{where}: missing field {missing[0]!r} (required: {', '.join(AUTHORS_FIELDS)}, "
+                        f"or a LoGiPT 'conversations' list)")
+
+
+class ProntoQATask(Task):
+    """PrOntoQA True/False with chain-of-thought targets ('<proof sentences> The answer is True.')."""
+
+    name = "prontoqa"
+    required_fields = AUTHORS_FIELDS
+    shot_examples = (
+        (
+            "Every lempus is a gorpus. Lempuses are not sour. Gorpuses are bright. Each zumpus is not bright. "
+            "Rex is a lempus.\n\nTrue or false: Rex is bright.",
+            "Rex is a lempus. Every lempus is a gorpus. Rex is a gorpus. Gorpuses are bright. Rex is bright. "
+            "The answer is True.",
+        ),
+        (
+            "Each vumpus is cold. Yumpuses are vumpuses. Every numpus is not cold. Each yumpus is shy. "
+            "Wren is a yumpus.\n\nTrue or false: Wren is not cold.",
+            "Wren is a yumpus. Yumpuses are vumpuses. Wren is a vumpus. Each vumpus is cold. Wren is cold. "
+            "The answer is False.",
+        ),
+    )
+
+    def to_example(self, record: dict, index: int) -> Example:
+        fmt = "authors"
+        if "conversations" in record or "messages" in record:
+            record, fmt = {**parse_logipt_conversation(record), "hops": record.get("hops")}, "logipt"
+        context, query = record["question"], record["query"]
+        if not isinstance(context, str) or not isinstance(query, str):
+            raise ValueError("'question' and 'query' must be strings")
+        statement = query_statement(query)
+        gold = normalize_tf_label(record["answer"])
+        chain = record.get("chain_of_thought") or []
+        if isinstance(chain, str):
+            chain = [chain]
+        sep = "\n" if fmt == "logipt" else " "  # LoGiPT reasoning is line-structured, not sentences
+        reasoning = sep.join(s.strip() for s in chain if str(s).strip())
+        target = f"{reasoning}{sep}The answer is {gold}." if reasoning else f"The answer is {gold}."
+        hops = record.get("hops")
+        return Example(
+            id=str(record.get("id") or f"prontoqa-{index}"),
+            question=f"{context.strip()}\n\nTrue or false: {statement}",
+            target=target,
+            gold=gold,
+            meta={"hops": int(hops) if hops is not None else None, "query": query, "statement": statement,
+                  "chain_of_thought": list(chain), "format": fmt},
+        )
+
+    def load(self, source: str, split: str | None = None, limit: int | None = None) -> list[Example]:
+        if not (os.path.exists(source) or source.endswith((".jsonl", ".json"))):
+            located = [(f"{source}[{split or 'test'}]: record {i + 1}", r)
+                       for i, r in enumerate(load_hub_records(source.removeprefix("hf:"), split or "test", limit))]
+        else:
+            located = read_prontoqa_records(source, limit)
+        examples = []
+        for i, (where, record) in enumerate(located):
+            _check_fields(where, record)
+            try:
+                examples.append(self.to_example(record, i))
+            except (KeyError, ValueError, TypeError) as e:
+                raise UserError(f"{where}: cannot read as {self.name}: {e}") from None
+        return examples
+
+    def instruction(self, question: str) -> str:
+        return f"{question}\nReason step by step, then end with \"The answer is True.\" or \"The answer is False.\""
+
+    def extract_answer(self, text: str) -> str | None:
+        return extract_true_false_flexible(text)
+
+    def score(self, output: str, example: Example) -> dict[str, Any]:
+        return two_rule_score(extract_true_false_strict(output), extract_true_false_flexible(output), example.gold)
+
+    def aggregate(self, scores: list[dict[str, Any]], examples: list[Example]) -> dict[str, Any]:
+        metrics = two_rule_metrics(scores, EXTRACTION_RULE)
+        by_hops = _accuracy_by_hops(scores, examples)
+        if by_hops:
+            metrics["accuracy_by_hops"], metrics["n_by_hops"] = by_hops
+        return metrics
+
+
+def _accuracy_by_hops(scores: Iterable[dict], examples: Iterable[Example]) -> tuple[dict, dict] | None:
+    """({"1": acc, "3": acc}, {"1": n, ...}) over examples that have a hop count; None when none do."""
+    groups: dict[int, list[bool]] = defaultdict(list)
+    for s, ex in zip(scores, examples):
+        if ex.meta.get("hops") is not None:
+            groups[int(ex.meta["hops"])].append(bool(s["correct"]))
+    if not groups:
+        return None
+    keys = sorted(groups)
+    return ({str(h): sum(groups[h]) / len(groups[h]) for h in keys}, {str(h): len(groups[h]) for h in keys})
