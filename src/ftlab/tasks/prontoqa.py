@@ -152,7 +152,7 @@ def parse_logipt_conversation(record: dict) -> dict:
     reasoning = assistant[:-1] if len(assistant) > 1 else [assistant[0]]
     chain = [line.strip() for text in reasoning for line in text.splitlines() if line.strip()]
     if len(assistant) == 1:  # one turn: drop its answer line from the reasoning
-        chain = [line for line in chain if not _OPTION_RE.search(line)]
+        chain = [line for line in chain if not (_OPTION_RE.search(line) or _STRICT_RE.search(line))]
     return {
         "id": record.get("id"),
         "question": context,

@@ -1,0 +1,210 @@
+"""The PrOntoQA generator, checked by an independent forward-chaining solver written here.
+
+The solver shares no code with ftlab: it parses the English sentences back into rules and facts,
+forward-chains to a fixpoint and decides the query. The slow tests run it over the authors' own files,
+where it must agree with every label, which shows the solver itself is right.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ftlab.tasks.prontoqa_gen import generate_prontoqa
+
+DATA = Path("/work/shared/data/prontoqa")
+AUTHORS_FIELDS = {"id", "question", "query", "chain_of_thought", "answer", "hops"}
+
+
+# -- independent solver ---------------------------------------------------------------------------
+def _singular(word: str) -> str:
+    word = word.lower()
+    return word[:-2] if word.endswith("uses") else word[:-1] if word.endswith("s") else word
+
+
+def _is_concept_plural(word: str) -> bool:
+    return word.lower().endswith("uses")  # "wumpuses"; no adjective in the vocabulary ends like this
+
+
+def parse_sentence(sentence: str):
+    """('isa', X, Y) | ('prop', X, P, positive) for rules; ('fact_isa', name, X) | ('fact_prop', name, P, positive)."""
+    s = sentence.strip().rstrip(".")
+    m = re.fullmatch(r"(?:Every|Each) (\w+) is (not )?(?:(a|an) )?(\w+)", s)
+    if m:
+        subject, neg, article, obj = m.groups()
+        if article:
+            assert not neg, sentence
+            return ("isa", subject, obj)
+        return ("prop", subject, obj, not neg)
+    m = re.fullmatch(r"(\w+) are (not )?(\w+)", s)
+    if m:
+        subject, neg, obj = m.groups()
+        if _is_concept_plural(obj):
+            assert not neg, sentence
+            return ("isa", _singular(subject), _singular(obj))
+        return ("prop", _singular(subject), obj, not neg)
+    m = re.fullmatch(r"([A-Z]\w*) is (not )?(?:(a|an) )?(\w+)", s)
+    if m:
+        name, neg, article, obj = m.groups()
+        if article:
+            return ("fact_isa", name, obj)
+        return ("fact_prop", name, obj, not neg)
+    raise AssertionError(f"solver cannot parse {sentence!r}")
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() + "." for s in text.split(".") if s.strip()]
+
+
+def statement_of(query: str) -> str:
+    return re.sub(r"^.*?(true or false[:?])\s*", "", query, flags=re.IGNORECASE).strip()
+
+
+def solve(context: str, query: str) -> str | None:
+    """'True' / 'False' by forward chaining, None when the query is undecided."""
+    isa, props, members, attrs = [], [], set(), set()
+    for sentence in split_sentences(context):
+        p = parse_sentence(sentence)
+        if p[0] == "isa":
+            isa.append(p[1:])
+        elif p[0] == "prop":
+            props.append(p[1:])
+        elif p[0] == "fact_isa":
+            members.add(p[1:])
+        else:
+            attrs.add(p[1:])
+    changed = True
+    while changed:  # fixpoint of modus ponens over both rule kinds
+        changed = False
+        for name, concept in list(members):
+            for sub, sup in isa:
+                if sub == concept and (name, sup) not in members:
+                    members.add((name, sup))
+                    changed = True
+            for sub, prop, positive in props:
+                if sub == concept and (name, prop, positive) not in attrs:
+                    attrs.add((name, prop, positive))
+                    changed = True
+    for name, prop, positive in attrs:
+        assert (name, prop, not positive) not in attrs, f"contradiction: {name} {prop}"
+    kind, name, prop, positive = parse_sentence(statement_of(query))
+    assert kind == "fact_prop", query
+    if (name, prop, positive) in attrs:
+        return "True"
+    if (name, prop, not positive) in attrs:
+        return "False"
+    return None
+
+
+# -- solver sanity on hand-made contexts ----------------------------------------------------------
+def test_solver_on_hand_examples():
+    ctx = "Every wumpus is a yumpus. Yumpuses are not bitter. Impuses are bitter. Sam is a wumpus."
+    assert solve(ctx, "True or false: Sam is not bitter.") == "True"
+    assert solve(ctx, "True or false: Sam is bitter.") == "False"
+    assert solve(ctx, "True or false: Sam is hot.") is None
+    assert solve("Each impus is an zumpus. Sam is an impus.", "True or false: Sam is hot.") is None
+
+
+# -- generator checks -----------------------------------------------------------------------------
+def test_labels_agree_with_independent_solver_over_many_seeds_and_hops():
+    for seed in range(25):
+        for record in generate_prontoqa(16, hops=list(range(1, 9)), seed=seed):
+            assert solve(record["question"], record["query"]) == record["answer"], record
+
+
+def test_labels_agree_without_distractors():
+    for seed in range(10):
+        for record in generate_prontoqa(6, hops=[1, 2, 4], seed=seed, distractors=False):
+            assert solve(record["question"], record["query"]) == record["answer"]
+            # only the proof's rules plus the single fact
+            assert len(split_sentences(record["question"])) == record["hops"] + 1
+
+
+def test_fields_and_chain_invariants():
+    for record in generate_prontoqa(60, hops=[1, 2, 3, 4, 5, 6], seed=7):
+        assert set(record) == AUTHORS_FIELDS
+        assert record["query"].startswith("True or false: ")
+        cot, h = record["chain_of_thought"], record["hops"]
+        assert len(cot) == 2 * h + 1
+        context = split_sentences(record["question"])
+        # every premise the proof uses is a context sentence, verbatim
+        assert cot[0] in context
+        assert all(cot[k] in context for k in range(1, len(cot), 2))
+        # the authors' invariant: last CoT sentence equals the query exactly when the answer is True
+        assert (cot[-1] == statement_of(record["query"])) == (record["answer"] == "True")
+
+
+def test_sentence_counts_match_authors_structure():
+    # Authors' files: 4L + 5 sentences with chain length L in hops..5 (1-hop: 9..25, 5-hop: always 25).
+    for h in (1, 3, 5):
+        counts = {len(split_sentences(r["question"])) for r in generate_prontoqa(200, h, seed=h)}
+        assert counts <= {4 * L + 5 for L in range(h, 6)}
+        assert len(counts) == 6 - h  # every allowed length occurs
+
+
+def test_deterministic_by_seed():
+    a = generate_prontoqa(20, hops=[1, 3, 5], seed=11)
+    assert a == generate_prontoqa(20, hops=[1, 3, 5], seed=11)
+    assert a != generate_prontoqa(20, hops=[1, 3, 5], seed=12)
+
+
+def test_labels_balanced_per_hop_count():
+    records = generate_prontoqa(90, hops=[1, 3, 5], seed=3)
+    per_hop = Counter((r["hops"], r["answer"]) for r in records)
+    assert per_hop == {(h, a): 15 for h in (1, 3, 5) for a in ("True", "False")}
+    # the label is not predictable from the example's position
+    assert [r["answer"] for r in records[:10]] != ["True", "False"] * 5
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        generate_prontoqa(3, hops=0, seed=0)
+    with pytest.raises(ValueError):
+        generate_prontoqa(3, hops=[], seed=0)
+    with pytest.raises(ValueError):
+        generate_prontoqa(3, hops=1000, seed=0)
+
+
+# -- the authors' files ---------------------------------------------------------------------------
+def _authors_files() -> list[Path]:
+    return sorted(DATA.glob("*.jsonl")) if DATA.is_dir() else []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared PrOntoQA data not available")
+def test_solver_agrees_with_authors_labels():
+    files = _authors_files()
+    assert len(files) == 6
+    total = 0
+    for path in files:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            assert solve(r["question"], r["query"]) == r["answer"], (path.name, r["id"])
+            total += 1
+    assert total == 3000  # 3 x 500 generator + 800 + 200 Coconut + 500 Logic-LM
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared PrOntoQA data not available")
+def test_generator_statistics_close_to_authors():
+    def stats(records):
+        lengths = Counter(len(split_sentences(r["question"])) for r in records)
+        rules = [s for r in records for s in split_sentences(r["question"]) if not re.match(r"[A-Z]\w* is ", s)
+                 or s.startswith(("Every ", "Each "))]
+        plural = sum(" are " in s for s in rules) / len(rules)
+        concl_neg = sum(" not " in r["chain_of_thought"][-1] for r in records) / len(records)
+        true_rate = sum(r["answer"] == "True" for r in records) / len(records)
+        return lengths, plural, concl_neg, true_rate
+
+    for h in (1, 3, 5):
+        real = [json.loads(x) for x in (DATA / f"generator_{h}hop_test.jsonl").read_text().splitlines()]
+        ours = generate_prontoqa(500, h, seed=100 + h)
+        (l_real, p_real, n_real, t_real), (l_ours, p_ours, n_ours, t_ours) = stats(real), stats(ours)
+        tv = 0.5 * sum(abs(l_real[k] / 500 - l_ours[k] / 500) for k in set(l_real) | set(l_ours))
+        assert tv < 0.08, (h, l_real, l_ours)
+        assert abs(p_real - p_ours) < 0.03
+        assert abs(n_real - n_ours) < 0.08
+        assert abs(t_real - t_ours) < 0.06
