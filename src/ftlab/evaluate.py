@@ -51,7 +51,8 @@ def evaluate_examples(model: Any, tokenizer: Any, task: Any, examples: list, ecf
         if on_row:
             on_row(row)
 
-    engine.generate(prompts, generation_config(ecfg, seed), on_result=finished, progress=progress)
+    with autocast_for(model, getattr(ecfg, "precision", "fp32")):
+        engine.generate(prompts, generation_config(ecfg, seed), on_result=finished, progress=progress)
     done = [r for r in rows if r is not None]
     metrics = task.aggregate([{k: r[k] for k in r} for r in done], examples)
     metrics.update({"seconds": round(time.time() - started, 2), "shots": ecfg.shots,
@@ -59,6 +60,16 @@ def evaluate_examples(model: Any, tokenizer: Any, task: Any, examples: list, ecf
                     "decoding": "greedy" if ecfg.temperature == 0 else f"sample t={ecfg.temperature} p={ecfg.top_p}",
                     "truncated_prompts": getattr(engine, "stats", {}).get("truncated_prompts", 0)})
     return done, metrics
+
+
+def autocast_for(model: Any, precision: str) -> Any:
+    """bf16/fp16 autocast on the model's device (bf16 is ~1.8x faster on this CPU), or nothing."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def eval_source(cfg: DictConfig) -> tuple[str, str]:

@@ -109,6 +109,7 @@ class EvalConfig:
     top_p: float = 1.0
     n: int = 1
     stop: list[str] = field(default_factory=list)
+    precision: str = "fp32"              # fp32 | bf16 autocast during generation
 
 
 @dataclass
@@ -116,6 +117,19 @@ class TrackConfig:
     wandb: bool = False
     tensorboard: bool = False
     project: str = "ftlab"
+
+
+@dataclass
+class QuickstartConfig:
+    """The main job: generated PrOntoQA training data, held-out evaluation before and after SFT."""
+
+    train_examples: int = 600
+    train_hops: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    data_seed: int = 1234
+    # Authors' files (used when the folder exists), else ftlab-generated held-out problems.
+    heldout_dir: str = "../shared/data/prontoqa"
+    heldout_sizes: dict[str, int] = field(default_factory=lambda: {"1": 50, "3": 100, "5": 50})
+    heldout_seed: int = 987654
 
 
 @dataclass
@@ -132,6 +146,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
     # Free-form section for job-specific settings (e.g. the quickstart's data generator and held-out sets).
     job: dict[str, Any] = field(default_factory=dict)
 
@@ -145,4 +160,5 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.nan_policy": ("stop", "skip"),
     "eval.engine": ("hf", "vllm"),
+    "eval.precision": ("fp32", "bf16", "fp16"),
 }
