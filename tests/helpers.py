@@ -1,0 +1,39 @@
+"""Small builders shared by tests: a tiny recipe on a scratch model and a generic JSONL dataset."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+TINY_SCRATCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def write_addition_data(path: Path, n: int = 32, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            a, b = rng.randint(1, 99), rng.randint(1, 99)
+            f.write(json.dumps({"prompt": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."}) + "\n")
+    return path
+
+
+def tiny_recipe(tmp: Path, **sections) -> Path:
+    """A YAML recipe training a tiny random Llama on generic data, with per-section overrides."""
+    import yaml
+
+    data = tmp / "train.jsonl"
+    if not data.exists():
+        write_addition_data(data)
+    recipe = {
+        "name": "tiny", "output_dir": str(tmp / "runs"), "seed": 0,
+        "model": {"scratch": TINY_SCRATCH},
+        "data": {"task": "generic", "train": str(data), "max_length": 64, "chat_template": False},
+        "optim": {"lr": 1e-3},
+        "train": {"max_steps": 4, "batch_size": 4, "grad_accum": 1},
+    }
+    for key, value in sections.items():
+        recipe.setdefault(key, {}).update(value)
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
