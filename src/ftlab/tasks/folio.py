@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from ftlab.tasks.base import Example, Task
-from ftlab.tasks.scoring import as_text, two_rule_metrics, two_rule_score
+from ftlab.tasks.scoring import as_text, paired, two_rule_metrics, two_rule_score
 
 LABELS = ("True", "False", "Uncertain")
 _LABEL_ALIASES = {"true": "True", "false": "False", "uncertain": "Uncertain", "unknown": "Uncertain"}
@@ -52,13 +52,14 @@ def premise_fol_pairs(example: Example) -> list[tuple[str, str]] | None:
 
 
 def _premise_list(value: Any) -> list[str]:
-    """A list of premise strings; newer FOLIO releases store them as one newline-separated string."""
+    """Premise strings, stripped but not filtered (story 129 has an empty premise whose FOL is also
+    empty, so dropping it would misalign `premises-FOL`); newer FOLIO releases use one string."""
     if isinstance(value, str):
         value = value.splitlines()
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
         raise ValueError("'premises' must be a list of strings")
-    premises = [p.strip() for p in value if p.strip()]
-    if not premises:
+    premises = [p.strip() for p in value]
+    if not any(premises):
         raise ValueError("'premises' is empty")
     return premises
 
@@ -93,7 +94,7 @@ class FolioTask(Task):
         if not isinstance(conclusion, str) or not conclusion.strip():
             raise ValueError("'conclusion' must be a non-empty string")
         label = normalize_folio_label(record["label"])
-        numbered = "\n".join(f"{i}. {p}" for i, p in enumerate(premises, start=1))
+        numbered = "\n".join(f"{i}. {p}" for i, p in enumerate([p for p in premises if p], start=1))
         example_id = record.get("example_id", record.get("id"))
         return Example(
             id=f"folio-{example_id}" if example_id is not None else f"folio-{index}",
@@ -130,7 +131,7 @@ class FolioTask(Task):
         # Per-label accuracy: the three classes are unbalanced and models often over-predict one.
         by_label = {}
         for label in LABELS:
-            hits = [bool(s["correct"]) for s, ex in zip(scores, examples) if ex.gold == label]
+            hits = [bool(s["correct"]) for s, ex in paired(scores, examples) if ex.gold == label]
             if hits:
                 by_label[label] = sum(hits) / len(hits)
         metrics["accuracy_by_label"] = by_label

@@ -22,7 +22,7 @@ from ftlab.data.jsonl import iter_jsonl
 from ftlab.errors import UserError
 from ftlab.tasks.base import Example, Task, load_hub_records
 from ftlab.tasks.prontoqa_gen import generate_prontoqa  # noqa: F401  (re-exported for convenience)
-from ftlab.tasks.scoring import as_text, two_rule_metrics, two_rule_score
+from ftlab.tasks.scoring import as_text, paired, two_rule_metrics, two_rule_score
 
 AUTHORS_FIELDS = ("question", "query", "answer")
 EXTRACTION_RULE = (
@@ -292,7 +292,7 @@ class ProntoQATask(Task):
 def _accuracy_by_hops(scores: Iterable[dict], examples: Iterable[Example]) -> tuple[dict, dict] | None:
     """({"1": acc, "3": acc}, {"1": n, ...}) over examples that have a hop count; None when none do."""
     groups: dict[int, list[bool]] = defaultdict(list)
-    for s, ex in zip(scores, examples):
+    for s, ex in paired(list(scores), list(examples)):
         if ex.meta.get("hops") is not None:
             groups[int(ex.meta["hops"])].append(bool(s["correct"]))
     if not groups:

@@ -32,14 +32,27 @@ def _rate(flags: Sequence[bool]) -> float:
 
 
 def two_rule_metrics(scores: Sequence[dict[str, Any]], extraction_rule: str) -> dict[str, Any]:
-    """Accuracy and parse rate under both rules, plus the rule description (always in the metrics)."""
+    """Accuracy and parse rate under both rules, plus the rule description (always in the metrics).
+
+    Rows only need 'extracted' and 'correct' (the base contract); missing strict fields count as unparsed.
+    """
     return {
         "n": len(scores),
         "accuracy": _rate([bool(s["correct"]) for s in scores]),
-        "accuracy_strict": _rate([bool(s["correct_strict"]) for s in scores]),
+        "accuracy_strict": _rate([bool(s.get("correct_strict")) for s in scores]),
         "accuracy_flexible": _rate([bool(s["correct"]) for s in scores]),
-        "parse_rate": _rate([s["extracted"] is not None for s in scores]),
-        "parse_rate_strict": _rate([s["extracted_strict"] is not None for s in scores]),
+        "parse_rate": _rate([s.get("extracted") is not None for s in scores]),
+        "parse_rate_strict": _rate([s.get("extracted_strict") is not None for s in scores]),
         "primary_rule": PRIMARY_RULE,
         "extraction_rule": extraction_rule,
     }
+
+
+def paired(scores: Sequence[dict[str, Any]], examples: Sequence[Any]) -> list[tuple[dict[str, Any], Any]]:
+    """(score, example) pairs; matched by 'id' when the lists differ in length (e.g. a partial run)."""
+    if len(scores) == len(examples):
+        return list(zip(scores, examples))
+    by_id = {ex.id: ex for ex in examples}
+    if all(s.get("id") in by_id for s in scores):
+        return [(s, by_id[s["id"]]) for s in scores]
+    raise ValueError(f"{len(scores)} scores for {len(examples)} examples and no matching 'id' fields")

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ftlab.tasks.base import Example, Task
-from ftlab.tasks.scoring import as_text
+from ftlab.tasks.scoring import as_text, paired
 
 _GOLD_RE = re.compile(r"^\s*Response:\s*(-?\d+)\s*$")
 # An integer as people write it ("7", "-2", "12,000", "$1,500"); decimals are read too, then rounded.
@@ -76,6 +76,14 @@ def pearson_r(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(np.sum(dx * dy)) / denom if denom > 0 else None
 
 
+def _value(score: dict[str, Any]) -> int | None:
+    """The parsed prediction of a score row ('value', or the 'extracted' string of a minimal row)."""
+    if "value" in score:
+        return score["value"]
+    extracted = score.get("extracted")
+    return None if extracted is None else int(extracted)
+
+
 def _error_metrics(pairs: list[tuple[int, int]]) -> dict[str, Any]:
     """MAE, RMSE and Pearson r over (pred, gold) pairs of parsed samples; None when there are none."""
     if not pairs:
@@ -98,8 +106,8 @@ def _wasserstein_by_question(rows: list[tuple[dict, Example]]) -> tuple[float | 
     for score, ex in rows:
         preds, golds = groups[(ex.meta["study_id"], ex.meta["condition_num"], ex.meta["question_key"])]
         golds.append(ex.meta["gold_value"])
-        if score["value"] is not None:
-            preds.append(score["value"])
+        if _value(score) is not None:
+            preds.append(_value(score))
     distances = [wasserstein_1d(p, g) for p, g in groups.values() if p]
     skipped = sum(1 for p, _ in groups.values() if not p)
     return (sum(distances) / len(distances) if distances else None), len(distances), skipped
@@ -107,7 +115,7 @@ def _wasserstein_by_question(rows: list[tuple[dict, Example]]) -> tuple[float | 
 
 def _group_metrics(rows: list[tuple[dict, Example]]) -> dict[str, Any]:
     n = len(rows)
-    parsed = [(s["value"], ex.meta["gold_value"]) for s, ex in rows if s["value"] is not None]
+    parsed = [(_value(s), ex.meta["gold_value"]) for s, ex in rows if _value(s) is not None]
     w1, n_questions, skipped = _wasserstein_by_question(rows)
     return {
         "n": n,
@@ -167,13 +175,13 @@ class SocSci210Task(Task):
         }
 
     def aggregate(self, scores: list[dict[str, Any]], examples: list[Example]) -> dict[str, Any]:
-        rows = list(zip(scores, examples))
+        rows = paired(scores, examples)
         n = len(rows)
         metrics = _group_metrics(rows)
         metrics.update({
             "accuracy": sum(bool(s["correct"]) for s in scores) / n if n else float("nan"),
-            "accuracy_strict": sum(bool(s["correct_strict"]) for s in scores) / n if n else float("nan"),
-            "parse_rate_strict": sum(s["extracted_strict"] is not None for s in scores) / n if n else float("nan"),
+            "accuracy_strict": sum(bool(s.get("correct_strict")) for s in scores) / n if n else float("nan"),
+            "parse_rate_strict": sum(s.get("extracted_strict") is not None for s in scores) / n if n else float("nan"),
             "primary_rule": "flexible",
             "extraction_rule": EXTRACTION_RULE,
         })
