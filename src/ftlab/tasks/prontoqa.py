@@ -21,7 +21,6 @@ from typing import Any, Iterable
 from ftlab.data.jsonl import iter_jsonl
 from ftlab.errors import UserError
 from ftlab.tasks.base import Example, Task, load_hub_records
-from ftlab.tasks.prontoqa_gen import generate_prontoqa  # noqa: F401  (re-exported for convenience)
 from ftlab.tasks.scoring import as_text, paired, two_rule_metrics, two_rule_score
 
 AUTHORS_FIELDS = ("question", "query", "answer")
