@@ -17,10 +17,22 @@ from ftlab.errors import UserError
 log = logging.getLogger("ftlab")
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it may be replaced, e.g. by test capture)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # noqa: ANN001 - set by StreamHandler.__init__; ignored
+        pass
+
+
 def setup_console_logging(verbose: bool = False) -> None:
     logger = logging.getLogger("ftlab")
     if not any(getattr(h, "_ftlab_console", False) for h in logger.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = StderrHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         h._ftlab_console = True  # type: ignore[attr-defined]
         logger.addHandler(h)

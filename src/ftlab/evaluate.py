@@ -92,13 +92,13 @@ def run_name(model: str, adapter: str | None, task: str, split_or_file: str, sho
 
 def run_eval(cfg: DictConfig, model_name: str | None = None, adapter: str | None = None) -> tuple[RunDir, dict]:
     """Evaluate one model as the recipe's eval section says; writes a run directory under runs/eval."""
-    from ftlab.generate import make_engine
     from ftlab.models.load import load_model_and_tokenizer
     from ftlab.tasks import get_task
 
     task_name, source = eval_source(cfg)
     task = get_task(task_name)
     examples = task.load(source, split=cfg.eval.split, limit=cfg.eval.limit)
+    from ftlab.generate import make_engine
     mcfg = OmegaConf.merge(cfg.model, {"name": model_name or cfg.model.name,
                                        "adapter": adapter if model_name else (adapter or cfg.model.adapter)})
     torch.manual_seed(cfg.seed)
