@@ -31,8 +31,8 @@ from ftlab.train.optim import build_optimizer, build_scheduler
 log = logging.getLogger("ftlab")
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(UserError):
+    """Non-finite loss, gradients or weights: reported as one line (usually lr/eps/precision)."""
 
 
 # -- data ------------------------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""SFT trainer on a tiny random Llama: learning, exact accumulation, resume after SIGKILL, NaN guard, exports."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftlab.cli import main
+from ftlab.config import load_recipe
+from ftlab.runs.rundir import read_status
+from ftlab.runs.trackers import read_metrics
+from tests.helpers import tiny_recipe
+
+
+def train(recipe, *overrides):
+    from ftlab.train import run_training
+
+    return run_training(load_recipe(recipe, list(overrides)))
+
+
+def losses(run_path: Path) -> dict[int, float]:
+    return {r["train_step"]: r["train/loss"] for r in read_metrics(run_path / "metrics.jsonl") if "train/loss" in r}
+
+
+def test_full_finetune_learns_and_writes_a_complete_run(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    run = train(recipe, "train.max_steps=12", "optim.lr=3e-3", "schedule.name=constant")
+    l = losses(run.path)
+    assert l[12] < l[1] - 0.5, l
+    for f in ("config.yaml", "env.json", "run.log", "metrics.jsonl", "summary.json"):
+        assert (run.path / f).is_file(), f
+    assert read_status(run.path) == "complete"
+    assert (run.path.parent / "latest").resolve() == run.path.resolve()
+    env = json.loads((run.path / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["seed"] == 0
+    # the final model is a plain HF model directory: loads without ftlab
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(run.path / "final")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_accumulation_matches_a_bigger_batch(tmp_path):
+    """batch 8 x accum 1 and batch 2 x accum 4 see the same 8 examples: same loss and gradient norm."""
+    recipe = tiny_recipe(tmp_path)
+    common = ["train.max_steps=1", "data.group_by_length=false", "train.grad_clip=1000"]
+    a = train(recipe, "train.batch_size=8", "train.grad_accum=1", "name=a", *common)
+    b = train(recipe, "train.batch_size=2", "train.grad_accum=4", "name=b", *common)
+    ra, rb = (read_metrics(r.path / "metrics.jsonl")[0] for r in (a, b))
+    assert ra["train/supervised_tokens"] == rb["train/supervised_tokens"]
+    assert ra["train/loss"] == pytest.approx(rb["train/loss"], rel=1e-5)
+    assert ra["train/grad_norm"] == pytest.approx(rb["train/grad_norm"], rel=1e-5)
+
+
+def test_packing_and_padding_give_the_same_loss(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    common = ["train.max_steps=2", "data.group_by_length=false", "train.batch_size=4"]
+    packed = losses(train(recipe, "data.packing=true", "name=p", *common).path)
+    padded = losses(train(recipe, "data.packing=false", "name=q", *common).path)
+    assert packed[1] == pytest.approx(padded[1], rel=1e-5)
+    assert packed[2] == pytest.approx(padded[2], rel=1e-4)
+
+
+def test_resume_after_sigkill_replays_the_same_losses(tmp_path):
+    recipe = tiny_recipe(tmp_path, lora={"enabled": True, "r": 4, "dropout": 0.1,
+                                         "target_modules": ["q_proj", "v_proj"]})
+    steps = ["train.max_steps=10", "train.save_every=2", "train.keep_last=5"]
+    reference = losses(train(recipe, "name=ref", *steps).path)
+
+    cmd = [sys.executable, "-m", "ftlab.cli", "train", str(recipe), "name=killed", *steps]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = tmp_path / "runs" / "sft"
+    deadline = time.time() + 300
+    ckpt = None
+    while time.time() < deadline and ckpt is None:
+        found = list(runs.glob("*_killed/checkpoints/step_000004/state.json"))
+        ckpt = found[0] if found else None
+        time.sleep(0.02)
+    assert ckpt is not None, "no checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    killed = ckpt.parents[2]
+    assert read_status(killed) == "running"  # never looks finished
+    # a checkpoint half-written when the kill came is never picked: fake one that is newer
+    half = killed / "checkpoints" / "step_000009"
+    half.mkdir()
+    (half / "optimizer.pt").write_bytes(b"partial")
+    (killed / "checkpoints" / ".tmp_step_000010").mkdir()
+
+    resumed = train(recipe, "name=resumed", f"train.resume={killed}", *steps)
+    got = losses(resumed.path)
+    start = json.loads((resumed.path / "summary.json").read_text())["resumed_from"]
+    assert "step_000009" not in start
+    assert got and min(got) >= 5
+    for step, value in got.items():
+        assert value == pytest.approx(reference[step], rel=1e-6, abs=1e-7), (step, value, reference[step])
+    assert max(got) == 10
+
+
+def test_nan_guard_stops_dumps_the_batch_and_saves_nothing(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    code = main(["train", str(recipe), "optim.lr=1e30", "schedule.name=constant", "train.grad_clip=null",
+                 "train.max_steps=4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "non-finite" in err and "Traceback" not in err
+    run = next((tmp_path / "runs" / "sft").glob("*_tiny"))
+    assert read_status(run) == "failed"
+    assert list((run / "nonfinite").glob("step_*.pt"))
+    assert not (run / "final").exists()
+
+
+def test_nan_guard_skip_policy_keeps_going(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    run = train(recipe, "optim.lr=1e30", "schedule.name=constant", "train.grad_clip=null", "train.max_steps=3",
+                "train.nan_policy=skip", "train.save_final=false")
+    assert read_status(run.path) == "complete"
+    assert list((run.path / "nonfinite").glob("step_*.pt"))
+
+
+def test_lora_adapter_and_merged_export_load_with_peft(tmp_path):
+    recipe = tiny_recipe(tmp_path, lora={"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]})
+    run = train(recipe, "train.max_steps=2", "train.save_merged=true", "train.gradient_checkpointing=true")
+    final = run.path / "final"
+    cfg = json.loads((final / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and set(cfg["target_modules"]) == {"q_proj", "v_proj"}
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(run.path / "merged")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_checkpoints_keep_last_and_best(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    run = train(recipe, "train.max_steps=8", "train.save_every=2", "train.keep_last=2", "train.eval_every=2",
+                f"data.val={tmp_path / 'train.jsonl'}", "train.best_metric=eval/loss")
+    kept = sorted(p.name for p in (run.path / "checkpoints").iterdir())
+    assert kept == ["step_000004", "step_000006"]
+    best = json.loads((run.path / "summary.json").read_text())["best"]
+    evals = [r["eval/loss"] for r in read_metrics(run.path / "metrics.jsonl") if "eval/loss" in r]
+    assert best["value"] == pytest.approx(min(evals))
+    assert (run.path / "best" / "config.json").is_file()
