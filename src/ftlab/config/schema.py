@@ -48,7 +48,8 @@ class DataConfig:
     shots: int = 0
     chat_template: bool = True
     max_length: int = 512
-    packing: bool = True                 # pack examples into rows without cross-example attention
+    packing: bool = False                # pack examples into rows of max_length tokens, no cross-example attention
+                                         # (pays off when examples are much shorter than max_length)
     group_by_length: bool = True
     max_bad_share: float = 0.05          # fail preflight when more examples than this are truncated/dropped
     filter_correct: bool = False         # keep only examples whose target the task scores correct (seed 002)
