@@ -1,0 +1,103 @@
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from ftlab.config.schema import ModelConfig
+from ftlab.errors import UserError
+from ftlab.models.load import embedded_gguf, load_model_and_tokenizer, resolve_model_path
+from ftlab.runs.rundir import RunDir, read_status
+
+
+def test_offline_hub_id_fails_fast_with_one_line(monkeypatch):
+    from ftlab import hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.hub_reachable.cache_clear()
+    started = time.time()
+    with pytest.raises(UserError) as e:
+        resolve_model_path("some-org/some-model")
+    assert time.time() - started < 5
+    assert "cannot reach the Hugging Face Hub" in str(e.value) and "smollm2-135m-instruct" in str(e.value)
+
+
+def test_missing_local_path_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        resolve_model_path(str(tmp_path / "empty"))
+
+
+def test_scratch_model_uses_config_and_embedded_tokenizer():
+    cfg = ModelConfig(scratch={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                               "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2})
+    model, tok = load_model_and_tokenizer(cfg)
+    assert model.config.hidden_size == 32 and model.config.vocab_size == len(tok)
+    assert tok.pad_token_id is not None and tok.eos_token == "<|im_end|>"
+
+
+@pytest.mark.slow
+def test_embedded_model_cache_matches_the_gguf_and_loads_fast(tmp_path, monkeypatch):
+    """The cached safetensors model gives the GGUF model's logits, and the second load is < 5 s."""
+    monkeypatch.setenv("FTLAB_CACHE", str(tmp_path))
+    model, tok = load_model_and_tokenizer(name="smollm2-135m-instruct")
+    started = time.time()
+    again, _ = load_model_and_tokenizer(name="smollm2-135m-instruct")
+    assert time.time() - started < 5
+    from transformers import AutoModelForCausalLM
+    gguf = embedded_gguf("smollm2-135m-instruct")
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    ids = tok("Every wumpus is a yumpus. Sam is a wumpus.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, reference(ids).logits, atol=1e-5)
+    assert tok.chat_template and "<|im_start|>assistant" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+
+
+def test_run_dirs_never_overwrite_and_hide_secrets(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+    monkeypatch.setenv("HF_TOKEN", "hf_supersecretvalue")
+    monkeypatch.setenv("WANDB_API_KEY", "wandbsecret123")
+    cfg = OmegaConf.create({"name": "x", "note": "token is hf_supersecretvalue", "api_key": "abc"})
+    a = RunDir.create(tmp_path, "sft", "same", cfg, seed=3)
+    b = RunDir.create(tmp_path, "sft", "same", cfg, seed=3)
+    assert a.path != b.path and a.path.exists() and b.path.exists()
+    assert os.readlink(tmp_path / "sft" / "latest") == b.path.name
+    for f in a.path.iterdir():
+        text = f.read_text()
+        assert "hf_supersecretvalue" not in text and "wandbsecret123" not in text, f
+    assert "abc" not in (a.path / "config.yaml").read_text()
+    assert read_status(a.path) == "running"
+    a.finish("complete", loss=1.5)
+    assert json.loads((a.path / "summary.json").read_text())["loss"] == 1.5
+    assert json.loads((a.path / "env.json").read_text())["seed"] == 3
+
+
+def test_trackers_write_jsonl_and_tensorboard(tmp_path):
+    from omegaconf import OmegaConf
+    from ftlab.runs.trackers import Trackers, read_metrics
+    run = RunDir.create(tmp_path, "sft", "t")
+    tr = Trackers(run, OmegaConf.create({"wandb": False, "tensorboard": True, "project": "p"}))
+    tr.log({"loss": 2.0, "bad": float("nan")}, step=1)
+    tr.log({"loss": 1.5}, step=1, axis="eval")
+    tr.close()
+    rows = read_metrics(run.metrics_path)
+    assert rows[0]["train_step"] == 1 and rows[0]["train/loss"] == 2.0 and rows[0]["train/bad"] == "nan"
+    assert rows[1]["eval_step"] == 1 and rows[1]["eval/loss"] == 1.5
+    assert list((run.path / "tensorboard").glob("events.*"))
+
+
+def test_wandb_offline_uses_separate_step_axes(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from omegaconf import OmegaConf
+    from ftlab.runs.trackers import Trackers
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = RunDir.create(tmp_path, "sft", "w")
+    tr = Trackers(run, OmegaConf.create({"wandb": True, "tensorboard": False, "project": "p"}))
+    tr.log({"loss": 2.0}, step=1)
+    tr.log({"accuracy": 0.5}, step=1, axis="eval")
+    tr.close()
+    assert list((run.path / "wandb").rglob("*.wandb"))
