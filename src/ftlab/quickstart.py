@@ -33,12 +33,20 @@ def make_training_set(cfg: DictConfig, out: Path) -> Path:
     return out
 
 
+def heldout_sizes(cfg: DictConfig) -> dict[int, int]:
+    q = cfg.quickstart
+    if len(q.heldout_hops) != len(q.heldout_sizes):
+        raise UserError(f"quickstart.heldout_hops has {len(q.heldout_hops)} entries but heldout_sizes has "
+                        f"{len(q.heldout_sizes)}; give one size per hop count")
+    return {int(h): int(n) for h, n in zip(q.heldout_hops, q.heldout_sizes)}
+
+
 def heldout_sets(cfg: DictConfig, data_dir: Path) -> tuple[dict[int, Path], str]:
     """{hops: jsonl path} and a sentence saying where the problems come from."""
     from ftlab.tasks import generate_prontoqa
 
     q = cfg.quickstart
-    sizes = {int(h): int(n) for h, n in q.heldout_sizes.items()}
+    sizes = heldout_sizes(cfg)
     real = Path(q.heldout_dir)
     files = {h: real / f"generator_{h}hop_test.jsonl" for h in sizes}
     if all(f.is_file() for f in files.values()):
@@ -60,7 +68,7 @@ def evaluate_all(model: Any, tokenizer: Any, sets: dict[int, Path], cfg: DictCon
     task = get_task("prontoqa")
     results = {}
     for hops, path in sets.items():
-        n = int(cfg.quickstart.heldout_sizes[str(hops)])
+        n = heldout_sizes(cfg)[hops]
         examples = task.load(str(path), limit=n)
         log.info("evaluating %s on %d %d-hop problems", label, len(examples), hops)
         rows, metrics = evaluate_examples(model, tokenizer, task, examples, cfg.eval, cfg.seed)

@@ -128,8 +128,9 @@ class QuickstartConfig:
     train_hops: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     data_seed: int = 1234
     # Authors' files (used when the folder exists), else ftlab-generated held-out problems.
-    heldout_dir: str = "../shared/data/prontoqa"
-    heldout_sizes: dict[str, int] = field(default_factory=lambda: {"1": 50, "3": 100, "5": 50})
+    heldout_dir: str = "../shared/data/prontoqa"   # relative to the working directory
+    heldout_hops: list[int] = field(default_factory=lambda: [1, 3, 5])
+    heldout_sizes: list[int] = field(default_factory=lambda: [50, 100, 50])  # problems per entry of heldout_hops
     heldout_seed: int = 987654
 
 
