@@ -1,0 +1,79 @@
+"""The engine-independent half of generation: the config, the `Engine` protocol, stop-string cutting.
+
+Evaluation, data filtering and self-improvement loops call `engine.generate(prompts, cfg)` and never
+care whether the HF engine or vLLM runs underneath; both share these definitions so their outputs
+are post-processed identically.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, runtime_checkable
+
+from ftlab.errors import UserError
+
+ResultCallback = Callable[[int, list[str]], None]
+
+
+@dataclass
+class GenerationConfig:
+    """How to generate. `temperature == 0` means greedy decoding (top_p is then ignored)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n: int = 1                      # completions per prompt
+    stop: list[str] = field(default_factory=list)  # cut the output at the first of these (excluded)
+    batch_size: int = 16            # sequences decoded at the same time
+    seed: int = 0
+    max_prompt_tokens: int | None = None  # longer prompts lose their beginning (left truncation)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Fail with one readable line instead of a tensor error deep inside the decoding loop."""
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            raise UserError(f"n (samples per prompt) must be >= 1, got {self.n}")
+        if self.batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise UserError(f"max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}")
+        if isinstance(self.stop, str):  # a bare string would be split into characters
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Anything that turns prompts into completions.
+
+    `generate` returns, per prompt and in the order given, `cfg.n` completions: the decoded new text
+    only, cut before the first stop string. `on_result(index, completions)` is called as soon as a
+    prompt is finished (finishing order, not input order) so callers can stream results to disk.
+    """
+
+    stats: dict
+
+    def generate(
+        self,
+        prompts: list[str],
+        cfg: GenerationConfig,
+        on_result: ResultCallback | None = None,
+        progress: bool = True,
+    ) -> list[list[str]]: ...
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Text before the earliest stop string (excluded), and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

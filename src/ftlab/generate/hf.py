@@ -1,0 +1,580 @@
+"""Batched generation with a plain transformers model, faster than `model.generate` on a batch.
+
+Why not just call `model.generate` on batches of prompts? Three kinds of waste, all of which matter
+on a CPU where every token costs real time:
+
+* a batch keeps running until its LONGEST sequence is done: rows that hit EOS keep computing;
+* prompts in file order are padded to the longest prompt of their batch, and pad tokens cost as
+  much as real ones in the prefill;
+* the default `DynamicCache` concatenates every layer's whole K/V cache with the new token at
+  every step (`torch.cat`), i.e. copies the entire cache once per generated token.
+
+`HFEngine` runs its own decoding loop instead. Prompts are sorted by length (longest first) and
+prefilled in groups of similar length with the usual left padding. Their K/V go into a
+preallocated buffer of `batch_size` row slots (`_SlotCache`); each step writes only the new column
+and the model attends over a view of the buffer, so nothing is copied per token. A row that
+finishes (EOS, max_new_tokens, stop string) is evicted by moving the last row into its slot, and
+the freed slot is refilled with the next waiting prompt (continuous batching), so the batch stays
+full. Greedy decoding picks the argmax exactly like `model.generate(do_sample=False)`, and the
+prefill uses the same left padding and position ids, so the tokens are the same (checked in the
+tests and in `benchmarks/bench_generate.py`).
+
+Models whose cache is not a plain full-attention `DynamicCache` (sliding-window or linear-attention
+layers) take a fallback path: length-sorted batches through `model.generate`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ftlab.generate.base import GenerationConfig, ResultCallback, cut_at_stop
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache: preallocated row slots, one shared column window
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Window:
+    """Which part of the buffers is live; shared by all layers so one update moves them all.
+
+    Rows `0..rows-1` are occupied; columns `start..end-1` hold cached tokens (per-row padding
+    columns are masked out by the attention mask).
+    """
+
+    rows: int = 0
+    start: int = 0
+    end: int = 0
+
+
+class _SlotLayer(DynamicLayer):
+    """One layer's K/V in `[slots, kv_heads, columns, head_dim]` buffers.
+
+    `update` writes the new token's K/V into column `end` and returns views of the live window, so
+    a decoding step copies one column instead of the whole cache (which `DynamicLayer` does with
+    `torch.cat`).
+    """
+
+    def __init__(self, window: _Window, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.window = window
+        self.key_buf, self.value_buf = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._refresh_views(0)
+
+    def _refresh_views(self, new_tokens: int) -> None:
+        w = self.window
+        self.keys = self.key_buf[: w.rows, :, w.start : w.end + new_tokens]
+        self.values = self.value_buf[: w.rows, :, w.start : w.end + new_tokens]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        w, q = self.window, key_states.shape[-2]
+        self.key_buf[: w.rows, :, w.end : w.end + q] = key_states
+        self.value_buf[: w.rows, :, w.end : w.end + q] = value_states
+        self._refresh_views(q)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.window.end - self.window.start
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+
+class _SlotCache(Cache):
+    """A `Cache` made of `_SlotLayer`s; the engine moves `window.end` after each forward."""
+
+    def __init__(self, layers: list[_SlotLayer]):
+        super().__init__(layers=layers)
+
+
+def _is_plain_dynamic_cache(cache: Cache) -> bool:
+    """Our slot cache reproduces full attention only; anything fancier takes the fallback path."""
+    return len(cache.layers) > 0 and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sequence bookkeeping
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Row:
+    """One sequence being decoded: sample `sample` of prompt `request`."""
+
+    request: int
+    sample: int
+    first_col: int                      # buffer column of its first real (non-pad) token
+    generator: torch.Generator | None   # per-row RNG: samples do not depend on batching
+    tokens: list[int] = field(default_factory=list)
+    stopped: bool = False               # stop string seen (the text is cut later)
+
+
+class _Batch:
+    """The running rows and their cache: admit (prefill), step (decode one token), evict."""
+
+    def __init__(self, model: Any, slots: int, columns: int):
+        self.model, self.slots, self.columns = model, slots, columns
+        self.window = _Window()
+        self.rows: list[_Row] = []
+        self.cache: _SlotCache | None = None
+        self.mask = torch.zeros(slots, columns, dtype=torch.long)
+        self.next_tokens = torch.zeros(slots, dtype=torch.long)
+        self.positions = torch.zeros(slots, dtype=torch.long)
+
+    # -- admission -----------------------------------------------------------------------------
+    def admit(self, new_rows: list[_Row], sources: list[int], cache: DynamicCache, mask: torch.Tensor,
+              first_tokens: torch.Tensor) -> None:
+        """Copy prefilled K/V (row `sources[i]` of the group) into free slots; their next input is `first_tokens`."""
+        width = mask.shape[1]
+        if self.cache is None:
+            self._allocate(cache)
+        if not self.rows:
+            self.window.start = self.window.end = width
+        self._make_room_left(width)
+        w, lo, hi = self.window, self.window.end - width, self.window.end
+        src = torch.tensor(sources, dtype=torch.long)
+        slots = slice(w.rows, w.rows + len(new_rows))
+        for layer, prefilled in zip(self.cache.layers, cache.layers):
+            layer.key_buf[slots, :, lo:hi] = prefilled.keys.index_select(0, src)
+            layer.value_buf[slots, :, lo:hi] = prefilled.values.index_select(0, src)
+        self.mask[slots] = 0
+        self.mask[slots, lo:hi] = mask.index_select(0, src)
+        self.next_tokens[slots] = first_tokens
+        self.positions[slots] = mask.sum(-1).index_select(0, src)  # position of the first new token
+        for row, s in zip(new_rows, sources):
+            row.first_col = lo + int(mask[s].argmax())  # first real token (pads may sit after a shared prefix)
+        self.rows.extend(new_rows)
+        w.rows = len(self.rows)
+        w.start = min(w.start, lo)
+
+    def _allocate(self, cache: DynamicCache) -> None:
+        layers = []
+        for prefilled in cache.layers:
+            _, heads, _, dim = prefilled.keys.shape
+            shape = (self.slots, heads, self.columns, dim)
+            layers.append(_SlotLayer(self.window, prefilled.keys.new_zeros(shape), prefilled.keys.new_zeros(shape)))
+        self.cache = _SlotCache(layers)
+
+    def _make_room_left(self, width: int) -> None:
+        """Ensure `width` columns exist left of `end` (a newcomer's prompt ends where the others are)."""
+        if self.window.end < width:
+            self._shift(width - self.window.end)
+
+    # -- decode --------------------------------------------------------------------------------
+    def step(self) -> torch.Tensor:
+        """Feed every row its next token; return the logits `[rows, vocab]` for the token after it."""
+        self._trim_left()
+        if self.window.end >= self.columns:
+            self._compact()
+        w, n = self.window, self.window.rows
+        self.mask[:n, w.end] = 1
+        padded = any(r.first_col != w.start for r in self.rows)
+        out = self.model(
+            input_ids=self.next_tokens[:n, None],
+            attention_mask=self.mask[:n, w.start : w.end + 1] if padded else None,
+            position_ids=self.positions[:n, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        w.end += 1
+        self.positions[:n] += 1
+        return out.logits[:, -1, :]
+
+    def _trim_left(self) -> None:
+        """Drop columns that no live row uses any more (less attention work, free a view only)."""
+        if self.rows:
+            self.window.start = min(r.first_col for r in self.rows)
+
+    def _compact(self) -> None:
+        """The window reached the buffer's end: move it back to column 0 (rare, amortized)."""
+        self._shift(-self.window.start)
+        if self.window.end >= self.columns:
+            raise RuntimeError("generation buffer too small; this is a bug in ftlab.generate")
+
+    def _shift(self, delta: int) -> None:
+        """Move the live window by `delta` columns (clone first: source and target may overlap)."""
+        w = self.window
+        lo, hi = w.start, w.end
+        for layer in self.cache.layers:
+            for buf in (layer.key_buf, layer.value_buf):
+                buf[: w.rows, :, lo + delta : hi + delta] = buf[: w.rows, :, lo:hi].clone()
+        self.mask[: w.rows, lo + delta : hi + delta] = self.mask[: w.rows, lo:hi].clone()
+        if delta > 0:
+            self.mask[: w.rows, lo : lo + delta] = 0
+        w.start, w.end = lo + delta, hi + delta
+        for r in self.rows:
+            r.first_col += delta
+
+    def evict(self, done: list[int]) -> None:
+        """Remove finished rows by moving the last live row into each freed slot (copies one row, not the batch)."""
+        for i in sorted(done, reverse=True):
+            last = len(self.rows) - 1
+            if i != last:
+                self._move_row(last, i)
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+            self.window.rows = len(self.rows)
+
+    def _move_row(self, src: int, dst: int) -> None:
+        lo, hi = self.window.start, self.window.end
+        for layer in self.cache.layers:
+            layer.key_buf[dst, :, lo:hi] = layer.key_buf[src, :, lo:hi]
+            layer.value_buf[dst, :, lo:hi] = layer.value_buf[src, :, lo:hi]
+        self.mask[dst] = self.mask[src]
+        self.next_tokens[dst] = self.next_tokens[src]
+        self.positions[dst] = self.positions[src]
+
+
+# --------------------------------------------------------------------------------------------
+# Prefill: similar-length chunks, shared prefix computed once
+# --------------------------------------------------------------------------------------------
+def shared_prefix_length(encoded: list[list[int]]) -> int:
+    """Tokens every prompt starts with (e.g. a chat template's system prompt), leaving each prompt >= 1 token."""
+    if len(encoded) < 2:
+        return 0
+    shortest = min(len(e) for e in encoded)
+    first = encoded[0]
+    n = 0
+    while n < shortest - 1 and all(e[n] == first[n] for e in encoded):
+        n += 1
+    return n
+
+
+class _Prefiller:
+    """Turns prompts into K/V + first-token logits with as little wasted compute as possible.
+
+    Pad tokens cost as much as real ones, so a group is split into chunks whose lengths differ by
+    at most `max_pad_fraction`. A prefix shared by all prompts (chat templates start with the same
+    system prompt) is computed once and its K/V are copied in front of every chunk; the chunk's
+    own pads then sit between prefix and text, which the attention mask hides.
+    """
+
+    def __init__(self, model: Any, pad_id: int, encoded: list[list[int]], share_prefix: bool,
+                 max_pad_fraction: float = 0.1, max_chunk_tokens: int = 4096, min_prefix: int = 4):
+        self.model, self.pad_id = model, pad_id
+        self.max_pad_fraction, self.max_chunk_tokens = max_pad_fraction, max_chunk_tokens
+        n = shared_prefix_length(encoded) if share_prefix else 0
+        self.prefix = encoded[0][:n] if n >= min_prefix else []
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def chunks(self, prompts: list[list[int]]) -> list[list[int]]:
+        """Split prompt indices (longest first) into chunks with little padding."""
+        out: list[list[int]] = []
+        for i, p in enumerate(prompts):
+            if out:
+                chunk = out[-1]
+                width = len(prompts[chunk[0]])
+                real = sum(len(prompts[j]) for j in chunk) + len(p)
+                padded = width * (len(chunk) + 1)
+                if padded - real <= self.max_pad_fraction * padded and padded <= self.max_chunk_tokens:
+                    chunk.append(i)
+                    continue
+            out.append([i])
+        return out
+
+    def run(self, prompts: list[list[int]]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """Prefill one chunk: cache `[g, heads, width, dim]`, mask `[g, width]`, next-token logits `[g, vocab]`."""
+        p = len(self.prefix)
+        texts = [ids[p:] for ids in prompts]
+        width = max(len(t) for t in texts)
+        ids = torch.tensor([[self.pad_id] * (width - len(t)) + t for t in texts], dtype=torch.long)
+        text_mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in texts], dtype=torch.long)
+        positions = (p + text_mask.cumsum(-1) - 1).masked_fill(text_mask == 0, 0)
+        mask = torch.cat([text_mask.new_ones(len(texts), p), text_mask], dim=1)
+        cache = self._cache_with_prefix(len(texts))
+        out = self.model(
+            input_ids=ids,
+            attention_mask=None if bool(mask.all()) else mask,  # generate drops an all-ones mask too
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return cache, mask, out.logits[:, -1, :]
+
+    def _cache_with_prefix(self, rows: int) -> DynamicCache:
+        cache = DynamicCache(config=self.model.config)
+        if not self.prefix:
+            return cache
+        if self._prefix_kv is None:
+            prefix_cache = DynamicCache(config=self.model.config)
+            self.model(input_ids=torch.tensor([self.prefix]), position_ids=torch.arange(len(self.prefix))[None],
+                       past_key_values=prefix_cache, use_cache=True, logits_to_keep=1)
+            self._prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+        for i, (k, v) in enumerate(self._prefix_kv):
+            cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)
+        return cache
+
+
+# --------------------------------------------------------------------------------------------
+# Token selection
+# --------------------------------------------------------------------------------------------
+def _pick_tokens(logits: torch.Tensor, rows: list[_Row], cfg: GenerationConfig) -> torch.Tensor:
+    """Greedy argmax (as `generate(do_sample=False)`), or temperature/top-p sampling with each row's RNG."""
+    if cfg.greedy:
+        return logits.argmax(dim=-1)
+    scores = logits.float() / cfg.temperature
+    if cfg.top_p < 1.0:
+        scores = _top_p_filter(scores, cfg.top_p)
+    probs = scores.softmax(dim=-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=r.generator) for i, r in enumerate(rows)])
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering, same rule as transformers' TopPLogitsWarper (keeps at least one token)."""
+    sorted_scores, order = torch.sort(scores, descending=False)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted[..., -1:] = False
+    remove = remove_sorted.scatter(1, order, remove_sorted)
+    return scores.masked_fill(remove, float("-inf"))
+
+
+def _row_seed(seed: int, request: int, sample: int) -> int:
+    """A per-(prompt, sample) seed, so sampled outputs do not depend on batch size or order."""
+    return (seed * 1_000_003 + request * 10_007 + sample) % (2**63 - 1)
+
+
+_Deliver = Callable[[int, list[list[int]]], None]
+
+
+@dataclass
+class _Run:
+    """State of one `generate` call shared by the loop's helpers."""
+
+    cfg: GenerationConfig
+    deliver: _Deliver
+    rows_per_prompt: int                 # greedy samples are identical: decode one row, copy it n times
+    done: dict[int, list[list[int] | None]] = field(default_factory=dict)  # finished samples per prompt
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+class HFEngine:
+    """Generation with a transformers causal LM: length-sorted, continuous batching, KV-cache slots.
+
+    `refill=False` turns continuous batching off (a new group is admitted only when the batch is
+    empty; finished rows are still evicted). `stop_check_every` trades a few wasted tokens per
+    stopped row for not decoding every row's text at every step.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, refill: bool = True, share_prefix: bool = True,
+                 stop_check_every: int = 4):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.refill = refill
+        self.share_prefix = share_prefix
+        self.stop_check_every = max(1, stop_check_every)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = _pad_id(tokenizer, self.eos_ids)
+        self.stats: dict[str, float] = {}
+        self._plain_cache: bool | None = None
+
+    # -- public API ----------------------------------------------------------------------------
+    def generate(self, prompts: list[str], cfg: GenerationConfig, on_result: ResultCallback | None = None,
+                 progress: bool = True) -> list[list[str]]:
+        """Per prompt (input order), `cfg.n` completions of new text cut before the first stop string."""
+        token_lists = self.generate_tokens(prompts, cfg, on_result=on_result, progress=progress)
+        return [[self._finish_text(t, cfg) for t in per_prompt] for per_prompt in token_lists]
+
+    def generate_tokens(self, prompts: list[str], cfg: GenerationConfig, on_result: ResultCallback | None = None,
+                        progress: bool = True) -> list[list[list[int]]]:
+        """Like `generate` but returns the new token ids (EOS included when generated; not stop-cut).
+
+        Token ids are what the identity checks against `model.generate` compare.
+        """
+        cfg.validate()
+        start = time.perf_counter()
+        self.stats = {"prompts": len(prompts), "truncated_prompts": 0, "new_tokens": 0, "seconds": 0.0,
+                      "prefill_tokens": 0, "decode_steps": 0}
+        encoded = self._encode(prompts, cfg)
+        results: list[list[list[int]] | None] = [None] * len(prompts)
+        bar = _progress_bar(len(prompts), progress)
+
+        def deliver(index: int, samples: list[list[int]]) -> None:
+            results[index] = samples
+            computed = samples[:1] if cfg.greedy else samples  # greedy: one row decoded, copied n times
+            self.stats["new_tokens"] += sum(len(s) for s in computed)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{self.stats['new_tokens'] / max(time.perf_counter() - start, 1e-9):.1f}")
+            if on_result is not None:
+                on_result(index, [self._finish_text(s, cfg) for s in samples])
+
+        with torch.inference_mode():
+            if prompts:
+                if self._supports_slot_cache():
+                    self._decode(encoded, cfg, deliver)
+                else:
+                    self._generate_fallback(encoded, cfg, deliver)
+        bar.close()
+        self.stats["seconds"] = time.perf_counter() - start
+        return results  # type: ignore[return-value]
+
+    # -- preparing prompts ---------------------------------------------------------------------
+    def _encode(self, prompts: list[str], cfg: GenerationConfig) -> list[list[int]]:
+        """Token ids per prompt; too long ones lose their beginning (the question is usually at the end)."""
+        limit = self._prompt_limit(cfg)
+        encoded = [self.tokenizer(p).input_ids for p in prompts]
+        too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
+        for i in too_long:
+            encoded[i] = encoded[i][-limit:]
+        if too_long:
+            self.stats["truncated_prompts"] = len(too_long)
+            logger.warning("%d of %d prompts longer than %d tokens were truncated from the left (first: #%d)",
+                           len(too_long), len(prompts), limit, too_long[0])
+        return encoded
+
+    def _prompt_limit(self, cfg: GenerationConfig) -> int:
+        """Room for the prompt: max_prompt_tokens, and the model context minus the new tokens."""
+        limit = cfg.max_prompt_tokens or 1 << 60
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context:
+            limit = min(limit, context - cfg.max_new_tokens if context > cfg.max_new_tokens else context)
+        return max(1, limit)
+
+    def _supports_slot_cache(self) -> bool:
+        if self._plain_cache is None:
+            try:
+                self._plain_cache = _is_plain_dynamic_cache(DynamicCache(config=self.model.config))
+            except Exception:  # exotic configs: be safe
+                self._plain_cache = False
+        return self._plain_cache
+
+    # -- the decoding loop ---------------------------------------------------------------------
+    def _decode(self, encoded: list[list[int]], cfg: GenerationConfig, deliver: _Deliver) -> None:
+        """Continuous batching over length-sorted prompts (see the module docstring)."""
+        run = _Run(cfg, deliver, rows_per_prompt=1 if cfg.greedy else cfg.n)
+        slots = max(cfg.batch_size, run.rows_per_prompt)
+        live = max(len(e) for e in encoded) + cfg.max_new_tokens  # the widest window one row can need
+        batch = _Batch(self.model, slots, columns=live + max(64, live // 2))
+        prefiller = _Prefiller(self.model, self.pad_id, encoded, self.share_prefix)
+        self.stats["shared_prefix_tokens"] = len(prefiller.prefix)
+        waiting = deque(sorted(range(len(encoded)), key=lambda i: -len(encoded[i])))
+
+        while waiting or batch.rows:
+            free = slots - len(batch.rows)
+            if waiting and free >= run.rows_per_prompt and (self.refill or not batch.rows):
+                group = [waiting.popleft() for _ in range(min(free // run.rows_per_prompt, len(waiting)))]
+                first_new = len(batch.rows)
+                tokens = self._admit(batch, prefiller, group, encoded, run)
+            else:
+                first_new = 0
+                tokens = _pick_tokens(batch.step(), batch.rows, cfg)
+                batch.next_tokens[: len(tokens)] = tokens
+                self.stats["decode_steps"] += 1
+            self._record(batch, first_new, tokens.tolist(), run)
+
+    def _admit(self, batch: _Batch, prefiller: _Prefiller, group: list[int], encoded: list[list[int]],
+               run: _Run) -> torch.Tensor:
+        """Prefill `group` (in low-padding chunks), give each prompt `rows_per_prompt` rows; return their first tokens."""
+        firsts = []
+        prompts = [encoded[i] for i in group]
+        for chunk in prefiller.chunks(prompts):
+            cache, mask, last_logits = prefiller.run([prompts[c] for c in chunk])
+            self.stats["prefill_tokens"] += int(mask.sum()) - len(prefiller.prefix) * len(chunk)
+            new_rows, sources = [], []
+            for g, c in enumerate(chunk):
+                request = group[c]
+                for s in range(run.rows_per_prompt):
+                    rng = None if run.cfg.greedy else torch.Generator().manual_seed(_row_seed(run.cfg.seed, request, s))
+                    new_rows.append(_Row(request=request, sample=s, first_col=0, generator=rng))
+                    sources.append(g)
+            first_tokens = _pick_tokens(last_logits.index_select(0, torch.tensor(sources)), new_rows, run.cfg)
+            batch.admit(new_rows, sources, cache, mask, first_tokens)
+            firsts.append(first_tokens)
+        return torch.cat(firsts)
+
+    def _record(self, batch: _Batch, first: int, tokens: list[int], run: _Run) -> None:
+        """Append the chosen tokens to rows `first..`; finish rows on EOS / length / stop string; evict them."""
+        finished = []
+        for i, token in enumerate(tokens, start=first):
+            row = batch.rows[i]
+            row.tokens.append(token)
+            if self._row_done(row, token, run.cfg):
+                finished.append(i)
+        for i in finished:
+            row = batch.rows[i]
+            samples = run.done.setdefault(row.request, [None] * run.rows_per_prompt)
+            samples[row.sample] = row.tokens
+            if all(s is not None for s in samples):
+                del run.done[row.request]
+                run.deliver(row.request, samples * (run.cfg.n // run.rows_per_prompt))
+        if finished:
+            batch.evict(finished)
+
+    def _row_done(self, row: _Row, token: int, cfg: GenerationConfig) -> bool:
+        if token in self.eos_ids or len(row.tokens) >= cfg.max_new_tokens:
+            return True
+        if cfg.stop and len(row.tokens) % self.stop_check_every == 0:
+            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            row.stopped = cut_at_stop(text, cfg.stop)[1]
+            return row.stopped
+        return False
+
+    def _finish_text(self, tokens: list[int], cfg: GenerationConfig) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return cut_at_stop(text, cfg.stop)[0] if cfg.stop else text
+
+    # -- fallback: library generate on length-sorted batches ------------------------------------
+    def _generate_fallback(self, encoded: list[list[int]], cfg: GenerationConfig, deliver: _Deliver) -> None:
+        """For caches the slot cache cannot mimic: `model.generate` on length-sorted batches."""
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        per_batch = max(1, cfg.batch_size // (1 if cfg.greedy else cfg.n))
+        for b in range(0, len(order), per_batch):
+            group = order[b : b + per_batch]
+            width = max(len(encoded[i]) for i in group)
+            ids = torch.tensor([[self.pad_id] * (width - len(encoded[i])) + encoded[i] for i in group])
+            mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(encoded[i]) for i in group])[:, None])
+            kwargs: dict[str, Any] = {"do_sample": False}
+            if not cfg.greedy:
+                torch.manual_seed(cfg.seed + b)
+                kwargs = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                          "num_return_sequences": cfg.n}
+            if cfg.stop:
+                kwargs.update(stop_strings=cfg.stop, tokenizer=self.tokenizer)
+            out = self.model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=cfg.max_new_tokens,
+                                      pad_token_id=self.pad_id, **kwargs)
+            new = out[:, width:].tolist()
+            n_out = 1 if cfg.greedy else cfg.n
+            for k, request in enumerate(group):
+                samples = [_until_eos(new[k * n_out + j], self.eos_ids) for j in range(n_out)]
+                deliver(request, samples * (cfg.n if n_out == 1 else 1))
+
+
+def _until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
+    """Cut `generate`'s padded output after the first EOS (kept, as in the main path)."""
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[: i + 1]
+    return tokens
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The ids `generate` stops on: the model's generation config first, then the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+
+
+def _pad_id(tokenizer: Any, eos_ids: set[int]) -> int:
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return min(eos_ids) if eos_ids else 0
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="prompt", desc="generate", dynamic_ncols=True)

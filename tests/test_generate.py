@@ -1,0 +1,185 @@
+"""Generation engine: greedy identity with `model.generate`, order, stop strings, sampling, truncation, fallback.
+
+Everything runs on a tiny random Llama (hidden 32, 2 layers) and an in-memory word-level tokenizer,
+so the whole file takes seconds on a CPU.
+"""
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from ftlab.errors import UserError
+from ftlab.generate import GenerationConfig, HFEngine, make_engine
+from ftlab.generate.base import cut_at_stop
+
+WORDS = [f"w{i}" for i in range(60)]
+PAD, EOS = 0, 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a second OpenMP thread only adds barriers, which a busy shared CPU makes ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[str]:
+    """Very different lengths (1 to 40 tokens), so padding, eviction and refill all happen."""
+    rnd = random.Random(0)
+    return [" ".join(rnd.choice(WORDS) for _ in range(rnd.choice([1, 3, 8, 20, 40]))) for _ in range(11)]
+
+
+def plain_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[list[int]]:
+    """The reference: file-order batches through `model.generate(do_sample=False)` with left padding."""
+    tokenizer.padding_side = "left"
+    out: list[list[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            new = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)[:, enc.input_ids.shape[1] :]
+        out += [row[: row.index(EOS) + 1] if EOS in row else row for row in new.tolist()]
+    return out
+
+
+@pytest.mark.parametrize("refill", [True, False])
+def test_greedy_tokens_identical_to_plain_generate(model, tokenizer, prompts, refill):
+    cfg = GenerationConfig(max_new_tokens=24, batch_size=3)  # fewer slots than prompts: rows get refilled
+    engine = HFEngine(model, tokenizer, refill=refill)
+    got = [samples[0] for samples in engine.generate_tokens(prompts, cfg, progress=False)]
+    want = plain_generate(model, tokenizer, prompts, batch_size=3, max_new_tokens=24)
+    assert got == want
+    assert any(len(w) < 24 for w in want), "no sequence stopped at EOS: eviction was not exercised"
+    assert engine.stats["new_tokens"] == sum(len(w) for w in want)
+
+
+def test_shared_prefix_is_computed_once_and_tokens_still_match(model, tokenizer, prompts):
+    """Chat templates give every prompt the same start; its K/V are computed once and reused."""
+    with_prefix = ["w1 w2 w3 w4 w5 w6 " + p for p in prompts]
+    cfg = GenerationConfig(max_new_tokens=20, batch_size=4)
+    engine = HFEngine(model, tokenizer)
+    got = [s[0] for s in engine.generate_tokens(with_prefix, cfg, progress=False)]
+    assert engine.stats["shared_prefix_tokens"] == 6
+    assert got == plain_generate(model, tokenizer, with_prefix, batch_size=4, max_new_tokens=20)
+
+
+def test_fallback_path_also_matches(model, tokenizer, prompts):
+    """Models the slot cache cannot mimic go through `model.generate` on sorted batches."""
+    engine = HFEngine(model, tokenizer)
+    engine._plain_cache = False
+    cfg = GenerationConfig(max_new_tokens=16, batch_size=4)
+    got = [s[0] for s in engine.generate_tokens(prompts, cfg, progress=False)]
+    # sorted batches differ from file-order batches, but a tiny fp32 model gives the same argmax
+    assert got == plain_generate(model, tokenizer, prompts, batch_size=4, max_new_tokens=16)
+
+
+def test_order_preserved_and_streamed(model, tokenizer, prompts):
+    cfg = GenerationConfig(max_new_tokens=12, batch_size=4)
+    engine = HFEngine(model, tokenizer)
+    streamed: dict[int, list[str]] = {}
+    forward = engine.generate(prompts, cfg, on_result=lambda i, texts: streamed.setdefault(i, texts), progress=False)
+    backward = engine.generate(prompts[::-1], cfg, progress=False)
+    assert backward == forward[::-1]
+    assert streamed == dict(enumerate(forward))
+    assert engine.stats["prompts"] == len(prompts) and engine.stats["seconds"] > 0
+
+
+def test_decoded_text_is_new_text_only(model, tokenizer, prompts):
+    cfg = GenerationConfig(max_new_tokens=10, batch_size=4)
+    engine = HFEngine(model, tokenizer)
+    tokens = engine.generate_tokens(prompts[:3], cfg, progress=False)
+    texts = engine.generate(prompts[:3], cfg, progress=False)
+    assert texts == [[tokenizer.decode(t[0], skip_special_tokens=True)] for t in tokens]
+
+
+def test_stop_strings_cut_before_first_occurrence(model, tokenizer, prompts):
+    engine = HFEngine(model, tokenizer, stop_check_every=3)
+    free = engine.generate(prompts, GenerationConfig(max_new_tokens=20, batch_size=4), progress=False)
+    words = free[0][0].split()
+    stop = words[len(words) // 2]  # a word from the middle of the first completion
+    cut = engine.generate(prompts, GenerationConfig(max_new_tokens=20, batch_size=4, stop=[stop, "w-never"]),
+                          progress=False)
+    assert cut[0][0] == free[0][0][: free[0][0].index(stop)]
+    assert stop not in cut[0][0]
+    for full, short in zip(free, cut):  # every prompt: the same text, cut at its own first occurrence
+        assert short[0] == cut_at_stop(full[0], [stop])[0]
+
+
+def test_sampling_is_seeded_and_samples_differ(model, tokenizer, prompts):
+    cfg = GenerationConfig(max_new_tokens=12, batch_size=4, temperature=1.0, top_p=0.95, n=3, seed=7)
+    engine = HFEngine(model, tokenizer)
+    first = engine.generate(prompts, cfg, progress=False)
+    assert first == engine.generate(prompts, cfg, progress=False)
+    assert all(len(samples) == 3 for samples in first)
+    assert any(len(set(samples)) > 1 for samples in first)
+    # per-(prompt, sample) generators: the batch size does not change what is sampled
+    assert first == engine.generate(prompts, GenerationConfig(**{**vars(cfg), "batch_size": 9}), progress=False)
+    other_seed = engine.generate(prompts, GenerationConfig(**{**vars(cfg), "seed": 8}), progress=False)
+    assert other_seed != first
+
+
+def test_greedy_n_returns_identical_copies(model, tokenizer, prompts):
+    engine = HFEngine(model, tokenizer)
+    out = engine.generate(prompts[:4], GenerationConfig(max_new_tokens=8, n=2), progress=False)
+    assert all(len(s) == 2 and s[0] == s[1] for s in out)
+
+
+def test_long_prompts_truncated_from_left_with_warning(model, tokenizer, prompts, caplog):
+    engine = HFEngine(model, tokenizer)
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=4, max_prompt_tokens=5)
+    with caplog.at_level(logging.WARNING, logger="ftlab.generate.hf"):
+        got = engine.generate(prompts, cfg, progress=False)
+    n_long = sum(len(p.split()) > 5 for p in prompts)
+    assert n_long > 0 and engine.stats["truncated_prompts"] == n_long
+    assert "truncated from the left" in caplog.text
+    kept_tails = [" ".join(p.split()[-5:]) for p in prompts]
+    assert got == engine.generate(kept_tails, GenerationConfig(max_new_tokens=8, batch_size=4), progress=False)
+
+
+def test_context_limit_truncates_too(model, tokenizer):
+    """Prompt + new tokens must fit max_position_embeddings (128 here)."""
+    engine = HFEngine(model, tokenizer)
+    out = engine.generate([" ".join(["w1"] * 200)], GenerationConfig(max_new_tokens=8), progress=False)
+    assert engine.stats["truncated_prompts"] == 1 and len(out[0]) == 1
+
+
+def test_bad_config_is_a_user_error():
+    with pytest.raises(UserError):
+        GenerationConfig(temperature=-1)
+    with pytest.raises(UserError):
+        GenerationConfig(top_p=0)
+    assert GenerationConfig(stop="###").stop == ["###"]
+
+
+def test_make_engine_vllm_falls_back_on_cpu(model, tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="ftlab.generate"):
+        engine = make_engine("vllm", model, tokenizer, model_path="unused", adapter_path="unused")
+    assert isinstance(engine, HFEngine)
+    assert "vLLM needs a CUDA GPU and the vllm package; using the HF engine" in caplog.text
+    assert isinstance(make_engine("hf", model, tokenizer), HFEngine)
+    with pytest.raises(UserError):
+        make_engine("tgi", model, tokenizer)
