@@ -1,0 +1,57 @@
+"""The main job, shortened: generated data -> base eval -> LoRA SFT -> tuned eval -> report + plots."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ftlab.cli import main
+from ftlab.runs.rundir import read_status
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = ["quickstart.train_examples=16", "quickstart.heldout_hops=[1,3]", "quickstart.heldout_sizes=[3,3]",
+         "train.max_steps=2", "eval.max_new_tokens=12", "eval.batch_size=4"]
+
+
+@pytest.mark.slow
+def test_shortened_quickstart_end_to_end(tmp_path, capsys):
+    code = main(["quickstart", str(REPO / "recipes" / "quickstart.yaml"), f"output_dir={tmp_path}",
+                 f"quickstart.heldout_dir={tmp_path / 'no-real-data'}", *SHORT])
+    out = capsys.readouterr().out
+    assert code == 0
+    run = next((tmp_path / "quickstart").glob("2*_quickstart"))
+    assert read_status(run) == "complete"
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["accuracy_before"]) == {"1", "3"} and set(summary["accuracy_after"]) == {"1", "3"}
+    assert "ftlab-generated held-out problems" in summary["heldout"]  # says which data it used
+    for f in ("report.md", "training_loss.png", "accuracy_by_hops.png", "predictions_base_3hop.jsonl",
+              "predictions_tuned_3hop.jsonl", "data/train.jsonl"):
+        assert (run / f).is_file(), f
+    # base and tuned saw identical prompts
+    base = [json.loads(l)["prompt"] for l in (run / "predictions_base_3hop.jsonl").open()]
+    tuned = [json.loads(l)["prompt"] for l in (run / "predictions_tuned_3hop.jsonl").open()]
+    assert base == tuned and len(base) == 3
+    assert (Path(summary["sft_run"]) / "final" / "adapter_config.json").is_file()
+    assert "report:" in out and "3-hop" in out
+    assert (run / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_run_interrupted_and_rerun_starts_fresh(tmp_path):
+    cmd = [sys.executable, "-m", "ftlab.cli", "quickstart", str(REPO / "recipes" / "quickstart.yaml"),
+           f"output_dir={tmp_path}", f"quickstart.heldout_dir={tmp_path / 'none'}", *SHORT,
+           "eval.max_new_tokens=64"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(tmp_path.glob("quickstart/2*/data/heldout_3hop.jsonl")):
+        time.sleep(0.1)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    first = next(tmp_path.glob("quickstart/2*_quickstart"))
+    assert read_status(first) == "interrupted"
+    assert not (first / "report.md").exists()
