@@ -264,6 +264,7 @@ class _Prefiller:
         n = shared_prefix_length(encoded) if share_prefix else 0
         self.prefix = encoded[0][:n] if n >= min_prefix else []
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.positions = 0  # token positions run through the model (pads included): the prefill cost
 
     def chunks(self, prompts: list[list[int]]) -> list[list[int]]:
         """Split prompt indices (longest first) into chunks with little padding."""
@@ -290,6 +291,7 @@ class _Prefiller:
         positions = (p + text_mask.cumsum(-1) - 1).masked_fill(text_mask == 0, 0)
         mask = torch.cat([text_mask.new_ones(len(texts), p), text_mask], dim=1)
         cache = self._cache_with_prefix(len(texts))
+        self.positions += ids.numel()
         out = self.model(
             input_ids=ids,
             attention_mask=None if bool(mask.all()) else mask,  # generate drops an all-ones mask too
@@ -309,6 +311,7 @@ class _Prefiller:
             self.model(input_ids=torch.tensor([self.prefix]), position_ids=torch.arange(len(self.prefix))[None],
                        past_key_values=prefix_cache, use_cache=True, logits_to_keep=1)
             self._prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+            self.positions += len(self.prefix)
         for i, (k, v) in enumerate(self._prefix_kv):
             cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)
         return cache
@@ -480,7 +483,6 @@ class HFEngine:
         prompts = [encoded[i] for i in group]
         for chunk in prefiller.chunks(prompts):
             cache, mask, last_logits = prefiller.run([prompts[c] for c in chunk])
-            self.stats["prefill_tokens"] += int(mask.sum()) - len(prefiller.prefix) * len(chunk)
             new_rows, sources = [], []
             for g, c in enumerate(chunk):
                 request = group[c]
@@ -491,6 +493,7 @@ class HFEngine:
             first_tokens = _pick_tokens(last_logits.index_select(0, torch.tensor(sources)), new_rows, run.cfg)
             batch.admit(new_rows, sources, cache, mask, first_tokens)
             firsts.append(first_tokens)
+        self.stats["prefill_tokens"] = prefiller.positions
         return torch.cat(firsts)
 
     def _record(self, batch: _Batch, first: int, tokens: list[int], run: _Run) -> None:
