@@ -87,6 +87,15 @@ def test_shared_prefix_is_computed_once_and_tokens_still_match(model, tokenizer,
     assert got == plain_generate(model, tokenizer, with_prefix, batch_size=4, max_new_tokens=20)
 
 
+def test_pads_between_prefix_and_text_are_masked(model, tokenizer):
+    """One chunk, same first column for every row, but pads after the shared prefix: the mask must stay."""
+    prefix = "w1 w2 w3 w4 w5 w6 "
+    prompts = [prefix + " ".join(WORDS[:40]), prefix + " ".join(WORDS[20:57])]  # 40 and 37 text tokens
+    cfg = GenerationConfig(max_new_tokens=12, batch_size=2)
+    got = [s[0] for s in HFEngine(model, tokenizer).generate_tokens(prompts, cfg, progress=False)]
+    assert got == plain_generate(model, tokenizer, prompts, batch_size=2, max_new_tokens=12)
+
+
 def test_fallback_path_also_matches(model, tokenizer, prompts):
     """Models the slot cache cannot mimic go through `model.generate` on sorted batches."""
     engine = HFEngine(model, tokenizer)

@@ -24,6 +24,7 @@ layers) take a fallback path: length-sorted batches through `model.generate`.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections import deque
@@ -113,6 +114,7 @@ class _Row:
     sample: int
     first_col: int                      # buffer column of its first real (non-pad) token
     generator: torch.Generator | None   # per-row RNG: samples do not depend on batching
+    holes: int = 0                      # pad columns after first_col (between a shared prefix and the text)
     tokens: list[int] = field(default_factory=list)
     stopped: bool = False               # stop string seen (the text is cut later)
 
@@ -150,7 +152,9 @@ class _Batch:
         self.next_tokens[slots] = first_tokens
         self.positions[slots] = mask.sum(-1).index_select(0, src)  # position of the first new token
         for row, s in zip(new_rows, sources):
-            row.first_col = lo + int(mask[s].argmax())  # first real token (pads may sit after a shared prefix)
+            first = int(mask[s].argmax())
+            row.first_col = lo + first
+            row.holes = width - first - int(mask[s].sum())
         self.rows.extend(new_rows)
         w.rows = len(self.rows)
         w.start = min(w.start, lo)
@@ -176,7 +180,7 @@ class _Batch:
             self._compact()
         w, n = self.window, self.window.rows
         self.mask[:n, w.end] = 1
-        padded = any(r.first_col != w.start for r in self.rows)
+        padded = any(r.first_col != w.start or r.holes for r in self.rows)
         out = self.model(
             input_ids=self.next_tokens[:n, None],
             attention_mask=self.mask[:n, w.start : w.end + 1] if padded else None,
@@ -265,6 +269,8 @@ class _Prefiller:
         self.prefix = encoded[0][:n] if n >= min_prefix else []
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.positions = 0  # token positions run through the model (pads included): the prefill cost
+        # Only the last position's logits are needed (saves a [tokens x vocab] matmul), as in generate.
+        self.last_logits_only = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
 
     def chunks(self, prompts: list[list[int]]) -> list[list[int]]:
         """Split prompt indices (longest first) into chunks with little padding."""
@@ -298,7 +304,7 @@ class _Prefiller:
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            **self.last_logits_only,
         )
         return cache, mask, out.logits[:, -1, :]
 
@@ -309,7 +315,7 @@ class _Prefiller:
         if self._prefix_kv is None:
             prefix_cache = DynamicCache(config=self.model.config)
             self.model(input_ids=torch.tensor([self.prefix]), position_ids=torch.arange(len(self.prefix))[None],
-                       past_key_values=prefix_cache, use_cache=True, logits_to_keep=1)
+                       past_key_values=prefix_cache, use_cache=True, **self.last_logits_only)
             self._prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
             self.positions += len(self.prefix)
         for i, (k, v) in enumerate(self._prefix_kv):
@@ -458,7 +464,8 @@ class HFEngine:
         run = _Run(cfg, deliver, rows_per_prompt=1 if cfg.greedy else cfg.n)
         slots = max(cfg.batch_size, run.rows_per_prompt)
         live = max(len(e) for e in encoded) + cfg.max_new_tokens  # the widest window one row can need
-        batch = _Batch(self.model, slots, columns=live + max(64, live // 2))
+        # Slack columns let the window slide; moving it back costs one cache copy every live/4 steps.
+        batch = _Batch(self.model, slots, columns=live + max(32, live // 4))
         prefiller = _Prefiller(self.model, self.pad_id, encoded, self.share_prefix)
         self.stats["shared_prefix_tokens"] = len(prefiller.prefix)
         waiting = deque(sorted(range(len(encoded)), key=lambda i: -len(encoded[i])))
@@ -510,7 +517,8 @@ class HFEngine:
             samples[row.sample] = row.tokens
             if all(s is not None for s in samples):
                 del run.done[row.request]
-                run.deliver(row.request, samples * (run.cfg.n // run.rows_per_prompt))
+                copies = run.cfg.n // run.rows_per_prompt  # greedy n > 1: copies of the one decoded row
+                run.deliver(row.request, [list(t) for t in samples for _ in range(copies)])
         if finished:
             batch.evict(finished)
 
@@ -539,13 +547,14 @@ class HFEngine:
             mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(encoded[i]) for i in group])[:, None])
             kwargs: dict[str, Any] = {"do_sample": False}
             if not cfg.greedy:
-                torch.manual_seed(cfg.seed + b)
                 kwargs = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p,
                           "num_return_sequences": cfg.n}
             if cfg.stop:
                 kwargs.update(stop_strings=cfg.stop, tokenizer=self.tokenizer)
-            out = self.model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=cfg.max_new_tokens,
-                                      pad_token_id=self.pad_id, **kwargs)
+            with torch.random.fork_rng(devices=[]):  # seed sampling without touching the caller's RNG
+                torch.manual_seed(cfg.seed + b)
+                out = self.model.generate(input_ids=ids, attention_mask=mask.long(),
+                                          max_new_tokens=cfg.max_new_tokens, pad_token_id=self.pad_id, **kwargs)
             new = out[:, width:].tolist()
             n_out = 1 if cfg.greedy else cfg.n
             for k, request in enumerate(group):
@@ -575,6 +584,14 @@ def _pad_id(tokenizer: Any, eos_ids: set[int]) -> int:
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
     return min(eos_ids) if eos_ids else 0
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    supports = getattr(model, "_supports_logits_to_keep", None)
+    if callable(supports):
+        return bool(supports())
+    params = inspect.signature(model.forward).parameters
+    return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _progress_bar(total: int, enabled: bool):
