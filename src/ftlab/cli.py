@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--batch-size", type=int, default=1)
     mem.add_argument("--seq-len", type=int, default=1024)
     mem.add_argument("--lora-r", type=int, default=16)
+    mem.add_argument("--lora-target-modules", nargs="+", metavar="NAME",
+                     help="LoRA target modules (default: q_proj k_proj v_proj o_proj)")
+    mem.add_argument("--lora-dropout", type=float, default=0.0)
+    mem.add_argument("--weight-dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                     help="dtype the weights are stored in (default: ftlab's model.dtype=fp32)")
     mem.add_argument("--gradient-checkpointing", action="store_true")
     mem.set_defaults(fn=cmd_memory)
     return p
