@@ -37,7 +37,6 @@ def setup_console_logging(verbose: bool = False) -> None:
         h._ftlab_console = True  # type: ignore[attr-defined]
         logger.addHandler(h)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False
     # Libraries' progress chatter belongs in the bars, not as warnings on every load.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
