@@ -1,23 +1,28 @@
 """Batched generation with a plain transformers model, faster than `model.generate` on a batch.
 
-Why not just call `model.generate` on batches of prompts? Three kinds of waste, all of which matter
-on a CPU where every token costs real time:
+Calling `model.generate` on batches of prompts wastes work in three ways:
 
+* prompts in file order are padded to the longest prompt of their batch, and a pad token costs as
+  much as a real one in the prefill; chat templates also make every prompt start with the same
+  system prompt, which is recomputed for every prompt;
 * a batch keeps running until its LONGEST sequence is done: rows that hit EOS keep computing;
-* prompts in file order are padded to the longest prompt of their batch, and pad tokens cost as
-  much as real ones in the prefill;
 * the default `DynamicCache` concatenates every layer's whole K/V cache with the new token at
   every step (`torch.cat`), i.e. copies the entire cache once per generated token.
 
 `HFEngine` runs its own decoding loop instead. Prompts are sorted by length (longest first) and
-prefilled in groups of similar length with the usual left padding. Their K/V go into a
-preallocated buffer of `batch_size` row slots (`_SlotCache`); each step writes only the new column
-and the model attends over a view of the buffer, so nothing is copied per token. A row that
-finishes (EOS, max_new_tokens, stop string) is evicted by moving the last row into its slot, and
-the freed slot is refilled with the next waiting prompt (continuous batching), so the batch stays
-full. Greedy decoding picks the argmax exactly like `model.generate(do_sample=False)`, and the
-prefill uses the same left padding and position ids, so the tokens are the same (checked in the
-tests and in `benchmarks/bench_generate.py`).
+prefilled in chunks of similar length with the usual left padding; the prefix shared by all
+prompts is computed once (`_Prefiller`). Their K/V go into a preallocated buffer of `batch_size`
+row slots (`_SlotCache`); each step writes only the new column and the model attends over a view
+of the buffer. A row that finishes (EOS, max_new_tokens, stop string) is evicted by moving the
+last row into its slot, and the freed slot is refilled with the next waiting prompt (continuous
+batching), so the batch stays full. Greedy decoding picks the argmax like
+`model.generate(do_sample=False)`, with the same position ids and attention masking, so the tokens
+are the same (checked in the tests and in `benchmarks/bench_generate.py`).
+
+What this buys depends on the workload: on a CPU, decoding a batch of 16 is bound by streaming the
+fp32 weights through the matmuls, which is the same work in both loops; the engine removes the
+waste around it (on 64 GSM8K prompts: half the prefill positions, no steps for finished rows).
+See docs/BENCHMARKS.md.
 
 Models whose cache is not a plain full-attention `DynamicCache` (sliding-window or linear-attention
 layers) take a fallback path: length-sorted batches through `model.generate`.
@@ -116,7 +121,6 @@ class _Row:
     generator: torch.Generator | None   # per-row RNG: samples do not depend on batching
     holes: int = 0                      # pad columns after first_col (between a shared prefix and the text)
     tokens: list[int] = field(default_factory=list)
-    stopped: bool = False               # stop string seen (the text is cut later)
 
 
 class _Batch:
@@ -404,7 +408,7 @@ class HFEngine:
         cfg.validate()
         start = time.perf_counter()
         self.stats = {"prompts": len(prompts), "truncated_prompts": 0, "new_tokens": 0, "seconds": 0.0,
-                      "prefill_tokens": 0, "decode_steps": 0}
+                      "prefill_tokens": 0, "decode_steps": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
         encoded = self._encode(prompts, cfg)
         results: list[list[list[int]] | None] = [None] * len(prompts)
         bar = _progress_bar(len(prompts), progress)
@@ -472,16 +476,20 @@ class HFEngine:
 
         while waiting or batch.rows:
             free = slots - len(batch.rows)
+            tick = time.perf_counter()
             if waiting and free >= run.rows_per_prompt and (self.refill or not batch.rows):
                 group = [waiting.popleft() for _ in range(min(free // run.rows_per_prompt, len(waiting)))]
                 first_new = len(batch.rows)
                 tokens = self._admit(batch, prefiller, group, encoded, run)
+                phase = "prefill_seconds"
             else:
                 first_new = 0
                 tokens = _pick_tokens(batch.step(), batch.rows, cfg)
                 batch.next_tokens[: len(tokens)] = tokens
                 self.stats["decode_steps"] += 1
+                phase = "decode_seconds"
             self._record(batch, first_new, tokens.tolist(), run)
+            self.stats[phase] += time.perf_counter() - tick
 
     def _admit(self, batch: _Batch, prefiller: _Prefiller, group: list[int], encoded: list[list[int]],
                run: _Run) -> torch.Tensor:
@@ -527,8 +535,7 @@ class HFEngine:
             return True
         if cfg.stop and len(row.tokens) % self.stop_check_every == 0:
             text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-            row.stopped = cut_at_stop(text, cfg.stop)[1]
-            return row.stopped
+            return cut_at_stop(text, cfg.stop)[1]  # the text is cut when it is delivered
         return False
 
     def _finish_text(self, tokens: list[int], cfg: GenerationConfig) -> str:
