@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ftlab.errors import UserError
-from ftlab.generate import GenerationConfig, HFEngine, make_engine
+from ftlab.generate import GenerationConfig, HFEngine, hf, make_engine
 from ftlab.generate.base import cut_at_stop
 
 WORDS = [f"w{i}" for i in range(60)]
@@ -94,6 +94,25 @@ def test_pads_between_prefix_and_text_are_masked(model, tokenizer):
     cfg = GenerationConfig(max_new_tokens=12, batch_size=2)
     got = [s[0] for s in HFEngine(model, tokenizer).generate_tokens(prompts, cfg, progress=False)]
     assert got == plain_generate(model, tokenizer, prompts, batch_size=2, max_new_tokens=12)
+
+
+def short_long_interleaved(encoded: list[list[int]]) -> list[int]:
+    """Admission order shortest, longest, 2nd shortest, ...: a newcomer is often longer than the window."""
+    ascending = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    return [ascending[j // 2] if j % 2 == 0 else ascending[-1 - j // 2] for j in range(len(ascending))]
+
+
+def test_window_moves_keep_tokens_identical(model, tokenizer, prompts, monkeypatch):
+    """Newcomers longer than the running window make it move right; many steps in few slots make it
+    wrap back to column 0. Neither may change a token."""
+    moves: list[int] = []
+    shift = hf._Batch._shift
+    monkeypatch.setattr(hf._Batch, "_shift", lambda self, delta: (moves.append(delta), shift(self, delta))[1])
+    monkeypatch.setattr(HFEngine, "_admission_order", staticmethod(short_long_interleaved))
+    cfg = GenerationConfig(max_new_tokens=30, batch_size=4)
+    got = [s[0] for s in HFEngine(model, tokenizer).generate_tokens(prompts, cfg, progress=False)]
+    assert any(d > 0 for d in moves) and any(d < 0 for d in moves), moves
+    assert got == plain_generate(model, tokenizer, prompts, batch_size=4, max_new_tokens=30)
 
 
 def test_fallback_path_also_matches(model, tokenizer, prompts):
@@ -192,3 +211,13 @@ def test_make_engine_vllm_falls_back_on_cpu(model, tokenizer, caplog):
     assert isinstance(make_engine("hf", model, tokenizer), HFEngine)
     with pytest.raises(UserError):
         make_engine("tgi", model, tokenizer)
+
+
+def test_prefill_chunks_and_shared_prefix():
+    assert hf.shared_prefix_length([[1, 2, 3], [1, 2, 4]]) == 2
+    assert hf.shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # every prompt keeps >= 1 token of its own
+    assert hf.shared_prefix_length([[1, 2, 3]]) == 0
+    lengths = [40, 39, 38, 10, 9, 1]
+    prefiller = hf._Prefiller.__new__(hf._Prefiller)
+    prefiller.max_pad_fraction, prefiller.max_chunk_tokens = 0.1, 4096
+    assert prefiller.chunks([[0] * n for n in lengths]) == [[0, 1, 2], [3, 4], [5]]

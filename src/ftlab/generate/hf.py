@@ -277,12 +277,12 @@ class _Prefiller:
         self.last_logits_only = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
 
     def chunks(self, prompts: list[list[int]]) -> list[list[int]]:
-        """Split prompt indices (longest first) into chunks with little padding."""
+        """Split prompt indices into consecutive chunks with little padding (few chunks when sorted)."""
         out: list[list[int]] = []
         for i, p in enumerate(prompts):
             if out:
                 chunk = out[-1]
-                width = len(prompts[chunk[0]])
+                width = max(len(p), *(len(prompts[j]) for j in chunk))
                 real = sum(len(prompts[j]) for j in chunk) + len(p)
                 padded = width * (len(chunk) + 1)
                 if padded - real <= self.max_pad_fraction * padded and padded <= self.max_chunk_tokens:
@@ -472,7 +472,7 @@ class HFEngine:
         batch = _Batch(self.model, slots, columns=live + max(32, live // 4))
         prefiller = _Prefiller(self.model, self.pad_id, encoded, self.share_prefix)
         self.stats["shared_prefix_tokens"] = len(prefiller.prefix)
-        waiting = deque(sorted(range(len(encoded)), key=lambda i: -len(encoded[i])))
+        waiting = deque(self._admission_order(encoded))
 
         while waiting or batch.rows:
             free = slots - len(batch.rows)
@@ -490,6 +490,12 @@ class HFEngine:
                 phase = "decode_seconds"
             self._record(batch, first_new, tokens.tolist(), run)
             self.stats[phase] += time.perf_counter() - tick
+
+    @staticmethod
+    def _admission_order(encoded: list[list[int]]) -> list[int]:
+        """Longest prompts first: chunks of similar length pad little, and a newcomer then usually
+        fits left of the running rows' window without moving it."""
+        return sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
 
     def _admit(self, batch: _Batch, prefiller: _Prefiller, group: list[int], encoded: list[list[int]],
                run: _Run) -> torch.Tensor:
