@@ -142,3 +142,25 @@ def test_checkpoints_keep_last_and_best(tmp_path):
     evals = [r["eval/loss"] for r in read_metrics(run.path / "metrics.jsonl") if "eval/loss" in r]
     assert best["value"] == pytest.approx(min(evals))
     assert (run.path / "best" / "config.json").is_file()
+
+
+def test_task_data_logs_validation_accuracy_and_generations(tmp_path):
+    """With task data, eval_every adds the task's accuracy and log_generations writes per-sample rows."""
+    import json as _json
+    rows = [{"question": f"Tom has {a} apples and gets {b} more. How many?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+            for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 2), (9, 1), (4, 4), (6, 3)]]
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    recipe = tiny_recipe(tmp_path, data={"task": "gsm8k", "train": str(data), "val": str(data), "val_limit": 4,
+                                         "max_length": 128})
+    run = train(recipe, "train.max_steps=2", "train.eval_every=2", "train.log_generations_every=2",
+                "eval.max_new_tokens=4", "eval.batch_size=2")
+    evals = [r for r in read_metrics(run.path / "metrics.jsonl") if "eval/loss" in r]
+    assert evals and 0.0 <= evals[-1]["eval/accuracy"] <= 1.0 and "eval/accuracy_strict" in evals[-1]
+    gens = [_json.loads(l) for l in (run.path / "generations" / "step_000002.jsonl").open()]
+    assert len(gens) == 4
+    for g in gens:
+        assert {"prompt", "response", "gold", "correct", "mean_token_entropy", "response_length"} <= set(g)
+        assert g["response_length"] >= 1  # the response tokens (incl. any EOS) were counted
+    gen_rows = [r for r in read_metrics(run.path / "metrics.jsonl") if "eval/generations/accuracy" in r]
+    assert gen_rows and "eval/generations/mean_response_length_correct" in gen_rows[0]

@@ -153,6 +153,30 @@ def eval_loss(model: Any, batches: list[dict[str, torch.Tensor]], accelerator: A
     return total / max(count, 1)
 
 
+def generation_examples(cfg: DictConfig) -> tuple[Any, list]:
+    """Validation examples for accuracy / log_generations: only for task data (generic data has no checker)."""
+    d, t = cfg.data, cfg.train
+    if d.task == "generic" or not d.val or not (t.eval_every or t.log_generations_every):
+        return None, []
+    from ftlab.tasks import get_task
+
+    task = get_task(d.task)
+    return task, task.load(d.val, split=d.val_split, limit=d.val_limit)
+
+
+def val_accuracy(cfg: DictConfig, model: Any, tokenizer: Any, examples: list) -> dict[str, float]:
+    from ftlab.evaluate import evaluate_examples
+    from ftlab.tasks import get_task
+
+    ecfg = OmegaConf.merge(cfg.eval, {"shots": cfg.data.shots, "chat_template": cfg.data.chat_template})
+    was_training = model.training
+    model.eval()
+    _, metrics = evaluate_examples(model, tokenizer, get_task(cfg.data.task), examples, ecfg, cfg.seed,
+                                   progress=False)
+    model.train(was_training)
+    return {k: v for k, v in metrics.items() if k.startswith(("accuracy", "parse_rate")) and isinstance(v, float)}
+
+
 def dump_bad_batch(run: RunDir, step: int, batch: dict[str, torch.Tensor], what: str) -> Path:
     path = run.path / "nonfinite" / f"step_{step:06d}.pt"
     path.parent.mkdir(exist_ok=True)
@@ -225,6 +249,7 @@ def train_loop(cfg: DictConfig, accelerator: Any, model: Any, tokenizer: Any, da
                  accelerator.num_processes, t.precision)
         run.update_summary(total_steps=total_steps, resumed_from=str(resume_from) if resume_from else None)
     ckpt_dir = run.path / "checkpoints" if run else None
+    gen_task, gen_examples = generation_examples(cfg)
     model.train()
     started, tokens_seen, last = time.time(), 0, {}
     bar = tqdm(range(start, total_steps), desc="train", disable=not accelerator.is_main_process,
@@ -242,10 +267,17 @@ def train_loop(cfg: DictConfig, accelerator: Any, model: Any, tokenizer: Any, da
             tracker.log({**stats, "epoch": done / data.steps_per_epoch}, done)
         if t.eval_every and (done % t.eval_every == 0 or done == total_steps) and val:
             ev = {"loss": eval_loss(model, val, accelerator)}
+            if gen_examples and run:  # accuracy through the task's own checker
+                ev.update(val_accuracy(cfg, accelerator.unwrap_model(model), tokenizer, gen_examples))
             if tracker:
                 tracker.log(ev, done, axis="eval")
             last["eval_loss"] = ev["loss"]
             best = maybe_save_best(cfg, run, ev, best, accelerator.unwrap_model(model), tokenizer, done)
+        if run and gen_examples and t.log_generations_every and done % t.log_generations_every == 0:
+            from ftlab.evaluate import log_generations
+
+            log_generations(accelerator.unwrap_model(model), tokenizer, gen_task, gen_examples[:8], cfg.eval,
+                            step=done, run=run, tracker=tracker, seed=cfg.seed)
         if run and t.save_every and done % t.save_every == 0 and done < total_steps:
             guard_finite(accelerator.unwrap_model(model), done)
             ck.save_checkpoint(ckpt_dir, done, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
