@@ -499,7 +499,9 @@ class HFEngine:
 
     def _admit(self, batch: _Batch, prefiller: _Prefiller, group: list[int], encoded: list[list[int]],
                run: _Run) -> torch.Tensor:
-        """Prefill `group` (in low-padding chunks), give each prompt `rows_per_prompt` rows; return their first tokens."""
+        """Prefill `group` in low-padding chunks, give each prompt `rows_per_prompt` rows.
+
+        Returns the newcomers' first tokens (picked from the prefill logits)."""
         firsts = []
         prompts = [encoded[i] for i in group]
         for chunk in prefiller.chunks(prompts):
