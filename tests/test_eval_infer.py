@@ -1,0 +1,72 @@
+"""`ftlab eval` (run directory naming, predictions, --compare) and resumable `ftlab infer` on a tiny model."""
+import json
+from pathlib import Path
+
+from ftlab.cli import main
+from ftlab.runs.rundir import read_status
+from tests.helpers import tiny_recipe
+
+GSM = [{"question": f"Ann has {a} pens and buys {b}. How many pens?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+       for a, b in [(1, 2), (3, 4), (5, 6), (10, 20)]]
+
+
+def gsm_file(tmp_path: Path) -> Path:
+    path = tmp_path / "gsm_test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GSM))
+    return path
+
+
+def test_eval_writes_predictions_and_metrics_with_a_descriptive_name(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    src = gsm_file(tmp_path)
+    code = main(["eval", str(recipe), "eval.task=gsm8k", f"eval.source={src}", "eval.max_new_tokens=6",
+                 "eval.shots=1"])
+    assert code == 0
+    run = next((tmp_path / "runs" / "eval").glob("2*"))
+    assert run.name.endswith("_gsm8k_gsm_test_1shot") and read_status(run) == "complete"
+    rows = [json.loads(l) for l in (run / "predictions.jsonl").open()]
+    assert [r["gold"] for r in rows] == ["3", "7", "11", "30"]  # dataset order, gold from after '####'
+    assert {"prompt", "output", "extracted", "correct", "correct_strict"} <= set(rows[0])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n"] == 4 and "extraction_rule" in metrics and metrics["shots"] == 1
+    assert metrics["accuracy"] == sum(r["correct"] for r in rows) / 4
+
+
+def test_compare_evaluates_two_models_on_identical_prompts(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    trained = main(["train", str(recipe), "train.max_steps=1"])
+    assert trained == 0
+    final = next((tmp_path / "runs" / "sft").glob("2*")) / "final"
+    src = gsm_file(tmp_path)
+    code = main(["eval", str(recipe), "eval.task=gsm8k", f"eval.source={src}", "eval.max_new_tokens=4",
+                 "--compare", str(final), str(final)])
+    out = capsys.readouterr().out
+    assert code == 0 and out.count(str(final)) == 2 and "| model | accuracy" in out
+    runs = sorted((tmp_path / "runs" / "eval").glob("2*"))
+    prompts = [[json.loads(l)["prompt"] for l in (r / "predictions.jsonl").open()] for r in runs]
+    assert len(runs) == 2 and prompts[0] == prompts[1]
+
+
+def test_infer_streams_rows_and_resumes(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": f"hello {i}"}) + "\n" for i in range(5))
+                   + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    # a previous run was killed after two rows and half of a third
+    out.write_text(json.dumps({"index": 0, "prompt": "x", "output": "kept"}) + "\n"
+                   + json.dumps({"index": 3, "prompt": "x", "output": "kept"}) + "\n" + '{"index": 4, "outp')
+    assert main(["infer", str(recipe), "--input", str(inp), "--output", str(out), "eval.max_new_tokens=3"]) == 0
+    rows = [json.loads(l) for l in out.open()]
+    assert sorted(r["index"] for r in rows) == [0, 1, 2, 3, 4, 5]
+    assert [r["output"] for r in rows if r["index"] in (0, 3)] == ["kept", "kept"]  # not regenerated
+    assert main(["infer", str(recipe), "--input", str(inp), "--output", str(out)]) == 0  # nothing left to do
+    assert len(out.read_text().splitlines()) == 6
+
+
+def test_infer_bad_row_names_file_and_line(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    code = main(["infer", str(recipe), "--input", str(inp), "--output", str(tmp_path / "o.jsonl")])
+    assert code == 2 and f"{inp}:2: missing field 'prompt'" in capsys.readouterr().err
