@@ -189,4 +189,7 @@ def attach_adapter(model: Any, adapter_path: str, trainable: bool = False) -> An
 
     if not (Path(adapter_path) / "adapter_config.json").is_file():
         raise UserError(f"adapter path {adapter_path!r} has no adapter_config.json")
-    return PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+    model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+    # For inference, fold LoRA into the base weights: generation then runs a plain model, without the
+    # extra adapter matmuls in every layer (several times faster per decoded token on CPU).
+    return model if trainable else model.merge_and_unload()
