@@ -189,7 +189,12 @@ def run_sft(cfg: DictConfig) -> RunDir:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from accelerate.state import AcceleratorState
+
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
+    # accelerate keeps one global state per process; a second run in the same process (the quickstart,
+    # notebooks, tests) may ask for another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     model, tokenizer = prepare_model(cfg)
