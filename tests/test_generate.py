@@ -195,6 +195,11 @@ def test_context_limit_truncates_too(model, tokenizer):
     assert engine.stats["truncated_prompts"] == 1 and len(out[0]) == 1
 
 
+def test_empty_prompt_is_a_user_error(model, tokenizer):
+    with pytest.raises(UserError, match="no tokens"):
+        HFEngine(model, tokenizer).generate(["w1", ""], GenerationConfig(max_new_tokens=2), progress=False)
+
+
 def test_bad_config_is_a_user_error():
     with pytest.raises(UserError):
         GenerationConfig(temperature=-1)

@@ -40,6 +40,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ftlab.errors import UserError
 from ftlab.generate.base import GenerationConfig, ResultCallback, cut_at_stop
 
 logger = logging.getLogger(__name__)
@@ -437,6 +438,9 @@ class HFEngine:
         """Token ids per prompt; too long ones lose their beginning (the question is usually at the end)."""
         limit = self._prompt_limit(cfg)
         encoded = [self.tokenizer(p).input_ids for p in prompts]
+        empty = [i for i, ids in enumerate(encoded) if not ids]
+        if empty:
+            raise UserError(f"prompt #{empty[0]} has no tokens; a model cannot continue an empty prompt")
         too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
         for i in too_long:
             encoded[i] = encoded[i][-limit:]
