@@ -54,7 +54,7 @@ def evaluate_examples(model: Any, tokenizer: Any, task: Any, examples: list, ecf
     with autocast_for(model, getattr(ecfg, "precision", "fp32")):
         engine.generate(prompts, generation_config(ecfg, seed), on_result=finished, progress=progress)
     done = [r for r in rows if r is not None]
-    metrics = task.aggregate([{k: r[k] for k in r} for r in done], examples)
+    metrics = task.aggregate(done, examples)
     metrics.update({"seconds": round(time.time() - started, 2), "shots": ecfg.shots,
                     "chat_template": ecfg.chat_template, "max_new_tokens": ecfg.max_new_tokens,
                     "decoding": "greedy" if ecfg.temperature == 0 else f"sample t={ecfg.temperature} p={ecfg.top_p}",

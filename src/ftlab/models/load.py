@@ -130,7 +130,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
 def load_model_and_tokenizer(model_cfg: Any = None, *, name: str | None = None,
                              adapter: str | None = None, trainable_adapter: bool = False) -> tuple[Any, Any]:
     """Load (model, tokenizer) for a `ModelConfig` (or just a `name`). Model is in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from ftlab.config.schema import ModelConfig
 

@@ -291,7 +291,7 @@ def train_loop(cfg: DictConfig, accelerator: Any, model: Any, tokenizer: Any, da
         if t.max_minutes and (time.time() - started) / 60 > t.max_minutes:
             log.info("train.max_minutes=%s reached at step %d; stopping", t.max_minutes, done)
             break
-    out: dict[str, Any] = {"final_loss": last.get("loss"), "steps": start + bar.n - start,
+    out: dict[str, Any] = {"final_loss": last.get("loss"), "steps": bar.n,
                            "tokens_per_s": last.get("tokens_per_s"), "train_seconds": time.time() - started}
     if run and t.save_final:
         final = save_outputs(cfg, run, accelerator.unwrap_model(model), tokenizer)
