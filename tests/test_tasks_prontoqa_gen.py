@@ -208,3 +208,77 @@ def test_generator_statistics_close_to_authors():
         assert abs(p_real - p_ours) < 0.03
         assert abs(n_real - n_ours) < 0.08
         assert abs(t_real - t_ours) < 0.06
+
+
+# -- goal-directed (backward) proof targets ---------------------------------------------------------
+def test_backward_proof_by_hand():
+    from ftlab.tasks.prontoqa import backward_proof
+
+    context = ("Every shumpus is temperate. Impuses are brimpuses. Every brimpus is not temperate. "
+               "Numpuses are impuses. Numpuses are rompuses. Sam is a gorpus. Sam is a numpus.")
+    chain = ["Sam is a numpus.", "Numpuses are impuses.", "Sam is an impus.", "Impuses are brimpuses.",
+             "Sam is a brimpus.", "Every brimpus is not temperate.", "Sam is not temperate."]
+    assert backward_proof(context, "Sam is temperate.", chain, "False") == (
+        "Claim: Sam is temperate. Every shumpus is temperate. Nothing says Sam is a shumpus. "
+        "Every brimpus is not temperate. Impuses are brimpuses. Numpuses are impuses. Sam is a numpus. "
+        "So Sam is not temperate, which contradicts the claim. The answer is False.")
+    # the right property rule first in the context: no dead end is shown
+    reordered = context.replace("Every shumpus is temperate. ", "") + " Each shumpus is temperate."
+    assert backward_proof(reordered, "Sam is not temperate.", chain, "True").startswith(
+        "Claim: Sam is not temperate. Every brimpus is not temperate. Impuses are brimpuses.")
+    assert backward_proof(context, "Sam is temperate.", chain[:2], "False") is None  # not a chain
+
+
+def check_backward_proof(record: dict, target: str) -> None:
+    """The backward target quotes only context sentences, climbs connected rules and agrees with the solver."""
+    context_sentences = set(split_sentences(record["question"]))
+    body = target.split(". ")
+    assert body[0].startswith("Claim: ")
+    sentences = [s.rstrip(".") + "." for s in body[1:-2]]
+    dead_ends = [i for i, s in enumerate(sentences) if s.startswith("Nothing says")]
+    for i in dead_ends:  # a tried property rule about a concept nothing else mentions
+        assert sentences[i - 1] in context_sentences and parse_sentence(sentences[i - 1])[0] == "prop"
+        assert sentences[i].split()[-1].rstrip(".") == parse_sentence(sentences[i - 1])[1]
+    steps = [s for i, s in enumerate(sentences) if i not in dead_ends and i + 1 not in dead_ends]
+    assert all(s in context_sentences for s in steps), target
+    parsed = [parse_sentence(s) for s in steps]
+    assert parsed[0][0] == "prop" and parsed[-1][0] == "fact_isa"
+    needed = parsed[0][1]
+    for p in parsed[1:]:  # each step proves the concept the previous one needed
+        if p[0] == "isa":
+            assert p[2] == needed
+            needed = p[1]
+        else:
+            assert p[2] == needed
+    verdict = re.search(r"The answer is (True|False)\.$", target).group(1)
+    assert verdict == record["answer"] == solve(record["question"], record["query"])
+
+
+def test_backward_targets_of_generated_problems_are_valid_proofs():
+    from ftlab.tasks import get_task
+
+    task = get_task("prontoqa", proof="backward")
+    records = generate_prontoqa(200, hops=[1, 2, 3, 4, 5], seed=11)
+    for i, record in enumerate(records):
+        check_backward_proof(record, task.to_example(record, i).target)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/prontoqa")
+def test_backward_targets_of_authors_files_are_valid_proofs():
+    from ftlab.tasks import get_task
+
+    task = get_task("prontoqa", proof="backward")
+    for hops in (1, 3, 5):
+        path = DATA / f"generator_{hops}hop_test.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        for i, record in enumerate(records):
+            check_backward_proof(record, task.to_example(record, i).target)
+
+
+def test_unknown_proof_style_is_a_user_error():
+    from ftlab.errors import UserError
+    from ftlab.tasks import get_task
+
+    with pytest.raises(UserError, match="proof='sideways'"):
+        get_task("prontoqa", proof="sideways")

@@ -39,6 +39,7 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     task: str = "prontoqa"               # the task object that renders prompts/targets and scores answers
+    task_options: dict[str, Any] = field(default_factory=dict)  # e.g. {proof: backward} for prontoqa
     train: Optional[str] = None          # JSONL path or HF datasets id
     train_split: str = "train"
     val: Optional[str] = None

@@ -51,7 +51,7 @@ def load_pairs(data_cfg: Any, source: str, split: str, tokenizer: Any, limit: in
         return generic_pairs(source, tokenizer, data_cfg.chat_template, limit)
     from ftlab.tasks import get_task
 
-    task = get_task(data_cfg.task)
+    task = get_task(data_cfg.task, **data_cfg.task_options)
     examples = task.load(source, split=split, limit=limit)
     if data_cfg.filter_correct:
         examples = [ex for ex in examples if task.score(ex.target, ex)["correct"]]

@@ -24,6 +24,7 @@ from ftlab.tasks.base import Example, Task, load_hub_records
 from ftlab.tasks.scoring import as_text, paired, two_rule_metrics, two_rule_score
 
 AUTHORS_FIELDS = ("question", "query", "answer")
+PROOF_STYLES = ("forward", "backward")
 EXTRACTION_RULE = (
     "strict: the last 'answer is True/False' (case-insensitive, optional ':' or '**'); flexible: the last "
     "standalone word 'true' or 'false' anywhere in the output. Primary (accuracy) = flexible."
@@ -211,8 +212,65 @@ def _check_fields(where: str, record: dict) -> None:
                         f"or a LoGiPT 'conversations' list)")
 
 
+# -- goal-directed (backward) proofs -----------------------------------------------------------
+_SENTENCE_RE = re.compile(r"[^.]+\.")
+_RULE_SUBJECT_RE = re.compile(r"^(?:every|each)\s+(\w+)\s+is\b|^(\w+)\s+are\b", re.IGNORECASE)
+
+
+def _singular(concept: str) -> str:
+    """'Shumpuses' -> 'shumpus' (the authors' plural of every '-us' concept is '-uses')."""
+    word = concept.lower()
+    return word[:-2] if word.endswith("uses") else word
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[:1] in "aeiou" else "a"
+
+
+def backward_proof(context: str, statement: str, chain: list[str], gold: str) -> str | None:
+    """The forward gold chain rewritten as a goal-directed search, or None when it cannot be.
+
+    Forward proofs must pick, at every step, the one of two parent concepts that leads to the queried
+    property: a look-ahead of several hops. Read backwards every step is a lookup. In the authors'
+    files (and ftlab's generator) exactly two rules mention the queried property, one of them about a
+    concept that appears nowhere else; every concept on the proof path is the object of exactly one
+    rule. So the search is: try the property rules in context order, drop the dead end, then climb
+    down the unique rules until the entity's fact. For "Sam is not temperate." (True):
+
+        Claim: Sam is not temperate. Every shumpus is temperate. Nothing says Sam is a shumpus.
+        Every brimpus is not temperate. Impuses are brimpuses. Numpuses are impuses. Sam is a numpus.
+        So Sam is not temperate, which is the claim. The answer is True.
+    """
+    chain = [s.strip() for s in chain if str(s).strip()]
+    if len(chain) < 3 or len(chain) % 2 == 0:
+        return None
+    fact, rules, conclusion = chain[0], chain[1::2], chain[-1]
+    prop = conclusion.rstrip(".").split()[-1]
+    entity = fact.split()[0]
+    mentions = [s.strip() for s in _SENTENCE_RE.findall(context)
+                if re.search(rf"\b{re.escape(prop)}\b", s) and not s.strip().startswith(entity + " ")]
+    if rules[-1] not in mentions:
+        return None
+    steps = [f"Claim: {statement}"]
+    for rule in mentions[:mentions.index(rules[-1])]:  # dead ends tried before the right rule
+        m = _RULE_SUBJECT_RE.match(rule)
+        if m is None:
+            return None
+        concept = _singular(m.group(1) or m.group(2))
+        steps += [rule, f"Nothing says {entity} is {_article(concept)} {concept}."]
+    steps += [rules[-1], *reversed(rules[:-1]), fact]
+    verdict = "which is the claim" if gold == "True" else "which contradicts the claim"
+    steps.append(f"So {conclusion.rstrip('.')}, {verdict}. The answer is {gold}.")
+    return " ".join(steps)
+
+
 class ProntoQATask(Task):
-    """PrOntoQA True/False with chain-of-thought targets ('<proof sentences> The answer is True.')."""
+    """PrOntoQA True/False with chain-of-thought targets ('<proof sentences> The answer is True.').
+
+    `proof="forward"` (default) supervises the authors' chain of thought as written;
+    `proof="backward"` supervises the same proof as a goal-directed search (see `backward_proof`),
+    which a small model learns far more easily. Prompts and scoring are the same for both.
+    """
 
     name = "prontoqa"
     required_fields = AUTHORS_FIELDS
@@ -246,6 +304,8 @@ class ProntoQATask(Task):
         sep = "\n" if fmt == "logipt" else " "  # LoGiPT reasoning is line-structured, not sentences
         reasoning = sep.join(s.strip() for s in chain if str(s).strip())
         target = f"{reasoning}{sep}The answer is {gold}." if reasoning else f"The answer is {gold}."
+        if self.proof == "backward" and fmt == "authors":
+            target = backward_proof(context, statement, list(chain), gold) or target
         hops = record.get("hops")
         return Example(
             id=str(record.get("id") or f"prontoqa-{index}"),
@@ -255,6 +315,11 @@ class ProntoQATask(Task):
             meta={"hops": int(hops) if hops is not None else None, "query": query, "statement": statement,
                   "chain_of_thought": list(chain), "format": fmt},
         )
+
+    def __init__(self, proof: str = "forward"):
+        if proof not in PROOF_STYLES:
+            raise UserError(f"prontoqa: proof={proof!r} is not one of {', '.join(PROOF_STYLES)}")
+        self.proof = proof
 
     def load(self, source: str, split: str | None = None, limit: int | None = None) -> list[Example]:
         if not (os.path.exists(source) or source.endswith((".jsonl", ".json"))):

@@ -22,7 +22,7 @@ from ftlab.data.collate import length_grouped_batches, pack_examples, packed_col
 from ftlab.data.sft import encode_sft_example, preflight
 from ftlab.data.sources import load_pairs
 from ftlab.errors import UserError
-from ftlab.losses import accumulation_loss, get_response_log_probs
+from ftlab.losses import response_token_log_probs
 from ftlab.runs.rundir import RunDir
 from ftlab.runs.trackers import Trackers
 from ftlab.train import checkpoint as ck
@@ -134,9 +134,10 @@ def prepare_model(cfg: DictConfig) -> tuple[Any, Any]:
 
 # -- loop ------------------------------------------------------------------------------------------
 def forward_log_probs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return get_response_log_probs(model, batch["input_ids"], batch["labels"],
-                                  attention_mask=batch.get("attention_mask"),
-                                  position_ids=batch.get("position_ids"))["log_probs"]
+    """Log-probs (N,) of the batch's supervised tokens only: the LM head runs on those positions alone."""
+    return response_token_log_probs(model, batch["input_ids"], batch["labels"], batch["response_mask"],
+                                    attention_mask=batch.get("attention_mask"),
+                                    position_ids=batch.get("position_ids"))
 
 
 @torch.no_grad()
@@ -147,8 +148,8 @@ def eval_loss(model: Any, batches: list[dict[str, torch.Tensor]], accelerator: A
         b = {k: v.to(accelerator.device) for k, v in b.items()}
         with accelerator.autocast():
             lp = forward_log_probs(model, b)
-        total += float(-(lp.float() * b["response_mask"]).sum())
-        count += int(b["response_mask"].sum())
+        total += float(-lp.sum())
+        count += lp.numel()
     model.train()
     return total / max(count, 1)
 
@@ -160,7 +161,7 @@ def generation_examples(cfg: DictConfig) -> tuple[Any, list]:
         return None, []
     from ftlab.tasks import get_task
 
-    task = get_task(d.task)
+    task = get_task(d.task, **d.task_options)
     return task, task.load(d.val, split=d.val_split, limit=d.val_limit)
 
 
@@ -171,8 +172,8 @@ def val_accuracy(cfg: DictConfig, model: Any, tokenizer: Any, examples: list) ->
     ecfg = OmegaConf.merge(cfg.eval, {"shots": cfg.data.shots, "chat_template": cfg.data.chat_template})
     was_training = model.training
     model.eval()
-    _, metrics = evaluate_examples(model, tokenizer, get_task(cfg.data.task), examples, ecfg, cfg.seed,
-                                   progress=False)
+    task = get_task(cfg.data.task, **cfg.data.task_options)
+    _, metrics = evaluate_examples(model, tokenizer, task, examples, ecfg, cfg.seed, progress=False)
     model.train(was_training)
     return {k: v for k, v in metrics.items() if k.startswith(("accuracy", "parse_rate")) and isinstance(v, float)}
 
@@ -312,8 +313,9 @@ def train_step(model: Any, optimizer: Any, scheduler: Any, accelerator: Any, mic
     for i, b in enumerate(micro):
         sync = accelerator.no_sync(model) if i < len(micro) - 1 else nullcontext()
         with sync, accelerator.autocast():
-            lp = forward_log_probs(model, b)
-            loss = accumulation_loss(lp.float(), b["response_mask"], n_tok) * accelerator.num_processes
+            lp = forward_log_probs(model, b)  # supervised tokens only, float32
+            # token-normalised over the whole step (see ftlab.losses.accumulation_loss); x world: DDP averages
+            loss = -lp.sum() / n_tok * accelerator.num_processes
         if not torch.isfinite(loss):
             return nonfinite(run, step, b, "loss", optimizer, t)
         accelerator.backward(loss)
