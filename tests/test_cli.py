@@ -77,3 +77,14 @@ def test_subprocess_exit_code_is_2(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip().startswith("ftlab: error:") and "Traceback" not in out.stderr
+
+
+def test_quickstart_finds_its_default_recipe(tmp_path, monkeypatch):
+    from ftlab.cli import default_quickstart_recipe
+
+    monkeypatch.chdir(tmp_path)  # not in the checkout: falls back to the checkout ftlab runs from
+    found = Path(default_quickstart_recipe())
+    assert found.name == "quickstart.yaml" and found.parent.name == "recipes" and found.is_file()
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "quickstart.yaml").write_text("name: mine\n")
+    assert Path(default_quickstart_recipe()) == tmp_path / "recipes" / "quickstart.yaml"

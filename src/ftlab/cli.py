@@ -74,13 +74,24 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_quickstart_recipe() -> str:
+    """recipes/quickstart.yaml of the working directory, else of the source checkout ftlab runs from."""
+    from pathlib import Path
+
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / "recipes" / "quickstart.yaml").is_file():
+            return str(root / "recipes" / "quickstart.yaml")
+    raise UserError("no recipes/quickstart.yaml here or in the ftlab checkout; pass the recipe path: "
+                    "ftlab quickstart path/to/quickstart.yaml")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ftlab.config import load_recipe
     from ftlab.quickstart import run_quickstart
 
-    recipe = args.recipe or str(Path(__file__).parent / "recipes" / "quickstart.yaml")
+    recipe = args.recipe or default_quickstart_recipe()
     cfg = load_recipe(recipe, args.overrides)
     run_quickstart(cfg)
     return 0
