@@ -37,6 +37,12 @@ def test_shortened_quickstart_end_to_end(tmp_path, capsys):
     assert (Path(summary["sft_run"]) / "final" / "adapter_config.json").is_file()
     assert "report:" in out and "3-hop" in out
     assert (run / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
+    report = (run / "report.md").read_text()
+    assert "goal-directed proofs" in report and "before and after" in report
+    first_tuned = json.loads((run / "predictions_tuned_3hop.jsonl").open().readline())["output"].strip()
+    assert first_tuned in report  # the unpicked first problem, with both outputs
+    trained_on = json.loads((run / "data" / "train.jsonl").open().readline())
+    assert {"question", "query", "chain_of_thought", "answer", "hops"} <= set(trained_on)
 
 
 @pytest.mark.slow

@@ -135,6 +135,8 @@ trained on {cfg.quickstart.train_examples} ftlab-generated PrOntoQA problems ({l
 {sft_summary.get('steps')} optimizer steps, batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum},
 lr {cfg.optim.lr}, precision {cfg.train.precision}, {sft_summary.get('tokens_per_s', 0):.0f} training tokens/s.
 
+Training targets: {proof_sentence(cfg)}
+
 Held-out evaluation: {provenance}. Zero-shot prompts, identical before and after, chat template,
 greedy decoding, at most {cfg.eval.max_new_tokens} new tokens.
 Extraction rule: {rule}
@@ -145,6 +147,8 @@ Extraction rule: {rule}
 
 ![training loss](training_loss.png)
 
+{first_problem_before_after(run.path, hops[len(hops) // 2])}
+
 Wall time of the whole job: {seconds / 60:.1f} min. Training run: `{sft_run.path}`.
 Predictions: `predictions_base_*hop.jsonl`, `predictions_tuned_*hop.jsonl`.
 """
@@ -153,6 +157,27 @@ Predictions: `predictions_base_*hop.jsonl`, `predictions_tuned_*hop.jsonl`.
             "accuracy_after": {str(h): after[h]["accuracy"] for h in hops},
             "heldout": provenance, "minutes": round(seconds / 60, 2), "sft_run": str(sft_run.path),
             "report": str(run.path / "report.md")}
+
+
+def proof_sentence(cfg: DictConfig) -> str:
+    if cfg.data.task_options.get("proof") == "backward":
+        return ("goal-directed proofs (`data.task_options.proof: backward`): restate the claim, find the rule "
+                "about the queried property, climb back to the entity's fact, compare with the claim.")
+    return "the generator's forward chain of thought, then \"The answer is True/False.\""
+
+
+def first_problem_before_after(run_dir: Path, hops: int) -> str:
+    """The first held-out problem of one set with both models' outputs: what training changed, unpicked."""
+    rows = {}
+    for label in ("base", "tuned"):
+        with open(run_dir / f"predictions_{label}_{hops}hop.jsonl", encoding="utf-8") as f:
+            rows[label] = json.loads(f.readline())
+    parts = [f"## The first {hops}-hop problem, before and after (gold: {rows['base']['gold']})", "",
+             "The prompt, exactly as the models saw it:", "", "```text", rows["base"]["prompt"].strip(), "```"]
+    for label, row in rows.items():
+        verdict = "correct" if row["correct"] else "wrong"
+        parts += [f"**{label}** ({verdict}):", "", "```text", row["output"].strip(), "```"]
+    return "\n".join(parts)
 
 
 def print_summary(run: RunDir, s: dict) -> None:
