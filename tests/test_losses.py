@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -12,8 +13,10 @@ from ftlab.losses import (
     accumulation_loss,
     compute_entropy,
     get_response_log_probs,
+    keeps_logits_by_mask,
     masked_mean,
     masked_normalize,
+    response_token_log_probs,
     sft_microbatch_train_step,
     token_log_probs,
 )
@@ -267,3 +270,114 @@ def test_naive_mean_of_micro_batch_means_is_not_equivalent(tiny_llama):
     a = _run_step(tiny_llama, examples, micro_batch=8, loss_fn=_naive_mean_of_means)
     b = _run_step(tiny_llama, examples, micro_batch=2, loss_fn=_naive_mean_of_means)
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-4
+
+
+# ---------------------------------------------------------------- LM head on supervised positions only
+
+
+def _lora(model):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    lora = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for n, p in lora.named_parameters():  # B = 0 at init would make the adapter a no-op: give it weight
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    return lora.train()
+
+
+@contextmanager
+def _head_rows(model):
+    """Yields a list that receives the number of rows the LM head is applied to, per forward."""
+    rows: list[int] = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    try:
+        yield rows
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_response_token_log_probs_match_the_full_logits_path(tiny_llama, kind):
+    model = tiny_llama if kind == "full" else _lora(tiny_llama)
+    batch = pad_collate(_examples(8), pad_id=0)  # padded: attention_mask and padding rows
+    mask = batch["response_mask"]
+    assert keeps_logits_by_mask(model)
+    with _head_rows(model) as rows:
+        fast = response_token_log_probs(model, batch["input_ids"], batch["labels"], mask,
+                                        attention_mask=batch["attention_mask"])
+    assert rows == [int(mask.sum())] < [mask.numel()]  # the head ran on the supervised positions only
+    full = get_response_log_probs(model, batch["input_ids"], batch["labels"],
+                                  attention_mask=batch["attention_mask"])["log_probs"]
+    assert fast.dtype == torch.float32 and fast.shape == (int(mask.sum()),)
+    torch.testing.assert_close(fast, full[mask], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_training_step_on_supervised_positions_equals_the_full_logits_step(tiny_llama, kind):
+    """Token-normalised loss and its gradients: same as accumulation_loss over the full (B, T) log-probs."""
+    model = tiny_llama if kind == "full" else _lora(tiny_llama)
+    examples = _examples(8)
+    n_tokens = sum(sum(ex["response_mask"]) for ex in examples)
+    batch = pad_collate(examples, pad_id=0)
+    args = (model, batch["input_ids"], batch["labels"])
+
+    model.zero_grad(set_to_none=True)
+    lp = response_token_log_probs(*args, batch["response_mask"], attention_mask=batch["attention_mask"])
+    fast_loss = -lp.sum() / n_tokens  # what ftlab.train.sft.train_step computes
+    fast_loss.backward()
+    fast_grads = _grads(model)
+
+    model.zero_grad(set_to_none=True)
+    full = get_response_log_probs(*args, attention_mask=batch["attention_mask"])["log_probs"]
+    full_loss = accumulation_loss(full, batch["response_mask"], n_tokens)
+    full_loss.backward()
+    torch.testing.assert_close(fast_loss, full_loss, atol=1e-5, rtol=0)
+    _assert_same_grads(fast_grads, _grads(model))
+    model.zero_grad(set_to_none=True)
+
+
+def test_response_token_log_probs_keep_the_models_logit_softcapping():
+    """Gemma-2 softcaps its logits after the head: with the mask the model still does it, on N rows."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, final_logit_softcapping=0.5)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    batch = pad_collate(_examples(4), pad_id=0)
+    mask = batch["response_mask"]
+    fast = response_token_log_probs(model, batch["input_ids"], batch["labels"], mask,
+                                    attention_mask=batch["attention_mask"])
+    # by hand: final hidden states -> head -> tanh(z / cap) * cap -> log_softmax -> gather
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         use_cache=False).last_hidden_state
+    z = torch.tanh(model.lm_head(hidden[mask]) / 0.5) * 0.5
+    expected = torch.log_softmax(z.float(), -1).gather(-1, batch["labels"][mask].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(fast, expected, atol=1e-5, rtol=0)
+    uncapped = torch.log_softmax(model.lm_head(hidden[mask]).float(), -1)
+    assert not torch.allclose(uncapped.gather(-1, batch["labels"][mask].unsqueeze(-1)).squeeze(-1), expected)
+
+
+def test_response_token_log_probs_falls_back_to_full_logits_for_other_models():
+    # TableModel knows nothing of logits_to_keep: it never gets it, and the full logits are sliced after
+    model = TableModel(torch.tensor([[0.0, LN3], [0.0, 0.0]]))
+    assert not keeps_logits_by_mask(model)
+    input_ids = torch.tensor([[0, 1, 0]])
+    labels = torch.tensor([[1, 0, 0]])
+    mask = torch.tensor([[True, False, True]])
+    out = response_token_log_probs(model, input_ids, labels, mask)
+    torch.testing.assert_close(out, torch.tensor([LN3 - LN4, -LN4]))  # positions 0 and 2, see above
+    assert "logits_to_keep" not in model.seen_kwargs and model.seen_kwargs["use_cache"] is False
+
+
+def test_keeps_logits_by_mask_looks_through_wrappers(tiny_llama):
+    class Wrapper(torch.nn.Module):  # like DDP / DeepSpeed: the model is `.module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert keeps_logits_by_mask(Wrapper(tiny_llama)) and keeps_logits_by_mask(Wrapper(_lora(tiny_llama)))

@@ -56,6 +56,25 @@ def test_accumulation_matches_a_bigger_batch(tmp_path):
     assert ra["train/grad_norm"] == pytest.approx(rb["train/grad_norm"], rel=1e-5)
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_lm_head_on_supervised_positions_only_matches_full_logits(tmp_path, monkeypatch, packing):
+    """The trainer's fast path (LM head on response positions only) vs full logits sliced afterwards."""
+    import ftlab.losses as losses
+
+    recipe = tiny_recipe(tmp_path)
+    common = ["train.max_steps=1", "train.grad_clip=1000", f"data.packing={str(packing).lower()}",
+              f"data.val={tmp_path / 'train.jsonl'}", "data.val_limit=8", "train.eval_every=1"]
+    used, check = [], losses.keeps_logits_by_mask
+    monkeypatch.setattr(losses, "keeps_logits_by_mask", lambda model: used.append(check(model)) or used[-1])
+    fast = read_metrics(train(recipe, "name=fast", *common).path / "metrics.jsonl")
+    assert used and all(used)
+    monkeypatch.setattr(losses, "keeps_logits_by_mask", lambda model: False)
+    full = read_metrics(train(recipe, "name=full", *common).path / "metrics.jsonl")
+    for key in ("train/loss", "train/grad_norm", "eval/loss"):
+        a, b = (next(r[key] for r in rows if key in r) for rows in (fast, full))
+        assert a == pytest.approx(b, rel=1e-5), key
+
+
 def test_packing_and_padding_give_the_same_loss(tmp_path):
     recipe = tiny_recipe(tmp_path)
     common = ["train.max_steps=2", "data.group_by_length=false", "train.batch_size=4"]

@@ -11,6 +11,8 @@ Conventions used throughout:
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -72,6 +74,73 @@ def get_response_log_probs(
         with torch.no_grad():
             out["token_entropy"] = compute_entropy(logits)
     return out
+
+
+def response_token_log_probs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    response_mask: Tensor,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+) -> Tensor:
+    """Log-probs of the supervised tokens only: shape (N,) float32, N = response_mask.sum(), row-major order.
+
+    Equal to `get_response_log_probs(...)["log_probs"][response_mask]`, but faster for training. Why:
+    the LM head (a vocab x hidden matmul, ~21% of SmolLM2-135M's forward FLOPs) and the full-vocab
+    log-softmax are paid per position, yet only response positions carry loss. transformers accepts a
+    boolean (B, T) `logits_to_keep`: the model then slices its final hidden states at the mask *before*
+    its own head, so the head and whatever the model does to its logits (Gemma-2's softcapping, a
+    logit_scale) run on the N kept positions only, inside the model's ordinary forward - DDP gradient
+    sync, FSDP/ZeRO-3 parameter hooks and PEFT see nothing unusual. A model whose forward does not
+    support the mask gets the full logits, sliced afterwards: same values, no speed-up.
+    """
+    mask = response_mask.bool()
+    kwargs: dict[str, Any] = {"use_cache": False}  # see get_response_log_probs for why
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    sliced_by_model = keeps_logits_by_mask(model)
+    if sliced_by_model:
+        kwargs["logits_to_keep"] = mask
+    logits = model(input_ids=input_ids, **kwargs).logits
+    if not sliced_by_model:
+        logits = logits[mask]
+    return token_log_probs(logits, labels[mask])
+
+
+def keeps_logits_by_mask(model: torch.nn.Module) -> bool:
+    """Whether `model`'s forward honours a boolean `logits_to_keep` (see `response_token_log_probs`).
+
+    True when the underlying transformers model's forward slices through `slice_logits_to_keep` (every
+    text causal LM in transformers 5.2x), looking through DDP/FSDP/DeepSpeed (`.module`), torch.compile
+    (`._orig_mod`) and PEFT wrappers.
+    """
+    for _ in range(8):  # wrappers nest a few levels at most
+        if hasattr(model, "get_base_model"):  # PEFT
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    forward = inspect.unwrap(type(model).forward)
+    code = getattr(forward, "__code__", None)
+    return code is not None and "slice_logits_to_keep" in code.co_names and _bool_logits_to_keep_supported()
+
+
+@functools.cache
+def _bool_logits_to_keep_supported() -> bool:
+    """transformers' `slice_logits_to_keep` takes a boolean (B, T) mask (checked once, on a toy tensor)."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+
+        kept = slice_logits_to_keep(torch.zeros(1, 3, 1), torch.tensor([[True, False, True]]))
+    except (ImportError, IndexError, TypeError, RuntimeError):  # older transformers: no helper or no mask
+        return False
+    return tuple(kept.shape) == (2, 1)
 
 
 def masked_normalize(
