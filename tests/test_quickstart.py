@@ -17,9 +17,10 @@ SHORT = ["quickstart.train_examples=16", "quickstart.heldout_hops=[1,3]", "quick
 
 
 @pytest.mark.slow
-def test_shortened_quickstart_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_shortened_quickstart_end_to_end(tmp_path, capsys, lora):
     code = main(["quickstart", str(REPO / "recipes" / "quickstart.yaml"), f"output_dir={tmp_path}",
-                 f"quickstart.heldout_dir={tmp_path / 'no-real-data'}", *SHORT])
+                 f"quickstart.heldout_dir={tmp_path / 'no-real-data'}", f"lora.enabled={lora}", *SHORT])
     out = capsys.readouterr().out
     assert code == 0
     run = next((tmp_path / "quickstart").glob("2*_quickstart"))
@@ -34,7 +35,9 @@ def test_shortened_quickstart_end_to_end(tmp_path, capsys):
     base = [json.loads(l)["prompt"] for l in (run / "predictions_base_3hop.jsonl").open()]
     tuned = [json.loads(l)["prompt"] for l in (run / "predictions_tuned_3hop.jsonl").open()]
     assert base == tuned and len(base) == 3
-    assert (Path(summary["sft_run"]) / "final" / "adapter_config.json").is_file()
+    final = Path(summary["sft_run"]) / "final"
+    assert (final / ("adapter_config.json" if lora else "model.safetensors")).is_file()
+    assert ("LoRA (r=" in (run / "report.md").read_text()) == lora
     assert "report:" in out and "3-hop" in out
     assert (run / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
     report = (run / "report.md").read_text()

@@ -78,6 +78,21 @@ def evaluate_all(model: Any, tokenizer: Any, sets: dict[int, Path], cfg: DictCon
     return results
 
 
+def load_tuned(cfg: DictConfig, final: Path) -> tuple[Any, Any]:
+    """The trained model: the LoRA adapter on its base, or the fully fine-tuned weights."""
+    from ftlab.models.load import load_model_and_tokenizer
+
+    if cfg.lora.enabled:
+        return load_model_and_tokenizer(cfg.model, adapter=str(final))
+    return load_model_and_tokenizer(OmegaConf.merge(cfg.model, {"name": str(final), "adapter": None}))
+
+
+def method_sentence(cfg: DictConfig) -> str:
+    if cfg.lora.enabled:
+        return f"LoRA (r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets {list(cfg.lora.target_modules)})"
+    return "full fine-tuning (all weights)"
+
+
 def run_quickstart(cfg: DictConfig) -> RunDir:
     from ftlab.models.load import load_model_and_tokenizer
     from ftlab.train.sft import run_sft
@@ -99,8 +114,7 @@ def run_quickstart(cfg: DictConfig) -> RunDir:
                                         "output_dir": str(run.path), "kind": "sft"})
         sft_run = run_sft(sft_cfg)
         run.log_to_file()  # the SFT run had taken over the log file handler
-        adapter = str(sft_run.path / "final")
-        tuned, tokenizer = load_model_and_tokenizer(cfg.model, adapter=adapter)
+        tuned, tokenizer = load_tuned(cfg, sft_run.path / "final")
         after = evaluate_all(tuned, tokenizer, sets, cfg, run.path, "tuned")
 
         summary = write_report(cfg, run, sft_run, before, after, provenance, time.time() - started)
@@ -120,7 +134,8 @@ def write_report(cfg: DictConfig, run: RunDir, sft_run: RunDir, before: dict, af
     hops = sorted(before)
     acc_b = [before[h]["accuracy"] for h in hops]
     acc_a = [after[h]["accuracy"] for h in hops]
-    rp.plot_loss(sft_run.metrics_path, run.path / "training_loss.png", "LoRA SFT on generated PrOntoQA")
+    rp.plot_loss(sft_run.metrics_path, run.path / "training_loss.png",
+                 f"{'LoRA' if cfg.lora.enabled else 'full'} SFT on generated PrOntoQA")
     rp.plot_before_after([f"{h}-hop" for h in hops], acc_b, acc_a, run.path / "accuracy_by_hops.png",
                          "PrOntoQA held-out accuracy, greedy", "reasoning depth", chance=0.5)
     sft_summary = json.loads((sft_run.path / "summary.json").read_text())
@@ -130,7 +145,7 @@ def write_report(cfg: DictConfig, run: RunDir, sft_run: RunDir, before: dict, af
             for h in hops]
     text = f"""# ftlab quickstart: multi-hop logic on a laptop CPU
 
-Model: `{cfg.model.name}` + LoRA (r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets {list(cfg.lora.target_modules)})
+Model: `{cfg.model.name}`, {method_sentence(cfg)},
 trained on {cfg.quickstart.train_examples} ftlab-generated PrOntoQA problems ({list(cfg.quickstart.train_hops)} hops),
 {sft_summary.get('steps')} optimizer steps, batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum},
 lr {cfg.optim.lr}, precision {cfg.train.precision}, {sft_summary.get('tokens_per_s', 0):.0f} training tokens/s.
@@ -188,5 +203,5 @@ def print_summary(run: RunDir, s: dict) -> None:
         lines.append(f"{h + '-hop':<14}{100 * b:>9.1f}%{100 * a:>9.1f}%{100 * (a - b):>+9.1f}")
     lines += ["-" * 64, f"data:    {s['heldout']}", f"report:  {s['report']}",
               f"plots:   {run.path / 'accuracy_by_hops.png'}", f"         {run.path / 'training_loss.png'}",
-              f"adapter: {s['sft_run']}/final", "=" * 64]
+              f"model:   {s['sft_run']}/final", "=" * 64]
     print("\n".join(lines))
