@@ -1,4 +1,4 @@
-"""The main job, shortened: generated data -> base eval -> LoRA SFT -> tuned eval -> report + plots."""
+"""The main job, shortened: generated data -> base eval -> SFT (full and LoRA) -> tuned eval -> report + plots."""
 import json
 import signal
 import subprocess

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--input", required=True, help="JSONL with 'prompt' or 'messages' per row")
     inf.add_argument("--output", required=True, help="JSONL to write (re-running resumes after its last row)")
     inf.set_defaults(fn=cmd_infer)
-    with_recipe("quickstart", "data -> eval -> LoRA SFT -> eval -> report, on a laptop CPU",
+    with_recipe("quickstart", "data -> eval -> SFT -> eval -> report, on a laptop CPU",
                 optional=True).set_defaults(fn=cmd_quickstart)
     mem = sub.add_parser("memory", help="estimate GPU memory for training a model",
                          description="estimate GPU memory: weights, gradients, optimizer states, activations")
