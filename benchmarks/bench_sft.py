@@ -1,7 +1,7 @@
 """SFT training throughput: ftlab's trainer vs TRL's SFTTrainer, same model, data, batch and steps.
 
-    python benchmarks/bench_sft.py                 # 4 configs x 2 trainers, 6 steps each (~15 min on 1 free core)
-    python benchmarks/bench_sft.py --threads 1 --ftlab-unpacked --json out.json   # as in docs/BENCHMARKS.md
+    python benchmarks/bench_sft.py                 # 4 configs x 2 trainers, 6 steps each (~15 min, 1 busy core)
+    python benchmarks/bench_sft.py --threads 1 --ftlab-trl-order --json out.json   # as in docs/BENCHMARKS.md
     python benchmarks/bench_sft.py --steps 3 --configs lora-fp32 --profile prof/  # op tables of step 2
 
 What is identical in both trainers
@@ -17,13 +17,22 @@ What is identical in both trainers
     LoRA / 2e-5 full), weight decay 0, grad clip 1.0, LoRA r=16 alpha=32 dropout=0.05 on q/k/v/o,
     gradient checkpointing off (TRL's SFTConfig turns it on by default; off in both so both do the same
     compute), fp32 or bf16 autocast with fp32 weights (TRL `bf16=True`, ftlab `train.precision=bf16`).
-  * each trainer uses its own defaults otherwise: ftlab packs each step's examples into rows of <= 512
-    tokens (examples isolated by position_ids); TRL pads each batch to its longest example
-    (packing/padding_free off, TRL's default). TRL also computes its default per-step metrics
-    (entropy, token accuracy) and uses its default optimizer implementation.
-  * data order: both draw it with torch.randperm seeded 0, so here both see the same 8 examples at every
-    step and the fp32 losses agree step by step - a check that both compute the same loss. (Not guaranteed
-    in general; the tables compare the mean loss over the measured steps.)
+  * each trainer uses its own defaults otherwise. ftlab (no data.packing / data.group_by_length override):
+    unpacked, length-grouped batches (the examples are sorted by length inside mega-chunks of 50 batches,
+    which here is the whole slice, cut into batches of 8, batch order shuffled with seed 0), each padded to
+    its longest example; the LM head + log-softmax run on the response positions only. TRL: batches in
+    its default random order (torch.randperm seeded 0), each padded to its longest example
+    (packing=False, padding_free=False, group_by_length off: TRL's defaults, spelled out); TRL also
+    computes its default per-step metrics (entropy, token accuracy) and uses its default optimizer
+    implementation.
+  * one epoch: the slice has exactly steps * batch examples, so each trainer sees every example once, in
+    different batches (length grouping). Their per-step losses are therefore not comparable; the "epoch
+    loss" (step losses weighted by the step's supervised tokens, all steps) is, up to the order of updates.
+    `--ftlab-trl-order` adds a run of ftlab with data.group_by_length=false (and packing off): it draws
+    the batches with torch.randperm seeded 0 like TRL, so it sees TRL's 8 examples at every step, pads to
+    the same widths, and its fp32 losses should agree with TRL's step by step - a check that both compute
+    the same loss, and ftlab's speed on TRL's exact batches. `--ftlab-packed` adds ftlab with
+    data.packing=true (rows of <= 512 tokens, examples isolated by position_ids; ftlab's former default).
 
 tokens/s (same definition for both): real (non-pad) tokens of steps 2..N divided by the wall time from the end
 of optimizer step 1 to the end of step N. That excludes model loading, data preparation and the warm-up step,
@@ -32,13 +41,14 @@ wrapping `ftlab.train.sft.train_step`; TRL's from a `TrainerCallback.on_step_end
 per-step `tokens` (sum of example input lengths, no padding); TRL: sum of `attention_mask` over the step's
 batches minus one per example (the final EOS, which TRL feeds as an input and ftlab only as a label), so the
 same example counts the same in both. tokens/CPU-s divides by the process CPU time over the same window
-instead: with `--threads 1` that is the work done, much less sensitive to other jobs on shared cores
-than wall time (with more threads, OpenMP spin-waits count as CPU time too).
+instead: with `--threads 1` that is the work done, less sensitive to other jobs on shared cores than wall
+time but not immune (a busy neighbour on a 2-core VM has slowed it by ~25%: shared cache and memory
+bandwidth); with more threads, OpenMP spin-waits count as CPU time too.
 
-Runs are interleaved (per config: ftlab then TRL, the order alternating between configs) in one process, so
-load from other jobs on the shared cores hits both alike. `--ftlab-unpacked` adds a third run per config,
-ftlab with `data.packing=false` (length-grouped padding), as a diagnostic. `--profile DIR` writes a
-torch.profiler op table of step 2 of every run (profiling slows that measured step: not for reporting).
+Runs are interleaved (per config: ftlab then TRL, the order alternating between configs, then the optional
+extra ftlab runs) in one process, so load from other jobs on the shared cores hits all alike. `--profile DIR`
+writes a torch.profiler op table of step 2 of every run (profiling slows that measured step: not for
+reporting).
 """
 from __future__ import annotations
 
@@ -105,9 +115,10 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def summarize(ends: list[tuple[float, float]], tokens: list[int], losses: list[float],
+def summarize(ends: list[tuple[float, float]], tokens: list[int], losses: list[float], supervised: list[int],
               load_s: float) -> dict[str, Any]:
-    """ends[i] = (wall, process CPU time), tokens[i], losses[i] belong to optimizer step i+1; step 1 is warm-up."""
+    """ends[i] = (wall, process CPU time), tokens[i], losses[i], supervised[i] (tokens with loss) belong to
+    optimizer step i+1; step 1 is warm-up (excluded from the timings, included in the epoch loss)."""
     if len(ends) < 2:
         raise SystemExit("need at least 2 steps (the first is warm-up)")
     window = ends[-1][0] - ends[0][0]
@@ -119,8 +130,9 @@ def summarize(ends: list[tuple[float, float]], tokens: list[int], losses: list[f
         "tokens_per_s": measured_tokens / window, "tokens_per_cpu_s": measured_tokens / cpu,
         "step_s": [round(b[0] - a[0], 2) for a, b in zip(ends, ends[1:])],
         "step_cpu_s": [round(b[1] - a[1], 2) for a, b in zip(ends, ends[1:])],
-        "tokens_per_step": tokens, "losses": [round(x, 4) for x in losses],
+        "tokens_per_step": tokens, "supervised_per_step": supervised, "losses": [round(x, 4) for x in losses],
         "mean_loss": statistics.fmean(losses[1:]), "final_loss": losses[-1],
+        "epoch_loss": sum(x * n for x, n in zip(losses, supervised)) / sum(supervised),
         "loadavg_1min_after": round(os.getloadavg()[0], 2),
     }
 
@@ -151,15 +163,22 @@ class Profile:
 
 
 # -- ftlab -----------------------------------------------------------------------------------------
+FTLAB_VARIANTS = {  # run name -> data overrides on top of ftlab's defaults
+    "ftlab": [],
+    "ftlab_trl_order": ["data.packing=false", "data.group_by_length=false"],
+    "ftlab_packed": ["data.packing=true"],
+}
+
+
 def run_ftlab(method: str, precision: str, steps: int, batch: int, max_length: int, jsonl: str,
-              workdir: str, packing: bool = True, profile: str | None = None) -> dict[str, Any]:
+              workdir: str, data_overrides: list[str], profile: str | None = None) -> dict[str, Any]:
     import ftlab.train.sft as sft
     from ftlab.config import load_recipe
 
     overrides = [
         "name=bench", f"output_dir={workdir}/ftlab_runs", "seed=0",
         "data.task=generic", f"data.train={jsonl}", f"data.max_length={max_length}", "data.chat_template=true",
-        f"data.packing={str(packing).lower()}", "data.group_by_length=true",
+        *data_overrides,
         f"train.batch_size={batch}", "train.grad_accum=1", f"train.max_steps={steps}",
         f"train.precision={precision}", "train.grad_clip=1.0", "train.save_final=false", "train.log_every=1",
         "train.gradient_checkpointing=false",
@@ -175,6 +194,7 @@ def run_ftlab(method: str, precision: str, steps: int, batch: int, max_length: i
     ends: list[tuple[float, float]] = []
     tokens: list[int] = []
     losses: list[float] = []
+    supervised: list[int] = []
     t_load = time.perf_counter()
     first: list[float] = []
     original = sft.train_step
@@ -189,6 +209,7 @@ def run_ftlab(method: str, precision: str, steps: int, batch: int, max_length: i
         if stats is not None:  # read before train_loop pops "tokens"
             tokens.append(int(stats["tokens"]))
             losses.append(float(stats["loss"]))
+            supervised.append(int(stats["supervised_tokens"]))
         return stats
 
     reset_accelerate()
@@ -197,7 +218,9 @@ def run_ftlab(method: str, precision: str, steps: int, batch: int, max_length: i
         sft.run_sft(cfg)
     finally:
         sft.train_step = original
-    return summarize(ends, tokens, losses, first[0] - t_load)
+    out = summarize(ends, tokens, losses, supervised, first[0] - t_load)
+    out["data"] = {"packing": bool(cfg.data.packing), "group_by_length": bool(cfg.data.group_by_length)}
+    return out
 
 
 # -- TRL -------------------------------------------------------------------------------------------
@@ -233,7 +256,8 @@ def run_trl(method: str, precision: str, steps: int, batch: int, max_length: int
     ends: list[tuple[float, float]] = []
     tokens: list[int] = []
     losses: list[float] = []
-    pending = [0]
+    supervised: list[int] = []
+    pending = [0, 0]
     first: list[float] = []
     prof = Profile(profile, False)
 
@@ -245,6 +269,7 @@ def run_trl(method: str, precision: str, steps: int, batch: int, max_length: int
             # EOS as an input (it predicts nothing); ftlab's inputs stop before it. Same tokens per example.
             mask = inputs["attention_mask"]
             pending[0] += int(mask.sum()) - int((mask.sum(dim=1) > 0).sum())
+            pending[1] += int((inputs["labels"][:, 1:] != -100).sum())  # positions with loss (shifted labels)
             return super().training_step(model, inputs, num_items_in_batch)
 
     class StepClock(TrainerCallback):
@@ -257,7 +282,8 @@ def run_trl(method: str, precision: str, steps: int, batch: int, max_length: int
             prof.__exit__(None, None, None)
             ends.append((time.perf_counter(), time.process_time()))
             tokens.append(pending[0])
-            pending[0] = 0
+            supervised.append(pending[1])
+            pending[0] = pending[1] = 0
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if logs and "loss" in logs:
@@ -268,7 +294,7 @@ def run_trl(method: str, precision: str, steps: int, batch: int, max_length: int
                     peft_config=peft_config, callbacks=[StepClock()])
     trl_tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
     trainer.train()
-    out = summarize(ends, tokens, losses, first[0] - t_load)
+    out = summarize(ends, tokens, losses, supervised, first[0] - t_load)
     out["dataset_tokens"] = trl_tokens
     return out
 
@@ -286,22 +312,33 @@ def versions() -> dict[str, str]:
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    extra = any("ftlab_unpacked" in r for r in results)
     head = ("| config | ftlab tok/s | TRL tok/s | ratio | ftlab tok/CPU-s | TRL tok/CPU-s | ratio (CPU) "
-            "| ftlab mean loss | TRL mean loss | ftlab last | TRL last |"
-            + (" ftlab unpacked tok/s, tok/CPU-s (ratio CPU) |" if extra else ""))
-    lines = [head, "|---" + "|---:" * (10 + extra) + "|"]
+            "| ftlab epoch loss | TRL epoch loss | ftlab last | TRL last |")
+    lines = [head, "|---" + "|---:" * 10 + "|"]
     for r in results:
         f, t = r["ftlab"], r["trl"]
-        row = (f"| {r['config']} | {f['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} | "
-               f"{f['tokens_per_s'] / t['tokens_per_s']:.2f}x | {f['tokens_per_cpu_s']:.1f} | "
-               f"{t['tokens_per_cpu_s']:.1f} | {f['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x | "
-               f"{f['mean_loss']:.4f} | {t['mean_loss']:.4f} | {f['final_loss']:.4f} | {t['final_loss']:.4f} |")
-        if extra:
-            u = r.get("ftlab_unpacked")
-            row += (f" {u['tokens_per_s']:.1f}, {u['tokens_per_cpu_s']:.1f} "
-                    f"({u['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x) |" if u else " |")
-        lines.append(row)
+        lines.append(
+            f"| {r['config']} | {f['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} | "
+            f"{f['tokens_per_s'] / t['tokens_per_s']:.2f}x | {f['tokens_per_cpu_s']:.1f} | "
+            f"{t['tokens_per_cpu_s']:.1f} | {f['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x | "
+            f"{f['epoch_loss']:.4f} | {t['epoch_loss']:.4f} | {f['final_loss']:.4f} | {t['final_loss']:.4f} |")
+    for who in FTLAB_VARIANTS:
+        if who == "ftlab" or not any(who in r for r in results):
+            continue
+        lines += ["", f"{who}:", "",
+                  ("| config | tok/s | ratio vs TRL | tok/CPU-s | ratio (CPU) | epoch loss | last "
+                   "| max step-loss diff vs TRL | same batches as TRL |"),
+                  "|---" + "|---:" * 7 + "|---|"]
+        for r in results:
+            u, t = r.get(who), r["trl"]
+            if not u:
+                continue
+            diff = max(abs(a - b) for a, b in zip(u["losses"], t["losses"]))
+            lines.append(
+                f"| {r['config']} | {u['tokens_per_s']:.1f} | {u['tokens_per_s'] / t['tokens_per_s']:.2f}x | "
+                f"{u['tokens_per_cpu_s']:.1f} | {u['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x | "
+                f"{u['epoch_loss']:.4f} | {u['final_loss']:.4f} | {diff:.4f} | "
+                f"{'yes' if u['tokens_per_step'] == t['tokens_per_step'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -311,8 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="examples per optimizer step (both trainers)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
-    p.add_argument("--ftlab-unpacked", action="store_true",
-                   help="also run ftlab with data.packing=false (length-grouped padding), a diagnostic")
+    p.add_argument("--ftlab-trl-order", action="store_true",
+                   help="also run ftlab with data.group_by_length=false: TRL's batches, a same-loss check")
+    p.add_argument("--ftlab-packed", action="store_true", help="also run ftlab with data.packing=true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--data", default=GSM8K)
     p.add_argument("--json", help="also write all measurements to this JSON file")
@@ -359,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, config in enumerate(configs):
             method, precision = config.split("-")
             order = ["ftlab", "trl"] if i % 2 == 0 else ["trl", "ftlab"]
-            if a.ftlab_unpacked:
-                order.append("ftlab_unpacked")
+            order += [w for w, on in (("ftlab_trl_order", a.ftlab_trl_order), ("ftlab_packed", a.ftlab_packed))
+                      if on]
             res: dict[str, Any] = {"config": config}
             for who in order:
                 t0 = time.perf_counter()
@@ -372,17 +410,26 @@ def main(argv: list[str] | None = None) -> int:
                     res[who] = run_trl(method, precision, a.steps, a.batch, a.max_length, rows, tmp, prof)
                 else:
                     res[who] = run_ftlab(method, precision, a.steps, a.batch, a.max_length, jsonl, tmp,
-                                         packing=who == "ftlab", profile=prof)
+                                         FTLAB_VARIANTS[who], profile=prof)
                 r = res[who]
-                print(f"{config:10s} {who:14s} {r['tokens_per_s']:6.1f} tok/s {r['tokens_per_cpu_s']:6.1f} tok/CPU-s  "
-                      f"mean loss {r['mean_loss']:.4f}  last {r['final_loss']:.4f}  step s {r['step_s']}  "
+                print(f"{config:10s} {who:15s} {r['tokens_per_s']:6.1f} tok/s {r['tokens_per_cpu_s']:6.1f} tok/CPU-s  "
+                      f"epoch loss {r['epoch_loss']:.4f}  last {r['final_loss']:.4f}  losses {r['losses']}  "
+                      f"data {r.get('data', '')}  step s {r['step_s']}  "
                       f"cpu s {r['step_cpu_s']}  tokens/step {r['tokens_per_step']}  "
+                      f"supervised/step {r['supervised_per_step']}  "
                       f"load {r['loadavg_1min_after']}  (run {time.perf_counter() - t0:.0f} s)", flush=True)
                 gc.collect()
             # TRL's dataset holds one more token per example (the final EOS as an input); else identical
             if res["trl"]["dataset_tokens"] != expected_tokens + n:
                 print(f"WARNING: TRL tokenized the slice into {res['trl']['dataset_tokens']} tokens, "
                       f"ftlab into {expected_tokens} (+{n} expected)", flush=True)
+            u = res.get("ftlab_trl_order")
+            if u and (u["tokens_per_step"], u["supervised_per_step"]) != (res["trl"]["tokens_per_step"],
+                                                                         res["trl"]["supervised_per_step"]):
+                print("WARNING: ftlab_trl_order did not see TRL's batches (tokens or supervised tokens per step "
+                      "differ)", flush=True)
+            if sum(res["ftlab"]["supervised_per_step"]) != sum(res["trl"]["supervised_per_step"]):
+                print("WARNING: ftlab and TRL supervised different numbers of tokens over the epoch", flush=True)
             res["ratio"] = res["ftlab"]["tokens_per_s"] / res["trl"]["tokens_per_s"]
             results.append(res)
     meta["total_s"] = round(time.perf_counter() - t_all)
