@@ -32,6 +32,19 @@ def test_eval_writes_predictions_and_metrics_with_a_descriptive_name(tmp_path, c
     assert metrics["accuracy"] == sum(r["correct"] for r in rows) / 4
 
 
+def test_eval_offset_and_limit_pick_a_slice(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    src = gsm_file(tmp_path)
+    code = main(["eval", str(recipe), "eval.task=gsm8k", f"eval.source={src}", "eval.max_new_tokens=2",
+                 "eval.offset=1", "eval.limit=2"])
+    assert code == 0
+    run = next((tmp_path / "runs" / "eval").glob("2*"))
+    assert [json.loads(l)["gold"] for l in (run / "predictions.jsonl").open()] == ["7", "11"]
+    code = main(["eval", str(recipe), "eval.task=gsm8k", f"eval.source={src}", "eval.offset=4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "eval.offset=4 skips every example" in err
+
+
 def test_compare_evaluates_two_models_on_identical_prompts(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path)
     trained = main(["train", str(recipe), "train.max_steps=1"])

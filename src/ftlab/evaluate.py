@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab.data.jsonl import append_jsonl
 from ftlab.errors import UserError
+from ftlab.errors import UserError
 from ftlab.runs.rundir import RunDir, write_json
 
 log = logging.getLogger("ftlab")
@@ -90,6 +91,15 @@ def run_name(model: str, adapter: str | None, task: str, split_or_file: str, sho
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", f"{name}_{task}_{split}_{shots}shot")
 
 
+def eval_examples(task: Any, source: str, ecfg: DictConfig) -> list:
+    """Rows offset..offset+limit of the source: `offset` keeps the rows used to choose settings out of a score."""
+    end = None if ecfg.limit is None else ecfg.offset + ecfg.limit
+    examples = task.load(source, split=ecfg.split, limit=end)[ecfg.offset:]
+    if not examples:
+        raise UserError(f"{source}: eval.offset={ecfg.offset} skips every example")
+    return examples
+
+
 def run_eval(cfg: DictConfig, model_name: str | None = None, adapter: str | None = None) -> tuple[RunDir, dict]:
     """Evaluate one model as the recipe's eval section says; writes a run directory under runs/eval."""
     from ftlab.models.load import load_model_and_tokenizer
@@ -97,7 +107,7 @@ def run_eval(cfg: DictConfig, model_name: str | None = None, adapter: str | None
 
     task_name, source = eval_source(cfg)
     task = get_task(task_name)
-    examples = task.load(source, split=cfg.eval.split, limit=cfg.eval.limit)
+    examples = eval_examples(task, source, cfg.eval)
     from ftlab.generate import make_engine
     mcfg = OmegaConf.merge(cfg.model, {"name": model_name or cfg.model.name,
                                        "adapter": adapter if model_name else (adapter or cfg.model.adapter)})

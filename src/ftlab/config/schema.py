@@ -101,6 +101,7 @@ class EvalConfig:
     task: Optional[str] = None           # defaults to data.task
     source: Optional[str] = None         # JSONL path or HF datasets id; defaults to data.val
     split: str = "test"
+    offset: int = 0                      # skip the first N rows (e.g. the rows a setting was chosen on)
     limit: Optional[int] = None
     shots: int = 0
     chat_template: bool = True
