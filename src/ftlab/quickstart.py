@@ -2,7 +2,7 @@
 
     generate PrOntoQA-style training data (ftlab's own generator)
     -> evaluate the base model zero-shot on held-out problems (the authors' files when present)
-    -> SFT, full fine-tuning by default (bf16 autocast on CPU; LoRA with lora.enabled=true)
+    -> SFT, LoRA by default (bf16 autocast on CPU; full fine-tuning with lora.enabled=false)
     -> evaluate the tuned model on the identical prompts
     -> report.md + plots (training loss, accuracy before/after by hop count)
 """
