@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab.data.jsonl import append_jsonl
 from ftlab.errors import UserError
-from ftlab.errors import UserError
 from ftlab.runs.rundir import RunDir, write_json
 
 log = logging.getLogger("ftlab")

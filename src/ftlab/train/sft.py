@@ -165,14 +165,12 @@ def generation_examples(cfg: DictConfig) -> tuple[Any, list]:
     return task, task.load(d.val, split=d.val_split, limit=d.val_limit)
 
 
-def val_accuracy(cfg: DictConfig, model: Any, tokenizer: Any, examples: list) -> dict[str, float]:
+def val_accuracy(cfg: DictConfig, model: Any, tokenizer: Any, task: Any, examples: list) -> dict[str, float]:
     from ftlab.evaluate import evaluate_examples
-    from ftlab.tasks import get_task
 
     ecfg = OmegaConf.merge(cfg.eval, {"shots": cfg.data.shots, "chat_template": cfg.data.chat_template})
     was_training = model.training
     model.eval()
-    task = get_task(cfg.data.task, **cfg.data.task_options)
     _, metrics = evaluate_examples(model, tokenizer, task, examples, ecfg, cfg.seed, progress=False)
     model.train(was_training)
     return {k: v for k, v in metrics.items() if k.startswith(("accuracy", "parse_rate")) and isinstance(v, float)}
@@ -274,7 +272,7 @@ def train_loop(cfg: DictConfig, accelerator: Any, model: Any, tokenizer: Any, da
         if t.eval_every and (done % t.eval_every == 0 or done == total_steps) and val:
             ev = {"loss": eval_loss(model, val, accelerator)}
             if gen_examples and run:  # accuracy through the task's own checker
-                ev.update(val_accuracy(cfg, accelerator.unwrap_model(model), tokenizer, gen_examples))
+                ev.update(val_accuracy(cfg, accelerator.unwrap_model(model), tokenizer, gen_task, gen_examples))
             if tracker:
                 tracker.log(ev, done, axis="eval")
             last["eval_loss"] = ev["loss"]
