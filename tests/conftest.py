@@ -23,3 +23,11 @@ def build_tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():
+    """The embedded SmolLM2-135M-Instruct tokenizer (real chat template; converted once, then cached)."""
+    from ftlab.models.load import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
+
+    return load_tokenizer(resolve_model_path(EMBEDDED_MODEL))

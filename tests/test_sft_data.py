@@ -291,3 +291,71 @@ def test_length_grouped_batches_properties():
 
     random_batches = [list(range(s, min(s + 8, 1000))) for s in range(0, 1000, 8)]
     assert padding(batches) < 0.2 * padding(random_batches)
+
+
+# ---------------------------------------------------------------- conversations with several answers
+
+
+def test_encode_sft_turns_supervises_every_answer_and_its_eos(tiny_tokenizer):
+    from ftlab.data.sft import encode_sft_turns
+
+    ex = encode_sft_turns([(PROMPT, "cat sat"), ("user : the", "a b")], tiny_tokenizer, max_length=20)
+    # full = [11, 13, 4, 12, 13 | 7, 8, 1 | 11, 13, 6 | 14, 15, 1]
+    assert ex["input_ids"] == [11, 13, 4, 12, 13, 7, 8, 1, 11, 13, 6, 14, 15]
+    assert ex["labels"] == [13, 4, 12, 13, 7, 8, 1, 11, 13, 6, 14, 15, 1]
+    assert ex["response_mask"] == [F, F, F, F, T, T, T, F, F, F, T, T, T]
+    assert ex["truncated"] is False
+    # one turn is exactly encode_sft_example
+    assert encode_sft_turns([(PROMPT, "cat sat")], tiny_tokenizer, 10) == encode_sft_example(
+        PROMPT, "cat sat", tiny_tokenizer, 10)
+
+
+def test_encode_sft_turns_truncation_keeps_earlier_answers(tiny_tokenizer):
+    from ftlab.data.sft import encode_sft_turns
+
+    ex = encode_sft_turns([(PROMPT, "cat sat"), ("user : the", "a b")], tiny_tokenizer, max_length=9)
+    # 10 tokens kept: [11, 13, 4, 12, 13, 7, 8, 1, 11, 13]; the second turn's text is cut, no answer of it left
+    assert ex["truncated"] is True and ex["labels"] == [13, 4, 12, 13, 7, 8, 1, 11, 13]
+    assert ex["response_mask"] == [F, F, F, F, T, T, T, F, F]
+
+
+def test_chat_turns_split_a_real_chat_template_exactly(embedded_tokenizer):
+    """Concatenating the turns (answers followed by EOS) gives the template's rendering of the whole
+    conversation, and every answer is supervised."""
+    from ftlab.data.sources import chat_turns
+
+    msgs = [{"role": "user", "content": "Is 2 even?"}, {"role": "assistant", "content": "Yes."},
+            {"role": "user", "content": "And 3?"}, {"role": "assistant", "content": "No."}]
+    turns = chat_turns(embedded_tokenizer, msgs, "test")
+    assert [answer for _, answer in turns] == ["Yes.", "No."]
+    joined = "".join(before + answer + embedded_tokenizer.eos_token for before, answer in turns)
+    whole = embedded_tokenizer.apply_chat_template(msgs, tokenize=False)
+    assert whole.startswith(joined) and whole[len(joined):].strip() == ""
+    assert turns[1][0].count("And 3?") == 1 and "Is 2 even?" not in turns[1][0]
+
+
+def test_generic_messages_supervise_every_assistant_turn(tmp_path, embedded_tokenizer):
+    import json
+
+    from ftlab.data.sft import encode_sft_turns
+    from ftlab.data.sources import generic_pairs
+
+    path = tmp_path / "chat.jsonl"
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye now"}]
+    path.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"prompt": "Hi", "response": "Hey"}) + "\n")
+    samples = generic_pairs(str(path), embedded_tokenizer, chat_template=True)
+    assert [len(s) for s in samples] == [2, 1]
+    enc = encode_sft_turns(samples[0], embedded_tokenizer, 512)
+    supervised = [t for t, m in zip(enc["labels"], enc["response_mask"]) if m]
+    eos = embedded_tokenizer.eos_token
+    assert embedded_tokenizer.decode(supervised) == f"Hello there{eos}Goodbye now{eos}"
+
+
+def test_generic_messages_must_end_with_an_assistant_turn(tmp_path, embedded_tokenizer):
+    from ftlab.data.sources import generic_pairs
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    with pytest.raises(UserError, match=r"chat.jsonl:1: 'messages' must be a list ending with an assistant"):
+        generic_pairs(str(path), embedded_tokenizer, chat_template=True)

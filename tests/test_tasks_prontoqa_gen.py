@@ -282,3 +282,34 @@ def test_unknown_proof_style_is_a_user_error():
 
     with pytest.raises(UserError, match="proof='sideways'"):
         get_task("prontoqa", proof="sideways")
+
+
+def test_more_queries_are_provable_claims_about_the_same_world():
+    """Extra claims: labels agree with the independent solver, backward targets are valid proofs,
+    and asking for them does not change the main claim of the first record."""
+    from ftlab.tasks import get_task
+
+    task = get_task("prontoqa", proof="backward")
+    plain = generate_prontoqa(150, hops=[1, 2, 3, 4, 5], seed=5)
+    records = generate_prontoqa(150, hops=[1, 2, 3, 4, 5], seed=5, more_queries=4)
+    assert {k: v for k, v in records[0].items() if k != "more_queries"} == plain[0]
+    answers, n_extra = [], 0
+    for i, record in enumerate(records):
+        extra = record["more_queries"]
+        queries = [record["query"]] + [q["query"] for q in extra]
+        # at least the conclusion concept's distractor parent and the second fact's concept are available
+        assert 2 <= len(extra) <= 4 and len({query_statement_prop(q) for q in queries}) == len(queries)
+        example = task.to_example(record, i)
+        assert len(example.followups) == len(extra)
+        for q, (question, target) in zip(extra, example.followups):
+            claim = {"question": record["question"], "query": q["query"], "answer": q["answer"]}
+            assert question == q["query"]
+            check_backward_proof(claim, target)  # includes: answer == solver's label
+            answers.append(q["answer"])
+        n_extra += len(extra)
+    assert 0.4 < answers.count("True") / n_extra < 0.6
+
+
+def query_statement_prop(query: str) -> str:
+    """The adjective a query asks about ('True or false: Sam is not bitter.' -> 'bitter')."""
+    return query.rstrip(".").split()[-1]

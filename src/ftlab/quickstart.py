@@ -28,7 +28,8 @@ def make_training_set(cfg: DictConfig, out: Path) -> Path:
     from ftlab.tasks import generate_prontoqa
 
     q = cfg.quickstart
-    records = generate_prontoqa(q.train_examples, hops=list(q.train_hops), seed=q.data_seed)
+    records = generate_prontoqa(q.train_examples, hops=list(q.train_hops), seed=q.data_seed,
+                                more_queries=q.get("more_queries", 0))
     write_jsonl(out, records)
     return out
 

@@ -72,18 +72,35 @@ def encode_sft_example(prompt: str, response: str, tokenizer: Any, max_length: i
         (None): it would train on nothing. Prompts are never truncated, since cutting the start of a
         prompt would remove the template and the instruction.
     """
+    return encode_sft_turns([(prompt, response)], tokenizer, max_length)
+
+
+def encode_sft_turns(turns: Sequence[tuple[str, str]], tokenizer: Any, max_length: int) -> dict[str, Any] | None:
+    """Encode a conversation with several supervised answers: `turns` is [(text before answer k, answer k)].
+
+    Each answer is followed by a supervised EOS (the end of an assistant turn in chat templates whose
+    EOS is the turn terminator); the text between answers (the template's turn markers and the next
+    user message) is not supervised. Same output and truncation policy as `encode_sft_example`,
+    which is the one-turn case.
+    """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if not turns:
+        raise ValueError("a conversation needs at least one (prompt, response) turn")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError("the tokenizer has no EOS token; SFT needs one to teach the model to stop")
-    prompt_ids = _ids(tokenizer, prompt)
-    full = prompt_ids + _ids(tokenizer, response) + [int(eos)]
+    full: list[int] = []
+    supervised: list[bool] = []
+    for before, answer in turns:
+        context_ids, answer_ids = _ids(tokenizer, before), _ids(tokenizer, answer) + [int(eos)]
+        full += context_ids + answer_ids
+        supervised += [False] * len(context_ids) + [True] * len(answer_ids)
     truncated = len(full) > max_length + 1
     if truncated:
-        full = full[: max_length + 1]
-    # label j is full[j + 1]; it is a response (or EOS) token when j + 1 >= len(prompt_ids)
-    response_mask = [j + 1 >= len(prompt_ids) for j in range(len(full) - 1)]
+        full, supervised = full[: max_length + 1], supervised[: max_length + 1]
+    # label j is full[j + 1]; it is trained on when token j + 1 belongs to an answer (or its EOS)
+    response_mask = supervised[1:]
     if not any(response_mask):
         return None
     return {

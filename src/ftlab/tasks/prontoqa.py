@@ -301,11 +301,12 @@ class ProntoQATask(Task):
         chain = record.get("chain_of_thought") or []
         if isinstance(chain, str):
             chain = [chain]
-        sep = "\n" if fmt == "logipt" else " "  # LoGiPT reasoning is line-structured, not sentences
-        reasoning = sep.join(s.strip() for s in chain if str(s).strip())
-        target = f"{reasoning}{sep}The answer is {gold}." if reasoning else f"The answer is {gold}."
-        if self.proof == "backward" and fmt == "authors":
-            target = backward_proof(context, statement, list(chain), gold) or target
+        target = self.target(context, statement, list(chain), gold, fmt)
+        # ftlab's generator can add more claims about the same world (training only)
+        followups = [(f"True or false: {query_statement(q['query'])}",
+                      self.target(context, query_statement(q["query"]), list(q["chain_of_thought"]),
+                                  normalize_tf_label(q["answer"]), fmt))
+                     for q in record.get("more_queries") or []]
         hops = record.get("hops")
         return Example(
             id=str(record.get("id") or f"prontoqa-{index}"),
@@ -314,7 +315,17 @@ class ProntoQATask(Task):
             gold=gold,
             meta={"hops": int(hops) if hops is not None else None, "query": query, "statement": statement,
                   "chain_of_thought": list(chain), "format": fmt},
+            followups=followups,
         )
+
+    def target(self, context: str, statement: str, chain: list[str], gold: str, fmt: str) -> str:
+        """The supervised response: the proof (as written, or goal-directed) and the verdict."""
+        sep = "\n" if fmt == "logipt" else " "  # LoGiPT reasoning is line-structured, not sentences
+        reasoning = sep.join(s.strip() for s in chain if str(s).strip())
+        target = f"{reasoning}{sep}The answer is {gold}." if reasoning else f"The answer is {gold}."
+        if self.proof == "backward" and fmt == "authors":
+            target = backward_proof(context, statement, chain, gold) or target
+        return target
 
     def __init__(self, proof: str = "forward"):
         if proof not in PROOF_STYLES:

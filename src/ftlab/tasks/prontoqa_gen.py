@@ -137,7 +137,8 @@ def _pick_form(rng: random.Random) -> str:
     return rng.choices(list(FORM_WEIGHTS), weights=list(FORM_WEIGHTS.values()))[0]
 
 
-def _generate_one(rng: random.Random, hops: int, answer: bool, distractors: bool, example_id: str) -> dict:
+def _generate_one(rng: random.Random, hops: int, answer: bool, distractors: bool, example_id: str,
+                  more_queries: int = 0) -> dict:
     chain_len = _chain_length(rng, hops) if distractors else hops
     start = rng.randrange(chain_len - hops + 1)
     n_concepts = 2 * chain_len + 4
@@ -158,12 +159,12 @@ def _generate_one(rng: random.Random, hops: int, answer: bool, distractors: bool
     proof_rules = subtype[start:end] + [chain_props[end]]
     concl = chain_props[end]
 
+    dparent_rules = [_Rule(c, d, True) for c, d in zip(chain, dparents)]
+    dparent_props = [_Rule(d, p, False, n) for d, (p, n) in zip(dparents, props[chain_len:2 * chain_len])]
+    other_prop = _Rule(other_child, props[-1][0], False, props[-1][1])
     if distractors:
-        rules = subtype + chain_props
-        rules += [_Rule(c, d, True) for c, d in zip(chain, dparents)]
-        rules += [_Rule(d, p, False, n) for d, (p, n) in zip(dparents, props[chain_len:2 * chain_len])]
-        other_prop, other_negated = props[-1]
-        rules += [_Rule(other_child, other_root, True), _Rule(other_child, other_prop, False, other_negated)]
+        rules = subtype + chain_props + dparent_rules + dparent_props
+        rules += [_Rule(other_child, other_root, True), other_prop]
         rules.append(_Rule(fresh, concl.obj, False, not concl.negated))  # the opposite-property distractor
         facts = [_member(entity, chain[start]), _member(entity, other_child)]
     else:
@@ -174,23 +175,43 @@ def _generate_one(rng: random.Random, hops: int, answer: bool, distractors: bool
     rng.shuffle(sentences)
     rng.shuffle(facts)
 
-    cot = [_member(entity, chain[start])]
-    for rule in proof_rules[:-1]:
+    record = {
+        "id": example_id,
+        "question": " ".join(sentences + facts),
+        **_claim(entity, chain[start], proof_rules, forms, answer),
+        "hops": hops,
+    }
+    if more_queries and distractors:
+        # Every other property the entity provably has or lacks: the other chain concepts above its
+        # fact, their distractor parents, and the second fact's concept. One rule mentions each.
+        others = [(chain[start], subtype[start:j] + [chain_props[j]]) for j in range(start, chain_len) if j != end]
+        others += [(chain[start], subtype[start:j] + [dparent_rules[j], dparent_props[j]])
+                   for j in range(start, chain_len)]
+        others.append((other_child, [other_prop]))
+        picked = rng.sample(others, min(more_queries, len(others)))
+        record["more_queries"] = [_claim(entity, first, proof, forms, rng.random() < 0.5) for first, proof in picked]
+    return record
+
+
+def _claim(entity: str, first_concept: str, proof: list[_Rule], forms: dict, answer: bool) -> dict:
+    """Query, answer and forward chain of thought for the property that `proof` (rules, bottom up) gives."""
+    concl = proof[-1]
+    cot = [_member(entity, first_concept)]
+    for rule in proof[:-1]:
         cot += [render_rule(rule, forms[rule]), _member(entity, rule.obj)]
     cot += [render_rule(concl, forms[concl]), _attribute(entity, concl.obj, concl.negated)]
     query_negated = concl.negated if answer else not concl.negated
-    return {
-        "id": example_id,
-        "question": " ".join(sentences + facts),
-        "query": "True or false: " + _attribute(entity, concl.obj, query_negated),
-        "chain_of_thought": cot,
-        "answer": "True" if answer else "False",
-        "hops": hops,
-    }
+    return {"query": "True or false: " + _attribute(entity, concl.obj, query_negated),
+            "chain_of_thought": cot, "answer": "True" if answer else "False"}
 
 
-def generate_prontoqa(n: int, hops: int | Sequence[int], seed: int, distractors: bool = True) -> list[dict]:
+def generate_prontoqa(n: int, hops: int | Sequence[int], seed: int, distractors: bool = True,
+                      more_queries: int = 0) -> list[dict]:
     """`n` PrOntoQA records with the authors' fields (id, question, query, chain_of_thought, answer, hops).
+
+    `more_queries > 0` adds a field `more_queries`: up to that many other claims about the same
+    entity and context ({query, chain_of_thought, answer}, answers drawn at random), for training on
+    several questions per context (the context is most of an example's tokens).
 
     `hops` is one hop count or a list that is cycled through (example i gets hops[i % len(hops)]).
     Labels are balanced within every hop count (True/False differ by at most one) and shuffled.
@@ -213,6 +234,6 @@ def generate_prontoqa(n: int, hops: int | Sequence[int], seed: int, distractors:
         for i, label in zip(idx, labels):
             answers[i] = label
     return [
-        _generate_one(rng, h, answers[i], distractors, f"prontoqa-gen-s{seed}-{i:06d}")
+        _generate_one(rng, h, answers[i], distractors, f"prontoqa-gen-s{seed}-{i:06d}", more_queries)
         for i, h in enumerate(per_example_hops)
     ]

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.data.collate import length_grouped_batches, pack_examples, packed_collate, pad_collate
-from ftlab.data.sft import encode_sft_example, preflight
+from ftlab.data.sft import encode_sft_turns, preflight
 from ftlab.data.sources import load_pairs
 from ftlab.errors import UserError
 from ftlab.losses import response_token_log_probs
@@ -87,8 +87,8 @@ class SFTData:
         return out
 
 
-def encode_pairs(pairs: list[tuple[str, str]], tokenizer: Any, max_length: int) -> list[dict | None]:
-    return [encode_sft_example(p, r, tokenizer, max_length) for p, r in pairs]
+def encode_pairs(samples: list[list[tuple[str, str]]], tokenizer: Any, max_length: int) -> list[dict | None]:
+    return [encode_sft_turns(turns, tokenizer, max_length) for turns in samples]
 
 
 def prepare_data(cfg: DictConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> tuple[SFTData, Any]:
