@@ -77,6 +77,16 @@ def test_greedy_tokens_identical_to_plain_generate(model, tokenizer, prompts, re
     assert engine.stats["new_tokens"] == sum(len(w) for w in want)
 
 
+def test_more_slots_than_the_plain_batch_gives_the_same_tokens(model, tokenizer, prompts):
+    """The default engine decodes many rows per step (64); the tokens must not depend on it."""
+    assert GenerationConfig().batch_size == 64
+    engine = HFEngine(model, tokenizer)
+    got = [samples[0] for samples in engine.generate_tokens(prompts, GenerationConfig(max_new_tokens=24),
+                                                           progress=False)]
+    assert engine.stats["decode_steps"] <= 24  # all 11 prompts decoded side by side
+    assert got == plain_generate(model, tokenizer, prompts, batch_size=2, max_new_tokens=24)
+
+
 def test_shared_prefix_is_computed_once_and_tokens_still_match(model, tokenizer, prompts):
     """Chat templates give every prompt the same start; its K/V are computed once and reused."""
     with_prefix = ["w1 w2 w3 w4 w5 w6 " + p for p in prompts]

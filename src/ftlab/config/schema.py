@@ -106,7 +106,7 @@ class EvalConfig:
     shots: int = 0
     chat_template: bool = True
     engine: str = "hf"                   # hf | vllm
-    batch_size: int = 16
+    batch_size: int = 64                 # generation row slots (see generate/base.py)
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0

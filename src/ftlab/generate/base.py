@@ -23,7 +23,7 @@ class GenerationConfig:
     top_p: float = 1.0
     n: int = 1                      # completions per prompt
     stop: list[str] = field(default_factory=list)  # cut the output at the first of these (excluded)
-    batch_size: int = 16            # sequences decoded at the same time
+    batch_size: int = 64            # row slots decoded at the same time (more rows per step: more tokens per weight read)
     seed: int = 0
     max_prompt_tokens: int | None = None  # longer prompts lose their beginning (left truncation)
 
