@@ -303,7 +303,7 @@ def test_more_queries_are_provable_claims_about_the_same_world():
         assert len(example.followups) == len(extra)
         for q, (question, target) in zip(extra, example.followups):
             claim = {"question": record["question"], "query": q["query"], "answer": q["answer"]}
-            assert question == q["query"]
+            assert question.startswith(q["query"] + "\n")  # the eval prompt's instruction follows
             check_backward_proof(claim, target)  # includes: answer == solver's label
             answers.append(q["answer"])
         n_extra += len(extra)
@@ -313,3 +313,20 @@ def test_more_queries_are_provable_claims_about_the_same_world():
 def query_statement_prop(query: str) -> str:
     """The adjective a query asks about ('True or false: Sam is not bitter.' -> 'bitter')."""
     return query.rstrip(".").split()[-1]
+
+
+def test_lookup_drills_quote_every_sentence_about_the_property():
+    from ftlab.tasks import get_task
+
+    task = get_task("prontoqa", proof="backward")
+    records = generate_prontoqa(60, hops=[1, 3, 5], seed=8, lookups=3)
+    for i, record in enumerate(records):
+        example = task.to_example(record, i)
+        assert len(example.followups) == 3
+        sentences = split_sentences(record["question"])
+        for prop, (question, target) in zip(record["lookups"], example.followups):
+            assert question == f"Which sentences say whether something is {prop}?"
+            want = [s for s in sentences if parse_sentence(s)[0] == "prop" and parse_sentence(s)[2] == prop]
+            assert target == " ".join(want) and 1 <= len(want) <= 2
+            # the queried property is the one with two rules (one about a concept nothing else mentions)
+            assert (len(want) == 2) == (prop == statement_of(record["query"]).rstrip(".").split()[-1])

@@ -80,10 +80,10 @@ def task_turns(task: Any, ex: Any, tokenizer: Any, shots: int, chat_template: bo
     if chat_template and getattr(tokenizer, "chat_template", None):
         msgs = task.messages(ex, shots) + [{"role": "assistant", "content": ex.target}]
         for question, target in ex.followups:
-            msgs += [{"role": "user", "content": task.instruction(question)}, {"role": "assistant", "content": target}]
+            msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": target}]
         return chat_turns(tokenizer, msgs, f"{task.name} example {ex.id}")
     # plain text: the same layout as `Task.render_prompt` (blank line between turns, "Answer:")
-    return [(prompt, ex.target)] + [(f"\n\n{task.instruction(q)}\nAnswer: ", t) for q, t in ex.followups]
+    return [(prompt, ex.target)] + [(f"\n\n{q}\nAnswer: ", t) for q, t in ex.followups]
 
 
 def load_pairs(data_cfg: Any, source: str, split: str, tokenizer: Any, limit: int | None) -> list[Turns]:

@@ -22,7 +22,7 @@ class Example:
     target: str              # supervised response text for SFT (reasoning + final answer), no EOS
     gold: str                # normalized gold answer, comparable with extract_answer()
     meta: dict[str, Any] = field(default_factory=dict)  # task-specific fields (hops, study_id, FOL, ...)
-    # More (question, target) pairs on the same context, asked after this one in the same training
+    # More (user message, target) pairs on the same context, asked after this one in the same training
     # conversation (e.g. other claims about one PrOntoQA world); evaluation asks only `question`.
     followups: list[tuple[str, str]] = field(default_factory=list)
 

@@ -264,6 +264,17 @@ def backward_proof(context: str, statement: str, chain: list[str], gold: str) ->
     return " ".join(steps)
 
 
+def lookup_turn(context: str, prop: str) -> tuple[str, str]:
+    """A retrieval drill: which context sentences mention `prop`, quoted in context order.
+
+    Every goal-directed proof starts by finding the rules that end in the claimed property, i.e.
+    recalling a sentence's beginning from its last word, the step small models get wrong most
+    often; these turns practise it on their own.
+    """
+    sentences = [s.strip() for s in _SENTENCE_RE.findall(context) if re.search(rf"\b{re.escape(prop)}\b", s)]
+    return f"Which sentences say whether something is {prop}?", " ".join(sentences) or "None."
+
+
 class ProntoQATask(Task):
     """PrOntoQA True/False with chain-of-thought targets ('<proof sentences> The answer is True.').
 
@@ -302,11 +313,12 @@ class ProntoQATask(Task):
         if isinstance(chain, str):
             chain = [chain]
         target = self.target(context, statement, list(chain), gold, fmt)
-        # ftlab's generator can add more claims about the same world (training only)
-        followups = [(f"True or false: {query_statement(q['query'])}",
+        # ftlab's generator can add more claims about the same world and sentence lookups (training only)
+        followups = [(self.instruction(f"True or false: {query_statement(q['query'])}"),
                       self.target(context, query_statement(q["query"]), list(q["chain_of_thought"]),
                                   normalize_tf_label(q["answer"]), fmt))
                      for q in record.get("more_queries") or []]
+        followups += [lookup_turn(context, prop) for prop in record.get("lookups") or []]
         hops = record.get("hops")
         return Example(
             id=str(record.get("id") or f"prontoqa-{index}"),

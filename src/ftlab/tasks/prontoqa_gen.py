@@ -138,7 +138,7 @@ def _pick_form(rng: random.Random) -> str:
 
 
 def _generate_one(rng: random.Random, hops: int, answer: bool, distractors: bool, example_id: str,
-                  more_queries: int = 0) -> dict:
+                  more_queries: int = 0, lookups: int = 0) -> dict:
     chain_len = _chain_length(rng, hops) if distractors else hops
     start = rng.randrange(chain_len - hops + 1)
     n_concepts = 2 * chain_len + 4
@@ -181,6 +181,9 @@ def _generate_one(rng: random.Random, hops: int, answer: bool, distractors: bool
         **_claim(entity, chain[start], proof_rules, forms, answer),
         "hops": hops,
     }
+    if lookups:
+        mentioned = sorted({r.obj for r in rules if not r.is_concept})
+        record["lookups"] = rng.sample(mentioned, min(lookups, len(mentioned)))
     if more_queries and distractors:
         # Every other property the entity provably has or lacks: the other chain concepts above its
         # fact, their distractor parents, and the second fact's concept. One rule mentions each.
@@ -206,12 +209,13 @@ def _claim(entity: str, first_concept: str, proof: list[_Rule], forms: dict, ans
 
 
 def generate_prontoqa(n: int, hops: int | Sequence[int], seed: int, distractors: bool = True,
-                      more_queries: int = 0) -> list[dict]:
+                      more_queries: int = 0, lookups: int = 0) -> list[dict]:
     """`n` PrOntoQA records with the authors' fields (id, question, query, chain_of_thought, answer, hops).
 
     `more_queries > 0` adds a field `more_queries`: up to that many other claims about the same
     entity and context ({query, chain_of_thought, answer}, answers drawn at random), for training on
-    several questions per context (the context is most of an example's tokens).
+    several questions per context (the context is most of an example's tokens). `lookups > 0` adds
+    `lookups`: that many properties the context mentions, for "which sentences mention P?" drills.
 
     `hops` is one hop count or a list that is cycled through (example i gets hops[i % len(hops)]).
     Labels are balanced within every hop count (True/False differ by at most one) and shuffled.
@@ -234,6 +238,6 @@ def generate_prontoqa(n: int, hops: int | Sequence[int], seed: int, distractors:
         for i, label in zip(idx, labels):
             answers[i] = label
     return [
-        _generate_one(rng, h, answers[i], distractors, f"prontoqa-gen-s{seed}-{i:06d}", more_queries)
+        _generate_one(rng, h, answers[i], distractors, f"prontoqa-gen-s{seed}-{i:06d}", more_queries, lookups)
         for i, h in enumerate(per_example_hops)
     ]
