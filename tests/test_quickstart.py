@@ -20,7 +20,9 @@ SHORT = ["quickstart.train_examples=16", "quickstart.heldout_hops=[1,3]", "quick
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_shortened_quickstart_end_to_end(tmp_path, capsys, lora):
     code = main(["quickstart", str(REPO / "recipes" / "quickstart.yaml"), f"output_dir={tmp_path}",
-                 f"quickstart.heldout_dir={tmp_path / 'no-real-data'}", f"lora.enabled={lora}", *SHORT])
+                 f"quickstart.heldout_dir={tmp_path / 'no-real-data'}", f"lora.enabled={lora}", *SHORT,
+                 # the LoRA run also trains on conversations: extra claims and lookup drills as follow-up turns
+                 *(["quickstart.more_queries=2", "quickstart.lookups=1", "data.max_length=1024"] if lora else [])])
     out = capsys.readouterr().out
     assert code == 0
     run = next((tmp_path / "quickstart").glob("2*_quickstart"))
@@ -46,6 +48,10 @@ def test_shortened_quickstart_end_to_end(tmp_path, capsys, lora):
     assert first_tuned in report  # the unpicked first problem, with both outputs
     trained_on = json.loads((run / "data" / "train.jsonl").open().readline())
     assert {"question", "query", "chain_of_thought", "answer", "hops"} <= set(trained_on)
+    assert ({"more_queries", "lookups"} <= set(trained_on)) == lora
+    if lora:  # the run log shows the follow-up answers supervised
+        sft_log = (Path(summary["sft_run"]) / "run.log").read_text()
+        assert "Which sentences say whether something is" in sft_log and sft_log.count("«") >= 4
 
 
 @pytest.mark.slow

@@ -359,3 +359,16 @@ def test_generic_messages_must_end_with_an_assistant_turn(tmp_path, embedded_tok
     path.write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
     with pytest.raises(UserError, match=r"chat.jsonl:1: 'messages' must be a list ending with an assistant"):
         generic_pairs(str(path), embedded_tokenizer, chat_template=True)
+
+
+def test_task_followups_without_a_chat_template_use_the_plain_layout(tiny_tokenizer):
+    """The tiny tokenizer has no chat template: follow-ups continue the plain 'Answer:' layout."""
+    from ftlab.data.sources import task_turns
+    from ftlab.tasks import get_task
+    from ftlab.tasks.base import Example
+
+    task = get_task("gsm8k")
+    ex = Example(id="x", question="the cat", target="a b", gold="1", followups=[("the mat", "c d")])
+    turns = task_turns(task, ex, tiny_tokenizer, shots=0, chat_template=True)
+    assert turns[0] == (task.render_prompt(ex, tokenizer=tiny_tokenizer), "a b")
+    assert turns[1] == ("\n\nthe mat\nAnswer: ", "c d")

@@ -29,7 +29,7 @@ def make_training_set(cfg: DictConfig, out: Path) -> Path:
 
     q = cfg.quickstart
     records = generate_prontoqa(q.train_examples, hops=list(q.train_hops), seed=q.data_seed,
-                                more_queries=q.more_queries)
+                                more_queries=q.more_queries, lookups=q.lookups)
     write_jsonl(out, records)
     return out
 

@@ -129,6 +129,7 @@ class QuickstartConfig:
     train_examples: int = 600
     train_hops: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     more_queries: int = 0           # other claims about each training context, trained as follow-up turns
+    lookups: int = 0                # "which sentences mention P?" drills per training context (follow-up turns)
     data_seed: int = 1234
     # Authors' files (used when the folder exists), else ftlab-generated held-out problems.
     heldout_dir: str = "../shared/data/prontoqa"   # relative to the working directory

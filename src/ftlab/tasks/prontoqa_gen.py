@@ -214,7 +214,8 @@ def generate_prontoqa(n: int, hops: int | Sequence[int], seed: int, distractors:
 
     `more_queries > 0` adds a field `more_queries`: up to that many other claims about the same
     entity and context ({query, chain_of_thought, answer}, answers drawn at random), for training on
-    several questions per context (the context is most of an example's tokens). `lookups > 0` adds
+    several questions per context (the context is most of an example's tokens); only with
+    distractors, which give the world its other properties. `lookups > 0` adds
     `lookups`: that many properties the context mentions, for "which sentences mention P?" drills.
 
     `hops` is one hop count or a list that is cycled through (example i gets hops[i % len(hops)]).
