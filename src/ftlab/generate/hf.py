@@ -21,7 +21,7 @@ are the same (checked in the tests and in `benchmarks/bench_generate.py`).
 
 What this buys depends on the workload. On a CPU a decoding step is bound by streaming the fp32
 weights through the matmuls, once per step however many rows share it, so the engine decodes 64 rows
-at a time by default (`GenerationConfig.batch_size`): 360 ms for a step of 64 rows against 122 ms for
+at a time by default (`GenerationConfig.batch_size`): about 365 ms for a step of 64 rows against 125 ms for
 16 on this 2-core VM. A plain `generate` gains less from a bigger batch, since it pads every batch to
 its longest prompt and runs every row until the longest is done; the engine keeps its slots full.
 Each row's matmul result does not depend on how many rows share the call, so the tokens stay those
