@@ -94,7 +94,7 @@ def gsm8k_rows(path: str, n: int) -> list[dict[str, str]]:
 
 
 def render_prompt(tokenizer: Any, question: str) -> str:
-    """The same call ftlab's generic source makes (ftlab.data.sources.generic_pairs)."""
+    """The same call ftlab's generic source makes (ftlab.data.sources.generic_conversations)."""
     return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                          add_generation_prompt=True)
 

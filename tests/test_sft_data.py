@@ -338,13 +338,13 @@ def test_generic_messages_supervise_every_assistant_turn(tmp_path, embedded_toke
     import json
 
     from ftlab.data.sft import encode_sft_turns
-    from ftlab.data.sources import generic_pairs
+    from ftlab.data.sources import generic_conversations
 
     path = tmp_path / "chat.jsonl"
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye now"}]
     path.write_text(json.dumps({"messages": msgs}) + "\n" + json.dumps({"prompt": "Hi", "response": "Hey"}) + "\n")
-    samples = generic_pairs(str(path), embedded_tokenizer, chat_template=True)
+    samples = generic_conversations(str(path), embedded_tokenizer, chat_template=True)
     assert [len(s) for s in samples] == [2, 1]
     enc = encode_sft_turns(samples[0], embedded_tokenizer, 512)
     supervised = [t for t, m in zip(enc["labels"], enc["response_mask"]) if m]
@@ -353,12 +353,12 @@ def test_generic_messages_supervise_every_assistant_turn(tmp_path, embedded_toke
 
 
 def test_generic_messages_must_end_with_an_assistant_turn(tmp_path, embedded_tokenizer):
-    from ftlab.data.sources import generic_pairs
+    from ftlab.data.sources import generic_conversations
 
     path = tmp_path / "chat.jsonl"
     path.write_text('{"messages": [{"role": "user", "content": "Hi"}]}\n')
     with pytest.raises(UserError, match=r"chat.jsonl:1: 'messages' must be a list ending with an assistant"):
-        generic_pairs(str(path), embedded_tokenizer, chat_template=True)
+        generic_conversations(str(path), embedded_tokenizer, chat_template=True)
 
 
 def test_task_followups_without_a_chat_template_use_the_plain_layout(tiny_tokenizer):

@@ -44,52 +44,50 @@ def chat_turns(tokenizer: Any, msgs: list[dict], where: str) -> Turns:
     return turns
 
 
-def generic_pairs(path: str, tokenizer: Any, chat_template: bool, limit: int | None = None) -> list[Turns]:
-    pairs = []
+def generic_conversations(path: str, tokenizer: Any, chat_template: bool, limit: int | None = None) -> list[Turns]:
+    samples = []
     for lineno, r in iter_jsonl(path):
         if "messages" in r:
             msgs = r["messages"]
             if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
                 raise UserError(f"{path}:{lineno}: 'messages' must be a list ending with an assistant turn")
-            pairs.append(chat_turns(tokenizer, msgs, f"{path}:{lineno}"))
+            samples.append(chat_turns(tokenizer, msgs, f"{path}:{lineno}"))
         elif "prompt" in r and "response" in r:
             prompt = r["prompt"]
             if chat_template and getattr(tokenizer, "chat_template", None):
                 prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                        add_generation_prompt=True)
-            pairs.append([(prompt, r["response"])])
+            samples.append([(prompt, r["response"])])
         else:
             field = "response" if "prompt" in r else "prompt"
             raise UserError(f"{path}:{lineno}: missing field {field!r} (need prompt+response, or messages)")
-        if limit is not None and len(pairs) >= limit:
+        if limit is not None and len(samples) >= limit:
             break
-    if not pairs:
+    if not samples:
         raise UserError(f"{path}: file is empty (no JSON records)")
-    return pairs
+    return samples
 
 
-def task_pairs(task: Any, examples: list, tokenizer: Any, shots: int, chat_template: bool) -> list[Turns]:
+def task_conversations(task: Any, examples: list, tokenizer: Any, shots: int, chat_template: bool) -> list[Turns]:
     return [task_turns(task, ex, tokenizer, shots, chat_template) for ex in examples]
 
 
 def task_turns(task: Any, ex: Any, tokenizer: Any, shots: int, chat_template: bool) -> Turns:
     """The example's prompt and target, then its follow-up questions as later turns."""
-    prompt = task.render_prompt(ex, shots=shots, tokenizer=tokenizer, chat_template=chat_template)
-    if not ex.followups:
-        return [(prompt, ex.target)]
-    if chat_template and getattr(tokenizer, "chat_template", None):
+    if ex.followups and chat_template and getattr(tokenizer, "chat_template", None):
         msgs = task.messages(ex, shots) + [{"role": "assistant", "content": ex.target}]
         for question, target in ex.followups:
             msgs += [{"role": "user", "content": question}, {"role": "assistant", "content": target}]
         return chat_turns(tokenizer, msgs, f"{task.name} example {ex.id}")
+    prompt = task.render_prompt(ex, shots=shots, tokenizer=tokenizer, chat_template=chat_template)
     # plain text: the same layout as `Task.render_prompt` (blank line between turns, "Answer:")
     return [(prompt, ex.target)] + [(f"\n\n{q}\nAnswer: ", t) for q, t in ex.followups]
 
 
-def load_pairs(data_cfg: Any, source: str, split: str, tokenizer: Any, limit: int | None) -> list[Turns]:
+def load_conversations(data_cfg: Any, source: str, split: str, tokenizer: Any, limit: int | None) -> list[Turns]:
     """Training conversations (usually one (prompt, response) turn) of one split as the recipe's data section describes."""
     if data_cfg.task == GENERIC:
-        return generic_pairs(source, tokenizer, data_cfg.chat_template, limit)
+        return generic_conversations(source, tokenizer, data_cfg.chat_template, limit)
     from ftlab.tasks import get_task
 
     task = get_task(data_cfg.task, **data_cfg.task_options)
@@ -98,4 +96,4 @@ def load_pairs(data_cfg: Any, source: str, split: str, tokenizer: Any, limit: in
         examples = [ex for ex in examples if task.score(ex.target, ex)["correct"]]
         if not examples:
             raise UserError(f"{source}: data.filter_correct kept no example")
-    return task_pairs(task, examples, tokenizer, data_cfg.shots, data_cfg.chat_template)
+    return task_conversations(task, examples, tokenizer, data_cfg.shots, data_cfg.chat_template)

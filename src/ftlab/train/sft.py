@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab.data.collate import length_grouped_batches, pack_examples, packed_collate, pad_collate
 from ftlab.data.sft import encode_sft_turns, preflight
-from ftlab.data.sources import load_pairs
+from ftlab.data.sources import load_conversations
 from ftlab.errors import UserError
 from ftlab.losses import response_token_log_probs
 from ftlab.runs.rundir import RunDir
@@ -87,7 +87,7 @@ class SFTData:
         return out
 
 
-def encode_pairs(samples: list[list[tuple[str, str]]], tokenizer: Any, max_length: int) -> list[dict | None]:
+def encode_conversations(samples: list[list[tuple[str, str]]], tokenizer: Any, max_length: int) -> list[dict | None]:
     return [encode_sft_turns(turns, tokenizer, max_length) for turns in samples]
 
 
@@ -95,8 +95,8 @@ def prepare_data(cfg: DictConfig, tokenizer: Any, rank: int = 0, world: int = 1)
     d = cfg.data
     if not d.train:
         raise UserError("data.train is not set (a JSONL path or a datasets id)")
-    pairs = load_pairs(d, d.train, d.train_split, tokenizer, d.limit)
-    encoded = encode_pairs(pairs, tokenizer, d.max_length)
+    samples = load_conversations(d, d.train, d.train_split, tokenizer, d.limit)
+    encoded = encode_conversations(samples, tokenizer, d.max_length)
     report = preflight(encoded, tokenizer, n_show=2, max_bad_share=d.max_bad_share)
     kept = [e for e in encoded if e is not None]
     data = SFTData(kept, cfg.train.batch_size, cfg.train.grad_accum, cfg.seed, d.packing, d.group_by_length,
@@ -108,8 +108,8 @@ def val_batches(cfg: DictConfig, tokenizer: Any) -> list[dict[str, torch.Tensor]
     d = cfg.data
     if not d.val:
         return []
-    pairs = load_pairs(d, d.val, d.val_split, tokenizer, d.val_limit)
-    enc = [e for e in encode_pairs(pairs, tokenizer, d.max_length) if e is not None]
+    samples = load_conversations(d, d.val, d.val_split, tokenizer, d.val_limit)
+    enc = [e for e in encode_conversations(samples, tokenizer, d.max_length) if e is not None]
     bs = cfg.train.batch_size
     return [pad_collate(enc[i:i + bs], tokenizer.pad_token_id) for i in range(0, len(enc), bs)]
 
