@@ -13,3 +13,14 @@ class UserError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # always one line
+
+
+def not_utf8(path: object, raw: bytes, e: UnicodeDecodeError, first_line: int = 1) -> UserError:
+    """The one-line error for a file that is not UTF-8 text, naming its line and the offending byte.
+
+    `raw` is the text that failed to decode (a whole file, or one line starting at `first_line`).
+    """
+    line = first_line + raw.count(b"\n", 0, e.start)
+    column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+    return UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); "
+                     "save the file as UTF-8")

@@ -9,17 +9,18 @@ one-line UserError naming the file:line or the key, with the closest valid key w
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from ftlab.config.schema import CHOICES, Recipe
-from ftlab.errors import UserError
+from ftlab.config.schema import CHOICES, NULL_MEANS, RANGES, Recipe
+from ftlab.errors import UserError, not_utf8
 
 
 def read_yaml(path: Path) -> dict:
@@ -27,7 +28,15 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, raw, e) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -46,15 +55,45 @@ def resolve_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path in seen:
         raise UserError(f"{path}: circular base: chain ({' -> '.join(p.name for p in seen + (path,))})")
     data = read_yaml(path)
-    bases = data.pop("base", None) or []
+    merged = OmegaConf.create()
+    for parent in base_paths(path, data.pop("base", None)):
+        merged = OmegaConf.merge(merged, _as_config(resolve_bases(parent, seen + (path,)), parent))
+    merged = OmegaConf.merge(merged, _as_config(data, path))
+    return OmegaConf.to_container(merged)  # type: ignore[return-value]
+
+
+def base_paths(path: Path, bases: Any) -> list[Path]:
+    """The parents a recipe's `base:` names; a missing one is an error naming the referring file:line."""
+    if bases is None:
+        return []
     if isinstance(bases, str):
         bases = [bases]
-    merged = OmegaConf.create()
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise UserError(f"{path}:{_line_of(path, 'base')}: base: must be a recipe path or a list of them; "
+                        f"got {bases!r}")
+    found = []
     for b in bases:
-        parent = (path.parent / b) if not os.path.isabs(b) else Path(b)
-        merged = OmegaConf.merge(merged, OmegaConf.create(resolve_bases(parent, seen + (path,))))
-    merged = OmegaConf.merge(merged, OmegaConf.create(data))
-    return OmegaConf.to_container(merged)  # type: ignore[return-value]
+        parent = Path(b).expanduser()
+        parent = parent if parent.is_absolute() else path.parent / parent
+        if not parent.is_file():
+            raise UserError(f"{path}:{_line_of(path, b)}: base recipe {b!r} not found ({parent})")
+        found.append(parent)
+    return found
+
+
+def _line_of(path: Path, needle: str) -> int:
+    """1-based line of the `base:` entry naming `needle` (only called on the error path)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next((i for i, l in enumerate(lines) if l.lstrip().startswith("base")), 0)
+    return next((i + 1 for i in range(start, len(lines)) if needle in lines[i]), start + 1)
+
+
+def _as_config(data: dict, path: Path) -> DictConfig:
+    """OmegaConf of one file's keys; values YAML allows but a recipe cannot hold (dates, ...) name the file."""
+    try:
+        return OmegaConf.create(data)
+    except OmegaConfBaseException as e:
+        raise UserError(f"{path}: bad value for '{_full_key(e)}': {_first_line(e)}") from None
 
 
 def valid_keys(cls: Any = Recipe, prefix: str = "") -> list[str]:
@@ -90,37 +129,100 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> DictConfig:
-    """Load, merge and validate a recipe; returns a typed, fully resolved DictConfig."""
-    schema = OmegaConf.structured(Recipe)
-    layers = [OmegaConf.create(resolve_bases(Path(path)))] if path else []
-    layers.append(parse_overrides(overrides))
-    cfg = schema
-    for layer in layers:
+    """Load, merge and validate a recipe; returns a typed, fully resolved DictConfig.
+
+    Every check runs here, before any model or data loads, so every verb gets it; an error names the
+    override that caused it (`override 'train.log_every=0': ...`) or else the recipe file.
+    """
+    items = list(overrides)
+    override_layer = parse_overrides(items)
+    layers = [(_where(path), OmegaConf.create(resolve_bases(Path(path))))] if path else []
+    layers.append(("", override_layer))
+    cfg = OmegaConf.structured(Recipe)
+    for where, layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except ConfigKeyError as e:
             key = _full_key(e)
-            raise UserError(f"{_where(path)}unknown key '{key}'{closest_key(key)}") from None
+            raise UserError(f"{where or _override_of(key, items)}unknown key '{key}'{closest_key(key)}") from None
         except ValidationError as e:
             key = _full_key(e)
-            raise UserError(f"{_where(path)}wrong type for '{key}': {_first_line(e)}") from None
+            raise UserError(f"{where or _override_of(key, items)}wrong type for '{key}': {_first_line(e)}") from None
     try:
         OmegaConf.resolve(cfg)  # interpolations such as ${train.batch_size}
     except OmegaConfBaseException as e:
         raise UserError(f"{_where(path)}cannot resolve '{_full_key(e)}': {_first_line(e)}") from None
-    check_choices(cfg, path)
+
+    def origin(key: str) -> str:
+        return _override_of(key, items) if OmegaConf.select(override_layer, key) is not None else _where(path)
+
+    check_choices(cfg, origin)
+    check_ranges(cfg, origin)
     return cfg
 
 
-def check_choices(cfg: DictConfig, path: Any = None) -> None:
+def check_choices(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "") -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             shown = ", ".join(str(a) for a in allowed)
-            raise UserError(f"{_where(path)}'{key}' must be one of {shown}; got {value!r}")
-    for key in ("train.batch_size", "train.grad_accum", "data.max_length"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise UserError(f"{_where(path)}'{key}' must be >= 1; got {OmegaConf.select(cfg, key)}")
+            raise UserError(f"{origin(key)}'{key}' must be one of {shown}; got {value!r}")
+
+
+def check_ranges(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "") -> None:
+    """Every numeric setting within its range (schema.RANGES): expected vs got, naming the key."""
+    for key, spec in RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        values = list(value) if isinstance(value, ListConfig) else [value]
+        for i, v in enumerate(values):
+            if not in_range(v, spec):
+                shown = f"{key}[{i}]" if isinstance(value, ListConfig) else key
+                null = f" (or null: {NULL_MEANS[key]})" if key in NULL_MEANS else ""
+                expected = spec if spec.startswith(">") else f"in {spec}"
+                raise UserError(f"{origin(key)}'{shown}' must be {expected}{null}; got {v!r}")
+    if len(cfg.optim.betas) != 2:
+        raise UserError(f"{origin('optim.betas')}'optim.betas' must be two numbers [beta1, beta2]; "
+                        f"got {list(cfg.optim.betas)!r}")
+    check_hops(cfg, origin)
+
+
+def in_range(value: Any, spec: str) -> bool:
+    """`value` satisfies a RANGES spec; NaN and infinities never do (a finite setting is always meant)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    if spec.startswith((">=", ">")):
+        bound = float(spec.lstrip(">= "))
+        return value >= bound if spec.startswith(">=") else value > bound
+    low, high = (float(x) for x in spec[1:-1].split(","))
+    above = value >= low if spec[0] == "[" else value > low
+    below = value <= high if spec[-1] == "]" else value < high
+    return above and below
+
+
+def check_hops(cfg: DictConfig, origin: Callable[[str], str]) -> None:
+    """The quickstart's hop counts exist in the PrOntoQA generator, and there is one size per held-out hop."""
+    from ftlab.tasks.prontoqa_gen import max_supported_hops
+
+    q = cfg.quickstart
+    for key in ("quickstart.train_hops", "quickstart.heldout_hops"):
+        hops = list(OmegaConf.select(cfg, key))
+        if not hops or max(hops) > max_supported_hops():
+            raise UserError(f"{origin(key)}'{key}' must list hop counts from 1 to {max_supported_hops()}; "
+                            f"got {hops}")
+    if len(q.heldout_hops) != len(q.heldout_sizes):
+        raise UserError(f"{origin('quickstart.heldout_sizes')}'quickstart.heldout_sizes' must give one size per "
+                        f"entry of quickstart.heldout_hops ({len(q.heldout_hops)}); got {len(q.heldout_sizes)}")
+
+
+def _override_of(key: str, items: list[str]) -> str:
+    """'override 'k=v': ' for the command-line override that set `key` (or a section above/below it)."""
+    for item in reversed(items):  # the last one wins, as in the merge
+        k = item.split("=", 1)[0]
+        if k == key or key.startswith(k + ".") or k.startswith(key + "."):
+            return f"override {item!r}: "
+    return "override: "
 
 
 def _full_key(e: OmegaConfBaseException) -> str:

@@ -168,3 +168,67 @@ CHOICES = {
     "eval.engine": ("hf", "vllm"),
     "eval.precision": ("fp32", "bf16", "fp16"),
 }
+
+# Numeric ranges, checked right after a recipe loads (`ftlab.config.load.check_ranges`), before any
+# model or data: a value outside its range is a one-line error naming the key, never silently
+# different work (eval.limit=0 used to score one row, train.save_every=0 to save nothing).
+# Specs: ">= 1", "> 0", "[0, 1]", "[0, 1)", "(0, 1]". A list value is checked element by element.
+# A null is always allowed for Optional keys; NULL_MEANS says what null does, for the message.
+RANGES: dict[str, str] = {
+    "seed": ">= 0",                      # numpy (via accelerate's set_seed) rejects negative seeds
+    "lora.r": ">= 1",
+    "lora.alpha": "> 0",
+    "lora.dropout": "[0, 1)",
+    "data.limit": ">= 1",
+    "data.val_limit": ">= 1",
+    "data.shots": ">= 0",
+    "data.max_length": ">= 1",
+    "data.max_bad_share": "[0, 1]",
+    "optim.lr": "> 0",
+    "optim.weight_decay": ">= 0",
+    "optim.betas": "[0, 1)",
+    "optim.eps": "> 0",
+    "schedule.warmup_steps": ">= 0",
+    "schedule.warmup_ratio": "[0, 1]",
+    "schedule.min_lr": ">= 0",
+    "train.epochs": "> 0",
+    "train.max_steps": ">= 1",
+    "train.max_minutes": "> 0",
+    "train.batch_size": ">= 1",
+    "train.grad_accum": ">= 1",
+    "train.grad_clip": "> 0",
+    "train.log_every": ">= 1",
+    "train.eval_every": ">= 1",
+    "train.log_generations_every": ">= 1",
+    "train.save_every": ">= 1",
+    "train.keep_last": ">= 0",
+    "eval.offset": ">= 0",
+    "eval.limit": ">= 1",
+    "eval.shots": ">= 0",
+    "eval.batch_size": ">= 1",
+    "eval.max_new_tokens": ">= 1",
+    "eval.temperature": ">= 0",
+    "eval.top_p": "(0, 1]",
+    "eval.n": ">= 1",
+    "quickstart.train_examples": ">= 1",
+    "quickstart.train_hops": ">= 1",
+    "quickstart.more_queries": ">= 0",
+    "quickstart.lookups": ">= 0",
+    "quickstart.data_seed": ">= 0",
+    "quickstart.heldout_hops": ">= 1",
+    "quickstart.heldout_sizes": ">= 1",
+    "quickstart.heldout_seed": ">= 0",
+}
+
+NULL_MEANS: dict[str, str] = {
+    "data.limit": "every training example",
+    "data.val_limit": "every validation example",
+    "schedule.min_lr": "no floor",
+    "train.max_steps": "train for train.epochs",
+    "train.max_minutes": "no time limit",
+    "train.grad_clip": "no clipping",
+    "train.eval_every": "no periodic validation",
+    "train.log_generations_every": "no generation logs",
+    "train.save_every": "no intermediate checkpoints",
+    "eval.limit": "every row after eval.offset",
+}
