@@ -13,10 +13,13 @@ from ftlab.tasks import TASKS, Example, get_task, parse_gsm8k_response, parse_lo
 from ftlab.tasks.folio import extract_folio_flexible, extract_folio_strict, premise_fol_pairs
 from ftlab.tasks.gsm8k import parse_gsm8k_strict
 from ftlab.tasks.prontoqa import extract_true_false_flexible, extract_true_false_strict, query_statement
+from ftlab.tasks.scoring import bootstrap_ci, majority_class
 from ftlab.tasks.socsci210 import (
     extract_response_flexible,
     extract_response_strict,
     question_key,
+    question_scales,
+    stated_scale,
     wasserstein_1d,
 )
 
@@ -44,6 +47,40 @@ def test_registry_rejects_unknown_option():
     assert get_task("gsm8k", socratic_subquestions=False).socratic_subquestions is False
 
 
+# -- shared scoring ------------------------------------------------------------------------------
+def test_bootstrap_ci_contains_the_mean_and_stays_in_the_unit_interval():
+    hits = [1, 0, 1, 1, 0, 1, 0, 1, 1, 1]   # mean 0.7
+    lo, hi = bootstrap_ci(hits)
+    assert 0.0 <= lo < 0.7 < hi <= 1.0
+    assert bootstrap_ci(hits) == [lo, hi]    # fixed seed: the same interval every time
+
+
+def test_bootstrap_ci_degenerate_and_empty():
+    assert bootstrap_ci([1] * 20) == [1.0, 1.0]
+    assert bootstrap_ci([0, 0, 0]) == [0.0, 0.0]
+    assert bootstrap_ci([]) is None
+
+
+@pytest.mark.parametrize("ones, minus_ones, n", [(600, 0, 2000), (300, 100, 1000)])
+def test_bootstrap_ci_width_matches_the_normal_approximation(ones, minus_ones, n):
+    # Large n: the percentile interval is close to mean +- 1.96 * sd / sqrt(n).
+    # 600/2000 ones: p = 0.3, sd = sqrt(0.21), width = 3.92 * sqrt(0.21 / 2000) = 0.0402.
+    # 300 of +1, 100 of -1 in 1000 (a paired difference): mean 0.2, var = 0.4 - 0.04 = 0.36, width = 0.0744.
+    values = [1] * ones + [-1] * minus_ones + [0] * (n - ones - minus_ones)
+    mean = (ones - minus_ones) / n
+    var = (ones + minus_ones) / n - mean ** 2
+    lo, hi = bootstrap_ci(values)
+    assert hi - lo == pytest.approx(2 * 1.96 * math.sqrt(var / n), rel=0.1)
+    assert (lo + hi) / 2 == pytest.approx(mean, abs=0.005)
+
+
+def test_majority_class():
+    assert majority_class(["True", "False", "True"]) == ("True", pytest.approx(2 / 3))
+    assert majority_class(["Uncertain", "False"]) == ("False", 0.5)     # a tie: the alphabetically first
+    label, rate = majority_class([])
+    assert label is None and math.isnan(rate)
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_every_task_states_its_extraction_rule_and_survives_junk_outputs(name):
     task = get_task(name)
@@ -57,6 +94,10 @@ def test_every_task_states_its_extraction_rule_and_survives_junk_outputs(name):
     assert isinstance(metrics["extraction_rule"], str) and "flexible" in metrics["extraction_rule"]
     assert metrics["parse_rate"] == pytest.approx(1 / 5)
     assert {"accuracy", "accuracy_strict", "accuracy_flexible", "parse_rate"} <= set(metrics)
+    assert metrics["primary_rule"] == "strict, else flexible" and "strict, else flexible" in metrics["extraction_rule"]
+    for key in ("accuracy", "accuracy_strict", "accuracy_flexible"):   # every accuracy has its interval
+        lo, hi = metrics[f"{key}_ci95"]
+        assert 0.0 <= lo <= metrics[key] <= hi <= 1.0
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -126,19 +167,23 @@ def test_gsm8k_scores_and_metrics_by_hand():
     golds = ["18", "3", "1080", "5"]
     outputs = [
         "She makes 9 * 2 = 18 dollars.\n#### 18",   # strict 18 ok,  flexible 18 ok
-        "The answer is 3. Check: 3 * 2 = 6",         # strict 3 ok,   flexible 6 wrong
-        "So the total is $1,080.",                   # strict none,   flexible 1080 ok
+        "The answer is 3. Check: 3 * 2 = 6",         # strict 3 ok,   flexible 6 wrong -> primary 3 ok
+        "So the total is $1,080.",                   # strict none,   flexible 1080 ok -> primary 1080 ok
         "I am not sure.",                            # nothing parsed
     ]
     examples = [Example(id=str(i), question="q", target="t", gold=g) for i, g in enumerate(golds)]
     scores = [task.score(o, ex) for o, ex in zip(outputs, examples)]
     assert [s["extracted_strict"] for s in scores] == ["18", "3", None, None]
-    assert [s["extracted"] for s in scores] == ["18", "6", "1080", None]
+    assert [s["extracted_flexible"] for s in scores] == ["18", "6", "1080", None]
+    assert [s["extracted"] for s in scores] == ["18", "3", "1080", None]   # strict, else flexible
     m = task.aggregate(scores, examples)
-    assert m["accuracy"] == m["accuracy_flexible"] == 0.5   # outputs 1 and 3
+    assert m["accuracy"] == 0.75                            # outputs 1, 2 and 3
     assert m["accuracy_strict"] == 0.5                      # outputs 1 and 2
-    assert m["parse_rate"] == 0.75 and m["parse_rate_strict"] == 0.5
-    assert m["primary_rule"] == "flexible" and "####" in m["extraction_rule"]
+    assert m["accuracy_flexible"] == 0.5                    # outputs 1 and 3
+    assert m["parse_rate"] == m["parse_rate_flexible"] == 0.75 and m["parse_rate_strict"] == 0.5
+    assert m["primary_rule"] == "strict, else flexible" and "####" in m["extraction_rule"]
+    assert "strict, else flexible" in m["extraction_rule"]
+    assert m["metric_rules"]["accuracy_flexible"] == "flexible" and m["metric_rules"]["accuracy"] == m["primary_rule"]
 
 
 def test_gsm8k_bad_inputs(tmp_path):
@@ -295,8 +340,27 @@ def test_prontoqa_metrics_by_hops_by_hand():
     assert m["parse_rate"] == pytest.approx(4 / 5)
     assert m["accuracy_by_hops"] == {"1": 0.5, "3": pytest.approx(2 / 3)}
     assert m["n_by_hops"] == {"1": 2, "3": 3}
+    assert m["majority_class"] == "True" and m["majority_class_rate"] == pytest.approx(3 / 5)  # golds: 3 True
     no_hops = [Example(id="x", question="q", target="t", gold="True")]
     assert "accuracy_by_hops" not in task.aggregate([task.score("True", no_hops[0])], no_hops)
+
+
+def test_prontoqa_explicit_answer_wins_over_a_later_stray_word():
+    task = get_task("prontoqa")
+    output = "The answer is True. (Sam is not sour, so 'Sam is sour' is false.)"
+    examples = [Example(id=str(i), question="q", target="t", gold=g) for i, g in enumerate(["True", "False"])]
+    right, wrong = (task.score(output, ex) for ex in examples)
+    # strict reads "True" (the explicit form); flexible reads the last bare word, "false"
+    assert (right["extracted_strict"], right["extracted_flexible"], right["extracted"]) == ("True", "False", "True")
+    assert right["correct"] and right["correct_strict"] and not right["correct_flexible"]
+    assert not wrong["correct"] and wrong["correct_flexible"]
+    assert task.extract_answer(output) == "True"
+    m = task.aggregate([right, wrong], examples)
+    # primary: row 1 right, row 2 wrong; flexible: the reverse; strict = primary here
+    assert m["accuracy"] == m["accuracy_strict"] == m["accuracy_flexible"] == 0.5
+    assert m["majority_class"] == "False" and m["majority_class_rate"] == 0.5   # a tie goes to the first name
+    m_one = task.aggregate([right], examples[:1])
+    assert (m_one["accuracy"], m_one["accuracy_strict"], m_one["accuracy_flexible"]) == (1.0, 1.0, 0.0)
 
 
 def test_prontoqa_bad_inputs(tmp_path):
@@ -368,6 +432,7 @@ def test_folio_metrics_by_hand():
     assert m["accuracy"] == 0.5 and m["accuracy_strict"] == 0.5   # outputs 1 and 3
     assert m["parse_rate"] == 1.0 and m["parse_rate_strict"] == 0.75
     assert m["accuracy_by_label"] == {"True": 1.0, "False": 0.0, "Uncertain": 0.5}
+    assert m["majority_class"] == "Uncertain" and m["majority_class_rate"] == 0.5   # 2 of the 4 golds
 
 
 def test_folio_bad_inputs(tmp_path):
@@ -420,50 +485,108 @@ def _socsci_row(study, cond, age, scenario, gold):
             "output": f"Response: {gold}", "study_id": study, "condition_num": cond}
 
 
+LIKERT = "Rate it. Only return an integer from 1 to 5, nothing else."          # stated scale [1, 5]
+DOLLARS = "Prices rose from 10 to 20. How much? Only return an integer representing dollars, nothing else."
+YES_NO = "Agree? Only return 1 for Yes or 2 for No, nothing else."                # answer codes: [1, 2]
+
+
+@pytest.mark.parametrize("question, scale", [
+    ("Rose from 8 to 9 percent. Only return an integer from 1 to 7, where 1 means No.", (1, 7)),
+    ("Only return an integer from 1 (Definitely not eligible) to 5 (Definitely eligible), nothing else.", (1, 5)),
+    ("Only return an integer from 1 ($0-$20) to 7 (More than $120), nothing else.", (1, 7)),
+    ("Only return a multiple of 100 between 0 and 1000, nothing else.", (0, 1000)),
+    ("Only return 1 for $1-$10; 2 for $11-$25; 3 for $26-$50, nothing else.", (1, 3)),
+    ("Only return 1 if you accept it as final, up to 4 if you strongly believe it should be challenged.", (1, 4)),
+    (YES_NO, (1, 2)),
+    (DOLLARS, None),                  # the scenario's "from 10 to 20" is not the answer scale
+])
+def test_socsci_stated_scale(question, scale):
+    assert stated_scale(question) == scale
+
+
+def test_socsci_explicit_response_wins_over_a_later_number():
+    ex = Example(id="e", question="q", target="Response: 5", gold="5",
+                 meta={"study_id": "s", "condition_num": 1, "question_key": LIKERT, "gold_value": 5})
+    score = get_task("socsci210").score("Response: 5 (on a scale from 1 to 7)", ex)
+    assert (score["extracted_strict"], score["extracted_flexible"], score["extracted"]) == ("5", "7", "5")
+    assert score["value"] == 5 and score["correct"] and not score["correct_flexible"]
+
+
 def test_socsci_metrics_by_hand(tmp_path):
     rows = [
-        _socsci_row("A", 1, 30, "Q1", 2),   # question A/1/Q1: humans {2, 4}
-        _socsci_row("A", 1, 50, "Q1", 4),
-        _socsci_row("A", 1, 40, "Q2", 1),   # question A/1/Q2: humans {1}
-        _socsci_row("B", 2, 60, "Q3", 5),   # question B/2/Q3: humans {5, 7}
-        _socsci_row("B", 2, 70, "Q3", 7),
+        _socsci_row("A", 1, 30, LIKERT, 2),
+        _socsci_row("A", 1, 50, LIKERT, 4),
+        _socsci_row("A", 1, 40, DOLLARS, 100),   # no stated scale: the human answers span [100, 500]
+        _socsci_row("A", 1, 45, DOLLARS, 500),
+        _socsci_row("B", 2, 60, YES_NO, 1),
+        _socsci_row("B", 2, 70, YES_NO, 2),
     ]
     task = get_task("socsci210")
     examples = task.load(write_jsonl(tmp_path / "s.jsonl", rows))
-    assert examples[0].question == "Predict.\n\nDemographics: Age: 30\n\nScenario: Q1"
+    assert examples[0].question == f"Predict.\n\nDemographics: Age: 30\n\nScenario: {LIKERT}"
     assert examples[0].target == "Response: 2" and examples[0].gold == "2"
-    outputs = ["Response: 3", "4", "Response: 1", "Response: 7", "no idea"]
+    outputs = ["Response: 3", "4", "Response: 300", "Response: 500 (between 0 and 1000)", "Response: 2", "no idea"]
     scores = [task.score(o, ex) for o, ex in zip(outputs, examples)]
-    assert [s["parsed"] for s in scores] == [True, True, True, True, False]
+    # strict 3 - 300 500 2 -; flexible 3 4 300 1000 2 -; primary (strict, else flexible) 3 4 300 500 2 -
+    assert [s["value"] for s in scores] == [3, 4, 300, 500, 2, None]
     m = task.aggregate(scores, examples)
-    # parsed (pred, gold): (3,2) (4,4) (1,1) (7,5) -> errors 1, 0, 0, 2
-    assert m["parse_rate"] == pytest.approx(4 / 5)
-    assert m["parse_rate_strict"] == pytest.approx(3 / 5)   # "4" has no "Response:"
-    assert m["accuracy"] == pytest.approx(2 / 5)            # (4,4) and (1,1)
-    assert m["accuracy_strict"] == pytest.approx(1 / 5)     # only (1,1) among strict parses
-    assert m["mae"] == pytest.approx(3 / 4)                 # (1+0+0+2)/4
-    assert m["rmse"] == pytest.approx(math.sqrt(5 / 4))     # sqrt((1+0+0+4)/4)
-    # x=[3,4,1,7] (mean 3.75), y=[2,4,1,5] (mean 3): sum dxdy=13, sum dx^2=18.75, sum dy^2=10
-    assert m["pearson_r"] == pytest.approx(13 / math.sqrt(18.75 * 10))
-    # W1 per question: Q1 preds {3,4} vs {2,4} = 0.5; Q2 {1} vs {1} = 0; Q3 {7} vs {5,7} = 1.0
-    assert m["wasserstein"] == pytest.approx((0.5 + 0 + 1.0) / 3)
-    assert m["n_questions"] == 3 and m["n_questions_unparsed"] == 0
+    assert m["parse_rate"] == m["parse_rate_flexible"] == pytest.approx(5 / 6)
+    assert m["parse_rate_strict"] == pytest.approx(4 / 6)
+    assert m["accuracy"] == pytest.approx(2 / 6)            # 4 == 4 and 500 == 500
+    assert m["accuracy_strict"] == pytest.approx(1 / 6)     # 500 only ("4" has no "Response:")
+    assert m["accuracy_flexible"] == pytest.approx(1 / 6)   # 4 only (row 4 reads 1000)
+    assert m["primary_rule"] == "strict, else flexible"
+    # raw units, parsed pairs (3,2) (4,4) (300,100) (500,500) (2,1): errors 1 0 200 0 1
+    assert m["mae_raw"] == pytest.approx(202 / 5)
+    assert m["rmse_raw"] == pytest.approx(math.sqrt(40002 / 5))
+    # normalised: Likert (v-1)/4, dollars (v-100)/400, yes/no (v-1)/1
+    # pairs (0.5,0.25) (0.75,0.75) (0.5,0) (1,1) (1,0): |errors| .25 0 .5 0 1
+    assert m["mae_norm"] == pytest.approx(1.75 / 5)
+    # x mean 0.75, y mean 0.4: sum dxdy = 0.1875, sum dx^2 = 0.25, sum dy^2 = 0.825
+    assert m["pearson_r"] == pytest.approx(0.1875 / math.sqrt(0.25 * 0.825))
+    # W1 per study x condition on the normalised scale:
+    # A/1: preds {.5 .5 .75 1} vs humans {0 .25 .75 1} -> (.5 + .25 + 0 + 0) / 4 = 0.1875
+    # B/2: preds {1} vs humans {0, 1} -> CDFs differ by 1/2 on [0, 1) -> 0.5
+    assert m["wasserstein"] == pytest.approx((0.1875 + 0.5) / 2)
+    assert m["n_cells"] == 2 and m["n_cells_unparsed"] == 0
+    assert (m["n_questions"], m["n_questions_scale_stated"], m["n_questions_scale_from_answers"]) == (3, 2, 1)
+    assert m["n_questions_unscaled"] == 0 and m["n_questions_scale_widened"] == 0
+    assert "from A to B" in m["scale_rule"]
     a, b = m["by_study"]["A"], m["by_study"]["B"]
-    # study A: (3,2) (4,4) (1,1): x=[3,4,1], y=[2,4,1] -> r = (39/9) / (42/9) = 13/14
-    assert a["n"] == 3 and a["mae"] == pytest.approx(1 / 3) and a["rmse"] == pytest.approx(math.sqrt(1 / 3))
-    assert a["pearson_r"] == pytest.approx(13 / 14) and a["wasserstein"] == pytest.approx(0.25)
-    # study B: one parsed pair (7,5); r undefined with a single point
-    assert b["parse_rate"] == 0.5 and b["mae"] == 2 and b["rmse"] == 2 and b["pearson_r"] is None
-    assert b["wasserstein"] == pytest.approx(1.0)
-    assert "Response:" in m["extraction_rule"] and m["primary_rule"] == "flexible"
+    assert a["n"] == 4 and a["mae_raw"] == pytest.approx(201 / 4) and a["rmse_raw"] == pytest.approx(math.sqrt(40001 / 4))
+    # study A normalised: x = [.5 .75 .5 1], y = [.25 .75 0 1]: sum dxdy = 0.3125, dx^2 = 0.171875, dy^2 = 0.625
+    assert a["pearson_r"] == pytest.approx(0.3125 / math.sqrt(0.171875 * 0.625))
+    assert a["wasserstein"] == pytest.approx(0.1875)
+    # study B: one parsed pair (2,1); r undefined with a single point
+    assert b["parse_rate"] == 0.5 and b["mae_raw"] == 1 and b["pearson_r"] is None
+    assert b["wasserstein"] == pytest.approx(0.5)
+
+
+def test_socsci_scale_widened_and_unscaled_questions(tmp_path):
+    # A stated two-code scale answered 1 and 5 (as in the real data) widens to [1, 5]; a dollar
+    # question with one distinct human answer has no scale and stays out of the normalised metrics.
+    scenarios = "Only return 1 for the first scenario; 2 for the second scenario, nothing else."
+    rows = [_socsci_row("A", 1, 30, scenarios, 1), _socsci_row("A", 1, 40, scenarios, 5),
+            _socsci_row("A", 1, 50, DOLLARS, 70)]
+    task = get_task("socsci210")
+    examples = task.load(write_jsonl(tmp_path / "s.jsonl", rows))
+    scales = question_scales(examples)
+    assert [scales[k]["lo"] for k in scales] == [1, 70] and [scales[k]["hi"] for k in scales] == [5, 70]
+    m = task.aggregate([task.score(o, ex) for o, ex in zip(["Response: 2", "Response: 5", "Response: 90"],
+                                                            examples)], examples)
+    assert m["n_questions_scale_widened"] == 1 and m["n_questions_unscaled"] == 1
+    assert m["mae_raw"] == pytest.approx((1 + 0 + 20) / 3)            # raw errors include every parsed row
+    assert m["mae_norm"] == pytest.approx((0.25 + 0) / 2)            # (2-1)/4 vs 0, 1 vs 1
+    # A/1 on the normalised scale: preds {.25, 1} vs humans {0, 1}: (.25 + 0) / 2
+    assert m["wasserstein"] == pytest.approx(0.125)
 
 
 def test_socsci_question_with_no_parsed_prediction_is_skipped(tmp_path):
     task = get_task("socsci210")
-    examples = task.load(write_jsonl(tmp_path / "s.jsonl", [_socsci_row("A", 1, 30, "Q1", 2)]))
+    examples = task.load(write_jsonl(tmp_path / "s.jsonl", [_socsci_row("A", 1, 30, LIKERT, 2)]))
     m = task.aggregate([task.score("??", examples[0])], examples)
-    assert m["parse_rate"] == 0.0 and m["mae"] is None and m["wasserstein"] is None
-    assert m["n_questions"] == 0 and m["n_questions_unparsed"] == 1
+    assert m["parse_rate"] == 0.0 and m["mae_raw"] is None and m["wasserstein"] is None
+    assert m["n_cells"] == 0 and m["n_cells_unparsed"] == 1
 
 
 def test_socsci_bad_inputs(tmp_path):

@@ -11,7 +11,14 @@ import re
 from typing import Any
 
 from ftlab.tasks.base import Example, Task
-from ftlab.tasks.scoring import as_text, paired, two_rule_metrics, two_rule_score
+from ftlab.tasks.scoring import (
+    as_text,
+    majority_metrics,
+    paired,
+    primary_answer,
+    two_rule_metrics,
+    two_rule_score,
+)
 
 LABELS = ("True", "False", "Uncertain")
 _LABEL_ALIASES = {"true": "True", "false": "False", "uncertain": "Uncertain", "unknown": "Uncertain"}
@@ -21,7 +28,8 @@ _WORD_RE = re.compile(r"\b" + _WORDS + r"\b", re.IGNORECASE)
 EXTRACTION_RULE = (
     "strict: the last 'answer is True/False/Uncertain' (case-insensitive, optional ':' or '**'); "
     "flexible: the last standalone word true/false/uncertain/unknown anywhere in the output. "
-    "'Unknown' counts as 'Uncertain'. Primary (accuracy) = flexible."
+    "'Unknown' counts as 'Uncertain'. Primary (accuracy) = strict, else flexible: the strict answer when the "
+    "strict rule finds one, otherwise the flexible one."
 )
 
 
@@ -121,7 +129,7 @@ class FolioTask(Task):
                 f"or \"The answer is Uncertain.\"")
 
     def extract_answer(self, text: str) -> str | None:
-        return extract_folio_flexible(text)
+        return primary_answer(extract_folio_strict(text), extract_folio_flexible(text))
 
     def score(self, output: str, example: Example) -> dict[str, Any]:
         return two_rule_score(extract_folio_strict(output), extract_folio_flexible(output), example.gold)
@@ -135,4 +143,5 @@ class FolioTask(Task):
             if hits:
                 by_label[label] = sum(hits) / len(hits)
         metrics["accuracy_by_label"] = by_label
+        metrics.update(majority_metrics(scores, examples))
         return metrics

@@ -11,7 +11,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ftlab.tasks.base import Example, Task
-from ftlab.tasks.scoring import as_text, two_rule_metrics, two_rule_score
+from ftlab.tasks.scoring import as_text, primary_answer, two_rule_metrics, two_rule_score
 
 # A number as people write it: optional sign and "$", thousands groups "1,080", optional decimals.
 # The minus only counts when it does not follow a word character, so "3-5" reads as 3 and 5, not -5.
@@ -29,7 +29,8 @@ EXTRACTION_RULE = (
     "strict: the number in the last explicit final-answer form ('#### N', 'The answer is N', "
     "'answer: N' or '\\boxed{N}'); flexible: the last number anywhere in the output. Numbers are "
     "normalized before comparison: '$' and thousands commas removed, trailing zeros of decimals "
-    "dropped ('3.50' -> '3.5', '5.0' -> '5'), a sentence-final period ignored. Primary (accuracy) = flexible."
+    "dropped ('3.50' -> '3.5', '5.0' -> '5'), a sentence-final period ignored. Primary (accuracy) = strict, "
+    "else flexible: the strict answer when the strict rule finds one, otherwise the flexible one."
 )
 
 
@@ -150,7 +151,7 @@ class GSM8KTask(Task):
                 f"in the form \"#### <number>\".")
 
     def extract_answer(self, text: str) -> str | None:
-        return parse_gsm8k_response(text)
+        return primary_answer(parse_gsm8k_strict(text), parse_gsm8k_response(text))
 
     def score(self, output: str, example: Example) -> dict[str, Any]:
         return two_rule_score(parse_gsm8k_strict(output), parse_gsm8k_response(output), example.gold)

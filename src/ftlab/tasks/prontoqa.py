@@ -21,13 +21,21 @@ from typing import Any, Iterable
 from ftlab.data.jsonl import iter_jsonl
 from ftlab.errors import UserError
 from ftlab.tasks.base import Example, Task, load_hub_records
-from ftlab.tasks.scoring import as_text, paired, two_rule_metrics, two_rule_score
+from ftlab.tasks.scoring import (
+    as_text,
+    majority_metrics,
+    paired,
+    primary_answer,
+    two_rule_metrics,
+    two_rule_score,
+)
 
 AUTHORS_FIELDS = ("question", "query", "answer")
 PROOF_STYLES = ("forward", "backward")
 EXTRACTION_RULE = (
     "strict: the last 'answer is True/False' (case-insensitive, optional ':' or '**'); flexible: the last "
-    "standalone word 'true' or 'false' anywhere in the output. Primary (accuracy) = flexible."
+    "standalone word 'true' or 'false' anywhere in the output. Primary (accuracy) = strict, else flexible: "
+    "the strict answer when the strict rule finds one, otherwise the flexible one."
 )
 _STRICT_RE = re.compile(r"answer\s+is\s*:?\s*\**\s*(true|false)\b", re.IGNORECASE)
 _WORD_RE = re.compile(r"\b(true|false)\b", re.IGNORECASE)
@@ -363,13 +371,14 @@ class ProntoQATask(Task):
         return f"{question}\nReason step by step, then end with \"The answer is True.\" or \"The answer is False.\""
 
     def extract_answer(self, text: str) -> str | None:
-        return extract_true_false_flexible(text)
+        return primary_answer(extract_true_false_strict(text), extract_true_false_flexible(text))
 
     def score(self, output: str, example: Example) -> dict[str, Any]:
         return two_rule_score(extract_true_false_strict(output), extract_true_false_flexible(output), example.gold)
 
     def aggregate(self, scores: list[dict[str, Any]], examples: list[Example]) -> dict[str, Any]:
         metrics = two_rule_metrics(scores, EXTRACTION_RULE)
+        metrics.update(majority_metrics(scores, examples))
         by_hops = _accuracy_by_hops(scores, examples)
         if by_hops:
             metrics["accuracy_by_hops"], metrics["n_by_hops"] = by_hops
