@@ -66,15 +66,43 @@ def test_infer_streams_rows_and_resumes(tmp_path):
     inp.write_text("".join(json.dumps({"prompt": f"hello {i}"}) + "\n" for i in range(5))
                    + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     out = tmp_path / "out.jsonl"
-    # a previous run was killed after two rows and half of a third
-    out.write_text(json.dumps({"index": 0, "prompt": "x", "output": "kept"}) + "\n"
-                   + json.dumps({"index": 3, "prompt": "x", "output": "kept"}) + "\n" + '{"index": 4, "outp')
-    assert main(["infer", str(recipe), "--input", str(inp), "--output", str(out), "eval.max_new_tokens=3"]) == 0
+    argv = ["infer", str(recipe), "--input", str(inp), "--output", str(out), "eval.max_new_tokens=3"]
+    assert main(argv) == 0
+    full = {r["index"]: r for r in map(json.loads, out.open())}
+    # as if the run had been killed after two rows and half of a third
+    kept = [dict(full[i], output="kept") for i in (0, 3)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in kept) + json.dumps(full[4])[:20])
+    assert main(argv) == 0
     rows = [json.loads(l) for l in out.open()]
     assert sorted(r["index"] for r in rows) == [0, 1, 2, 3, 4, 5]
     assert [r["output"] for r in rows if r["index"] in (0, 3)] == ["kept", "kept"]  # not regenerated
-    assert main(["infer", str(recipe), "--input", str(inp), "--output", str(out)]) == 0  # nothing left to do
+    assert all(r["prompt"] == full[r["index"]]["prompt"] for r in rows)
+    assert main(argv) == 0  # nothing left to do
     assert len(out.read_text().splitlines()) == 6
+
+
+def test_infer_refuses_to_resume_another_input_or_settings(tmp_path, capsys):
+    """Rows count as done only for the same prompt, model and generation settings (issue: index-only resume
+    skipped every prompt of a different --input and exited 0)."""
+    recipe = tiny_recipe(tmp_path)
+    inp, other = tmp_path / "in.jsonl", tmp_path / "other.jsonl"
+    inp.write_text("".join(json.dumps({"prompt": f"hello {i}"}) + "\n" for i in range(3)))
+    other.write_text("".join(json.dumps({"prompt": f"world {i}"}) + "\n" for i in range(3)))
+    out = tmp_path / "out.jsonl"
+    assert main(["infer", str(recipe), "--input", str(inp), "--output", str(out), "eval.max_new_tokens=3"]) == 0
+    capsys.readouterr()
+    before = out.read_text()
+    for extra, needle in [([f"--input={other}", "eval.max_new_tokens=3"], f"another prompt than {other}:1"),
+                          ([f"--input={inp}", "eval.max_new_tokens=5"], "max_new_tokens 3 -> 5"),
+                          ([f"--input={inp}", "eval.max_new_tokens=3", "model.dtype=bf16"], "'dtype': 'bf16'")]:
+        code = main(["infer", str(recipe), "--output", str(out)] + extra)
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and f"{out}:1:" in err and "Traceback" not in err, err
+    assert out.read_text() == before  # nothing appended or dropped
+    # an output written by an older ftlab (no settings on record) is refused too, not taken as done
+    out.write_text(json.dumps({"index": 0, "prompt": "x", "output": "y"}) + "\n")
+    code = main(["infer", str(recipe), "--input", str(inp), "--output", str(out)])
+    assert code == 2 and "older ftlab" in capsys.readouterr().err
 
 
 def test_infer_bad_row_names_file_and_line(tmp_path, capsys):

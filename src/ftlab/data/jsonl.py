@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ftlab.errors import UserError
+from ftlab.errors import UserError, not_utf8
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
@@ -14,8 +14,16 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    try:
+        f = path.open("rb")  # bytes: a line that is not UTF-8 is then an error naming that line
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            try:  # utf-8-sig on line 1: editors on Windows start files with a byte-order mark
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise not_utf8(path, raw, e, lineno) from None
             if not line.strip():
                 continue
             try:
@@ -23,8 +31,27 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {json_type(record)}")
             yield lineno, record
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a value's type, for messages about fields of the wrong type."""
+    if value is None:
+        return "null"
+    for types, name in ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "an array"),
+                        (dict, "an object")):
+        if isinstance(value, types):
+            return name
+    return type(value).__name__
+
+
+def text_field(record: dict, field: str, where: str) -> str:
+    """`record[field]` when it is a string; otherwise a one-line error naming file:line and the field."""
+    value = record[field]
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field {field!r} must be a string; got {json_type(value)}")
+    return value
 
 
 def read_jsonl(path: str | os.PathLike, required: Iterable[str] = (), limit: int | None = None) -> list[dict]:

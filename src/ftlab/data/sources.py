@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ftlab.data.jsonl import iter_jsonl
+from ftlab.data.jsonl import iter_jsonl, json_type, text_field
 from ftlab.errors import UserError
 
 GENERIC = "generic"
@@ -35,7 +35,7 @@ def chat_turns(tokenizer: Any, msgs: list[dict], where: str) -> Turns:
     for k, m in enumerate(msgs):
         if m.get("role") != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
+        prompt = render_chat(tokenizer, msgs[:k], where)
         if not prompt.startswith(done):
             raise UserError(f"{where}: the chat template renders earlier turns differently in longer "
                             "conversations; train on one assistant turn per example")
@@ -44,20 +44,55 @@ def chat_turns(tokenizer: Any, msgs: list[dict], where: str) -> Turns:
     return turns
 
 
+def check_messages(msgs: Any, where: str) -> list[dict]:
+    """`msgs` as chat messages: a non-empty list of {role, content} objects with string values.
+
+    Anything else (a list of strings, a turn without content, content that is a number) is a one-line
+    error naming the file:line and the field, not a KeyError deep inside a chat template.
+    """
+    if not isinstance(msgs, list) or not msgs:
+        raise UserError(f"{where}: field 'messages' must be a non-empty array of {{role, content}} objects; "
+                        f"got {json_type(msgs) if msgs != [] else 'an empty array'}")
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise UserError(f"{where}: field 'messages[{k}]' must be an object with 'role' and 'content'; "
+                            f"got {json_type(m)}")
+        for key in ("role", "content"):
+            if key not in m:
+                raise UserError(f"{where}: field 'messages[{k}]' has no {key!r}")
+            if not isinstance(m[key], str):
+                raise UserError(f"{where}: field 'messages[{k}].{key}' must be a string; got {json_type(m[key])}")
+    return msgs
+
+
+def render_chat(tokenizer: Any, msgs: list[dict], where: str) -> str:
+    """The chat template applied to `msgs`, ready for the next assistant turn; a template that rejects
+    the conversation (roles out of order, no template at all) is a one-line error naming file:line."""
+    from jinja2 import TemplateError
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{where}: 'messages' need a tokenizer with a chat template; this one has none "
+                        "(write 'prompt' rows instead)")
+    try:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:  # templates raise on conversations they do not support
+        raise UserError(f"{where}: the chat template rejects these messages: {e}") from None
+
+
 def generic_conversations(path: str, tokenizer: Any, chat_template: bool, limit: int | None = None) -> list[Turns]:
     samples = []
     for lineno, r in iter_jsonl(path):
+        where = f"{path}:{lineno}"
         if "messages" in r:
-            msgs = r["messages"]
-            if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
-                raise UserError(f"{path}:{lineno}: 'messages' must be a list ending with an assistant turn")
-            samples.append(chat_turns(tokenizer, msgs, f"{path}:{lineno}"))
+            msgs = check_messages(r["messages"], where)
+            if msgs[-1]["role"] != "assistant":
+                raise UserError(f"{where}: 'messages' must end with an assistant turn (the supervised answer)")
+            samples.append(chat_turns(tokenizer, msgs, where))
         elif "prompt" in r and "response" in r:
-            prompt = r["prompt"]
+            prompt, response = text_field(r, "prompt", where), text_field(r, "response", where)
             if chat_template and getattr(tokenizer, "chat_template", None):
-                prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                       add_generation_prompt=True)
-            samples.append([(prompt, r["response"])])
+                prompt = render_chat(tokenizer, [{"role": "user", "content": prompt}], where)
+            samples.append([(prompt, response)])
         else:
             field = "response" if "prompt" in r else "prompt"
             raise UserError(f"{path}:{lineno}: missing field {field!r} (need prompt+response, or messages)")
