@@ -2,7 +2,10 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from ftlab.cli import main
+from ftlab.evaluate import compare_table, paired_difference
 from ftlab.runs.rundir import read_status
 from tests.helpers import tiny_recipe
 
@@ -58,6 +61,43 @@ def test_compare_evaluates_two_models_on_identical_prompts(tmp_path, capsys):
     runs = sorted((tmp_path / "runs" / "eval").glob("2*"))
     prompts = [[json.loads(l)["prompt"] for l in (r / "predictions.jsonl").open()] for r in runs]
     assert len(runs) == 2 and prompts[0] == prompts[1]
+    # the same model twice, greedy: every row's difference is 0, so the interval is [0, 0]
+    assert "accuracy = primary rule: strict, else flexible" in out
+    assert "tuned - base accuracy: +0.000, 95% CI [+0.000, +0.000], paired bootstrap over 4 rows" in out
+
+
+def test_compare_checks_both_models_before_evaluating_either(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")   # enough to pass the path check; never loaded here
+    src = gsm_file(tmp_path)
+    for tuned, message in [(tmp_path / "no_such_model", f"model path '{tmp_path / 'no_such_model'}' does not exist"),
+                           (f"{base}+{tmp_path / 'no_adapter'}",
+                            f"adapter path '{tmp_path / 'no_adapter'}' does not exist")]:
+        code = main(["eval", str(recipe), "eval.task=gsm8k", f"eval.source={src}", "--compare", str(base), str(tuned)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs" / "eval").exists()   # BASE was not evaluated first
+
+
+def test_paired_difference_and_table_by_hand():
+    # by id: a: 1 -> 1 (0), b: 1 -> 0 (-1), c: 0 -> 1 (+1), d: 0 -> 1 (+1), e: 1 -> 1 (0); f only in base
+    base = {"a": [True], "b": [True], "c": [False], "d": [False], "e": [True], "f": [True]}
+    tuned = {"e": [True], "d": [True], "c": [True], "b": [False], "a": [True]}
+    diff = paired_difference(base, tuned)
+    assert diff["accuracy_diff"] == pytest.approx(1 / 5) and diff["n_paired"] == 5 and diff["n_unpaired"] == 1
+    lo, hi = diff["accuracy_diff_ci95"]
+    assert -1.0 <= lo < 0.2 < hi <= 1.0
+    results = [{"model": "base", "accuracy": 0.5, "accuracy_ci95": [0.25, 0.75], "n": 6,
+                "primary_rule": "strict, else flexible"},
+               {"model": "tuned", "accuracy": 0.8, "accuracy_ci95": [0.4, 1.0], "n": 5,
+                "primary_rule": "strict, else flexible", **diff}]
+    table = compare_table(results)
+    assert "| base | 0.500 | [0.250, 0.750] | 6 |" in table
+    assert "accuracy = primary rule: strict, else flexible" in table
+    assert f"tuned - base accuracy: +0.200, 95% CI [{lo:+.3f}, {hi:+.3f}], paired bootstrap over 5 rows" in table
+    assert "(1 unmatched rows left out)" in table
 
 
 def test_infer_streams_rows_and_resumes(tmp_path):

@@ -139,11 +139,16 @@ def headline(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+SUMMARY_KEYS = ("accuracy", "accuracy_strict", "accuracy_flexible", "parse_rate", "majority_class_rate",
+                "mae_raw", "mae_norm", "pearson_r", "wasserstein")
+
+
 def format_metrics(metrics: dict) -> str:
-    keys = [k for k in ("accuracy", "accuracy_strict", "accuracy_flexible", "parse_rate", "mae", "pearson_r")
-            if k in metrics]
-    return ", ".join(f"{k}={metrics[k]:.3f}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
+    keys = [k for k in SUMMARY_KEYS if k in metrics]
+    text = ", ".join(f"{k}={metrics[k]:.3f}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
                      for k in keys + ["n"])
+    # "accuracy" alone does not say how answers were read; the rule travels with the number
+    return text + (f" (accuracy rule: {metrics['primary_rule']})" if "primary_rule" in metrics else "")
 
 
 def parse_model_spec(spec: str) -> tuple[str, str | None]:
@@ -154,25 +159,104 @@ def parse_model_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def check_model_spec(spec: str) -> None:
+    """Fail with one line when a model or adapter of `spec` cannot be found, before anything is evaluated.
+
+    Local paths are checked completely (an adapter directory's base model too); a hub id can only be
+    checked for network access or a cached copy, which `resolve_model_path` already does.
+    """
+    from ftlab.models.load import adapter_base, is_adapter_dir, resolve_model_path
+
+    model, adapter = parse_model_spec(spec)
+    try:
+        path = resolve_model_path(model)
+        if is_adapter_dir(path):
+            resolve_model_path(adapter_base(path))
+        if adapter is not None and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+            what = "has no adapter_config.json" if Path(adapter).expanduser().is_dir() else "does not exist"
+            raise UserError(f"adapter path {adapter!r} {what}")
+    except UserError as e:
+        raise UserError(f"--compare {spec}: {e}") from None
+
+
+def predictions_by_id(run_path: str | Path) -> dict[str, list[bool]]:
+    """Per example id, the primary-rule correctness of its rows in predictions.jsonl (file order)."""
+    from ftlab.data.jsonl import iter_jsonl
+
+    rows: dict[str, list[bool]] = {}
+    for _, r in iter_jsonl(Path(run_path) / "predictions.jsonl"):
+        rows.setdefault(str(r["id"]), []).append(bool(r["correct"]))
+    return rows
+
+
+def paired_difference(base: dict[str, list[bool]], tuned: dict[str, list[bool]]) -> dict[str, Any]:
+    """Tuned minus base accuracy over rows matched by example id, with a paired bootstrap 95% interval.
+
+    Resampling the per-row differences (not the two accuracies separately) keeps the pairing: both
+    models answered the same questions, so question difficulty cancels and the interval is narrower.
+    Repeated ids are paired in order of appearance; rows whose id only one run has are counted apart.
+    """
+    from ftlab.tasks.scoring import bootstrap_ci
+
+    diffs = [float(t) - float(b) for key in base.keys() & tuned.keys()
+             for b, t in zip(base[key], tuned[key])]
+    n_base, n_tuned = sum(map(len, base.values())), sum(map(len, tuned.values()))
+    return {
+        "accuracy_diff": sum(diffs) / len(diffs) if diffs else float("nan"),
+        "accuracy_diff_ci95": bootstrap_ci(diffs),
+        "n_paired": len(diffs),
+        "n_unpaired": n_base + n_tuned - 2 * len(diffs),
+    }
+
+
 def run_compare(cfg: DictConfig, specs: list[str]) -> list[dict]:
-    """Evaluate several models on identical prompts and print one table."""
+    """Evaluate BASE and TUNED on identical prompts and print one table with the paired difference.
+
+    Every model/adapter is checked before the first evaluation, so a typo in TUNED fails at once
+    instead of after a full BASE run. The difference is stored in the last (tuned) result.
+    """
+    for spec in specs:
+        check_model_spec(spec)
     results = []
     for spec in specs:
         model, adapter = parse_model_spec(spec)
         run, metrics = run_eval(cfg, model_name=model, adapter=adapter)
         results.append({"model": spec, "run": str(run.path), **metrics})
+    if len(results) == 2:
+        base, tuned = (predictions_by_id(r["run"]) for r in results)
+        results[1].update(paired_difference(base, tuned))
     print(compare_table(results))
     return results
 
 
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, list) and len(value) == 2:  # a [lo, hi] interval
+        return f"[{value[0]:.3f}, {value[1]:.3f}]"
+    return "" if value is None else str(value)
+
+
 def compare_table(results: list[dict]) -> str:
-    keys = [k for k in ("accuracy", "accuracy_strict", "accuracy_flexible", "parse_rate", "mae", "rmse",
-                        "pearson_r", "wasserstein", "n") if any(k in r for r in results)]
-    header = "| model | " + " | ".join(keys) + " |"
-    lines = [header, "|" + "---|" * (len(keys) + 1)]
+    """Markdown table of the models' metrics, each accuracy with its 95% interval; then which rule the
+    accuracy used and, for two models, the paired difference tuned - base."""
+    keys = [k for k in ("accuracy", "accuracy_ci95", "accuracy_strict", "accuracy_flexible", "parse_rate",
+                        "majority_class_rate", "mae_raw", "mae_norm", "pearson_r", "wasserstein", "n")
+            if any(k in r for r in results)]
+    lines = ["| model | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
     for r in results:
-        cells = [f"{r[k]:.3f}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys]
-        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['model']} | " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
+    rules = sorted({str(r["primary_rule"]) for r in results if "primary_rule" in r})
+    if rules:
+        lines.append(f"accuracy = primary rule: {'; '.join(rules)} (accuracy_strict / accuracy_flexible: "
+                     "that rule alone; extraction rules in each run's metrics.json)")
+    last = results[-1] if results else {}
+    if "accuracy_diff" in last:
+        lo_hi = last["accuracy_diff_ci95"]
+        ci = f"95% CI [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]" if lo_hi else "no CI (no paired rows)"
+        lines.append(f"tuned - base accuracy: {last['accuracy_diff']:+.3f}, {ci}, paired bootstrap over "
+                     f"{last['n_paired']} rows matched by id" +
+                     (f" ({last['n_unpaired']} unmatched rows left out)" if last["n_unpaired"] else ""))
     return "\n".join(lines)
 
 
