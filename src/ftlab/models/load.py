@@ -57,7 +57,12 @@ def embedded_model_dir(name: str) -> Path:
     """A plain HF model directory for an embedded model, converted from GGUF once and cached."""
     target = cache_root() / "models" / name
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
+        try:
+            check_safetensors(target / "model.safetensors")
+            return target
+        except UserError as e:  # ftlab's own cache (a killed copy, a full disk): rebuild it, no user action
+            log.warning("%s; converting the embedded model again", e)
+            discard_dir(target)
     gguf = embedded_gguf(name)
     log.info("converting embedded %s from GGUF (one time, ~20 s) into %s", name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,7 +151,10 @@ def load_model_and_tokenizer(model_cfg: Any = None, *, name: str | None = None,
 
     path = resolve_model_path(cfg.name)
     if is_adapter_dir(path):  # an adapter directory: load its base model, then the adapter on top
-        adapter, path = path, resolve_model_path(adapter_base(path))
+        adapter, path = path, adapter_base_path(path)
+    check_model_files(path)
+    if adapter:  # before the base model loads: a broken adapter should not cost a model load first
+        check_adapter_files(adapter)
     tok = load_tokenizer(resolve_model_path(cfg.tokenizer) if cfg.tokenizer else
                          (adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path), trc)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision,
@@ -177,18 +185,135 @@ def build_scratch_model(scratch: dict[str, Any], tokenizer: Any, dtype: torch.dt
 
 
 def adapter_base(adapter_path: str) -> str:
-    cfg = json.loads((Path(adapter_path) / "adapter_config.json").read_text())
+    """The base model an adapter records, as this machine can name it (see `portable_base`)."""
+    where = Path(adapter_path) / "adapter_config.json"
+    cfg = read_json(where)
     base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adapter_path}/adapter_config.json names no base_model_name_or_path")
+    if not base or not isinstance(base, str):
+        raise UserError(f"{where} names no base_model_name_or_path")
+    return portable_base(base)
+
+
+def portable_base(base: str) -> str:
+    """A recorded base path ending in models/<embedded name> that does not exist here is the embedded
+    model in the cache of the machine (or FTLAB_CACHE) that trained the adapter: use the name instead,
+    so a copied adapter finds its base. A path that exists is used as it is (it may be a user's model)."""
+    p = Path(base).expanduser()
+    if p.name in EMBEDDED and p.parent.name == "models" and not p.exists():
+        return p.name
     return base
+
+
+def adapter_base_path(adapter_path: str) -> str:
+    """The loadable base model of an adapter directory; a base that is gone names the adapter and the fix."""
+    base = adapter_base(adapter_path)
+    try:
+        return resolve_model_path(base)
+    except UserError as e:
+        raise UserError(f"{adapter_path}/adapter_config.json: its base model {base!r} cannot be loaded ({e}); "
+                        f"give the base explicitly: model.name=<base model> model.adapter={adapter_path}") from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a model or adapter file; unreadable or malformed is one line naming the file."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); copy or save it again") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+# -- weight files ----------------------------------------------------------------------------------
+def check_safetensors(path: Path) -> None:
+    """A complete safetensors file: its header parses and the file is as long as the header says.
+
+    Why: a copy or save cut short (SIGKILL, full disk) otherwise fails deep inside the loader with a
+    traceback, or, for an adapter, falls through to a hub download and a misleading network error.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] if header else None
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        ends = None
+    if ends is None:
+        raise UserError(f"{path}: damaged safetensors file (its header cannot be read; "
+                        f"{path.stat().st_size if path.exists() else 0} bytes); copy or save it again")
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        raise UserError(f"{path}: truncated safetensors file ({size} of {expected} bytes); copy or save it again")
+
+
+def check_model_files(path: str) -> None:
+    """A local model directory has a readable config.json and complete weights (hub ids are left to the hub)."""
+    d = Path(path)
+    if not d.is_dir():
+        return
+    read_json(d / "config.json")
+    index = d / "model.safetensors.index.json"
+    shards = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else []
+    for shard in shards:
+        if not (d / shard).is_file():
+            raise UserError(f"{d / shard}: missing (listed in {index.name}); copy or save the model again")
+    weights = sorted(d.glob("*.safetensors"))
+    if not weights and not list(d.glob("*.bin")):
+        raise UserError(f"{d}: model directory has config.json but no weights (*.safetensors); "
+                        "copy or save the model again")
+    for f in weights:
+        check_safetensors(f)
+
+
+def check_adapter_files(adapter_path: str) -> None:
+    """An adapter directory has its weights, complete; without this check peft looks for them on the hub."""
+    d = Path(adapter_path).expanduser()
+    if not (d / "adapter_config.json").is_file():
+        raise UserError(f"adapter path {adapter_path!r} has no adapter_config.json")
+    read_json(d / "adapter_config.json")
+    weights = d / "adapter_model.safetensors"
+    if weights.is_file():
+        check_safetensors(weights)
+    elif not (d / "adapter_model.bin").is_file():
+        raise UserError(f"{d}: adapter directory has adapter_config.json but no adapter_model.safetensors "
+                        "(an unfinished copy or save?)")
+
+
+def discard_dir(path: Path) -> None:
+    """Move a directory out of the way (atomic), then delete it: readers never see half of it."""
+    aside = path.with_name(f".discarded.{path.name}.{os.getpid()}")
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# -- context window --------------------------------------------------------------------------------
+def context_window(config: Any) -> int | None:
+    """The longest sequence a model's positions cover (max_position_embeddings and its other names)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context_window(model: Any, max_length: int, key: str = "data.max_length") -> None:
+    """One line when `max_length` exceeds the model's context window: positions past it were never
+    trained (RoPE extrapolates silently, learned position tables index out of range)."""
+    window = context_window(model.config)
+    if window is not None and max_length > window:
+        raise UserError(f"'{key}' is {max_length}, beyond the model's context window of {window} tokens "
+                        f"(max_position_embeddings); set {key} to at most {window}")
 
 
 def attach_adapter(model: Any, adapter_path: str, trainable: bool = False) -> Any:
     from peft import PeftModel
 
-    if not (Path(adapter_path) / "adapter_config.json").is_file():
-        raise UserError(f"adapter path {adapter_path!r} has no adapter_config.json")
+    check_adapter_files(adapter_path)
     model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
     # For inference, fold LoRA into the base weights: generation then runs a plain model, without the
     # extra adapter matmuls in every layer (several times faster per decoded token on CPU).
