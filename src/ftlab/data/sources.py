@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from ftlab.data.jsonl import iter_jsonl, json_type, text_field
+from ftlab.data.sft import Conversation, chat_terminator
 from ftlab.errors import UserError
 
 GENERIC = "generic"
@@ -26,12 +27,14 @@ Turns = list[tuple[str, str]]
 def chat_turns(tokenizer: Any, msgs: list[dict], where: str) -> Turns:
     """Split a templated conversation into turns: the text before each assistant answer, and the answer.
 
-    Rendered through the tokenizer's chat template; the text between two answers is what the
-    template puts after an answer's EOS and before the next answer (turn markers, the next user
-    message). Templates that rewrite earlier turns (e.g. drop past reasoning) cannot be split so.
+    Rendered through the tokenizer's chat template; each answer ends with the template's end-of-turn
+    text (`chat_terminator`, e.g. `<|im_end|>`), and the text between two answers is what the template
+    puts after that and before the next answer (turn markers, the next user message). Templates that
+    rewrite earlier turns (e.g. drop past reasoning) cannot be split so.
     """
-    turns: Turns = []
-    done = ""  # the conversation so far, through the last answer and its EOS
+    terminator = chat_terminator(tokenizer)
+    turns = Conversation(terminator=terminator)
+    done = ""  # the conversation so far, through the last answer and its terminator
     for k, m in enumerate(msgs):
         if m.get("role") != "assistant":
             continue
@@ -40,7 +43,7 @@ def chat_turns(tokenizer: Any, msgs: list[dict], where: str) -> Turns:
             raise UserError(f"{where}: the chat template renders earlier turns differently in longer "
                             "conversations; train on one assistant turn per example")
         turns.append((prompt[len(done):], m["content"]))
-        done = prompt + m["content"] + (tokenizer.eos_token or "")
+        done = prompt + m["content"] + (terminator or tokenizer.eos_token or "")
     return turns
 
 
@@ -122,7 +125,8 @@ def task_turns(task: Any, ex: Any, tokenizer: Any, shots: int, chat_template: bo
 def load_conversations(data_cfg: Any, source: str, split: str, tokenizer: Any, limit: int | None) -> list[Turns]:
     """Training conversations (usually one (prompt, response) turn) of one split as the recipe's data section describes."""
     if data_cfg.task == GENERIC:
-        return generic_conversations(source, tokenizer, data_cfg.chat_template, limit)
+        samples = generic_conversations(source, tokenizer, data_cfg.chat_template, limit)
+        return with_terminators(samples, tokenizer, data_cfg.chat_template)
     from ftlab.tasks import get_task
 
     task = get_task(data_cfg.task, **data_cfg.task_options)
@@ -131,4 +135,12 @@ def load_conversations(data_cfg: Any, source: str, split: str, tokenizer: Any, l
         examples = [ex for ex in examples if task.score(ex.target, ex)["correct"]]
         if not examples:
             raise UserError(f"{source}: data.filter_correct kept no example")
-    return task_conversations(task, examples, tokenizer, data_cfg.shots, data_cfg.chat_template)
+    samples = task_conversations(task, examples, tokenizer, data_cfg.shots, data_cfg.chat_template)
+    return with_terminators(samples, tokenizer, data_cfg.chat_template)
+
+
+def with_terminators(samples: list[Turns], tokenizer: Any, chat_template: bool) -> list[Turns]:
+    """Samples rendered through the chat template end each answer with the template's end of turn
+    (a model then learns to stop as the template says); plain-text samples end with EOS."""
+    terminator = chat_terminator(tokenizer) if chat_template else None
+    return [s if isinstance(s, Conversation) else Conversation(s, terminator) for s in samples]
