@@ -75,6 +75,34 @@ def test_run_dirs_never_overwrite_and_hide_secrets(tmp_path, monkeypatch):
     assert json.loads((a.path / "env.json").read_text())["seed"] == 3
 
 
+def test_resolved_config_yaml_loads_back_as_the_same_recipe(tmp_path, monkeypatch):
+    """config.yaml must run again: keys such as max_new_tokens, tokenizer or pad_token_id are not secrets."""
+    from omegaconf import OmegaConf
+
+    from ftlab.config import load_recipe
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodel: {tokenizer: some/tokenizer, scratch: {model_type: llama, pad_token_id: 0}}\n"
+                      "eval: {max_new_tokens: 7}\njob: {eos_token: '</s>', max_tokens: 9}\n")
+    cfg = load_recipe(recipe, ["eval.stop=[x]", "data.task_options={max_tokens: 3}"])
+    run = RunDir.create(tmp_path / "runs", "sft", "r", cfg, seed=0)
+    again = load_recipe(run.path / "config.yaml")
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+    assert again.eval.max_new_tokens == 7 and again.model.tokenizer == "some/tokenizer"
+
+
+def test_secret_override_is_hidden_in_config_and_argv(tmp_path, monkeypatch):
+    from ftlab.config import load_recipe
+    argv = ["ftlab", "train", "r.yaml", "job.hf_token=hf_plainsecret", "--api-key", "k3y", "eval.max_new_tokens=5"]
+    monkeypatch.setattr("sys.argv", argv)
+    cfg = load_recipe(None, ["job.hf_token=hf_plainsecret", "eval.max_new_tokens=5"])
+    run = RunDir.create(tmp_path, "sft", "s", cfg, seed=0)
+    for f in ("config.yaml", "env.json"):
+        text = (run.path / f).read_text()
+        assert "hf_plainsecret" not in text and "k3y" not in text, f
+    recorded = json.loads((run.path / "env.json").read_text())["argv"]
+    assert recorded == ["ftlab", "train", "r.yaml", "job.hf_token=***", "--api-key", "***", "eval.max_new_tokens=5"]
+
+
 def test_trackers_write_jsonl_and_tensorboard(tmp_path):
     from omegaconf import OmegaConf
     from ftlab.runs.trackers import Trackers, read_metrics

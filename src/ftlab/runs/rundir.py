@@ -20,20 +20,47 @@ from omegaconf import DictConfig, OmegaConf
 
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID",
               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "OPENAI_API_KEY")
-SECRET_KEY = re.compile(r"(token|secret|password|api_key|apikey|access_key)", re.I)
+# Key names that hold secrets, matched as whole parts of the name (split at _ - .): hf_token, token,
+# api_key, apikey, password, secret, aws_secret_access_key, private_key, credentials. Not max_new_tokens,
+# tokenizer, pad_token or pad_token_id: redacting those made config.yaml impossible to run again.
+SECRET_KEY = re.compile(r"(^|[_.-])(secret|password|passwd|api_?key|access_?key|secret_?key|private_?key|"
+                        r"credentials?)($|[_.-])|(^|[_.-])token$", re.I)
+TOKENIZER_TOKEN = re.compile(r"(^|[_.-])(pad|eos|bos|unk|sep|cls|mask|stop|special)_token$", re.I)
+
+
+def is_secret_key(key: Any) -> bool:
+    """Whether a config key (or any part of a dotted key) names a secret."""
+    return any(SECRET_KEY.search(part) and not TOKENIZER_TOKEN.search(part) for part in str(key).split("."))
 
 
 def redact(obj: Any) -> Any:
     """Replace secret-looking values (by key name, or equal to a secret env var) with '***'."""
     secrets = {os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
     if isinstance(obj, dict):
-        return {k: ("***" if SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in obj.items()}
+        return {k: ("***" if is_secret_key(k) and v else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     if isinstance(obj, str):
         for s in secrets:
             obj = obj.replace(s, "***")
     return obj
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line as env.json records it: the value of a secret-named override (`job.hf_token=...`)
+    or option (`--hf-token ...`) is hidden, as config.yaml hides it, and so is any secret env value."""
+    def secret_option(arg: str) -> bool:
+        return is_secret_key(arg.lstrip("-").replace("-", "_"))
+
+    out: list[str] = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and value and secret_option(key):
+            arg = f"{key}=***"
+        elif out and out[-1].startswith("-") and "=" not in out[-1] and secret_option(out[-1]):
+            arg = "***"
+        out.append(arg)
+    return redact(out)
 
 
 def _git_commit() -> str | None:
@@ -59,7 +86,7 @@ def environment(seed: int | None = None) -> dict[str, Any]:
         "python": sys.version.split()[0], "platform": platform.platform(),
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft_version,
         "git_commit": _git_commit(), "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "gpus": gpus, "seed": seed, "argv": redact(sys.argv),
+        "cpu_count": os.cpu_count(), "gpus": gpus, "seed": seed, "argv": redact_argv(sys.argv),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
