@@ -53,7 +53,8 @@ class DataConfig:
                                          # (pays off when examples are much shorter than max_length)
     group_by_length: bool = True
     max_bad_share: float = 0.05          # fail preflight when more examples than this are truncated/dropped
-    filter_correct: bool = False         # keep only examples whose target the task scores correct (seed 002)
+    filter_correct: bool = False         # keep only examples whose recorded model `response` the task scores
+                                         # correct (seed 002; see ftlab.data.responses)
 
 
 @dataclass

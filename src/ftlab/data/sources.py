@@ -125,16 +125,19 @@ def task_turns(task: Any, ex: Any, tokenizer: Any, shots: int, chat_template: bo
 def load_conversations(data_cfg: Any, source: str, split: str, tokenizer: Any, limit: int | None) -> list[Turns]:
     """Training conversations (usually one (prompt, response) turn) of one split as the recipe's data section describes."""
     if data_cfg.task == GENERIC:
+        if data_cfg.filter_correct:  # generic rows have no gold answer and no checker to score them with
+            raise UserError("data.filter_correct needs a task to check answers: use data.task: <task> with the "
+                            "model responses in a 'response' field (see ftlab.data.responses)")
         samples = generic_conversations(source, tokenizer, data_cfg.chat_template, limit)
         return with_terminators(samples, tokenizer, data_cfg.chat_template)
+    from ftlab.data.responses import training_examples
     from ftlab.tasks import get_task
 
     task = get_task(data_cfg.task, **data_cfg.task_options)
-    examples = task.load(source, split=split, limit=limit)
-    if data_cfg.filter_correct:
-        examples = [ex for ex in examples if task.score(ex.target, ex)["correct"]]
-        if not examples:
-            raise UserError(f"{source}: data.filter_correct kept no example")
+    # The filter selects training data; validation keeps every example, so val loss stays comparable
+    # between a filtered run and its unfiltered baseline.
+    filter_correct = data_cfg.filter_correct and source == data_cfg.train
+    examples = training_examples(task, source, split, limit, filter_correct)
     samples = task_conversations(task, examples, tokenizer, data_cfg.shots, data_cfg.chat_template)
     return with_terminators(samples, tokenizer, data_cfg.chat_template)
 

@@ -64,18 +64,27 @@ class Task:
     # -- shared machinery -------------------------------------------------------------------
     def load(self, source: str, split: str | None = None, limit: int | None = None) -> list[Example]:
         """Load from a local JSONL file, or a Hugging Face datasets id (`hf:org/name` or `org/name`)."""
+        return self.examples_from(self.load_records(source, split, limit))
+
+    def load_records(self, source: str, split: str | None = None, limit: int | None = None) -> list[tuple[str, dict]]:
+        """(location, raw record) pairs in file order; callers that need fields the Example drops (a
+        model `response` to filter on) read them here, then build the examples with `examples_from`."""
         if os.path.exists(source) or source.endswith(".jsonl"):
             records = read_jsonl(source, required=self.required_fields, limit=limit)
             where = source
         else:
             records = load_hub_records(source.removeprefix("hf:"), split or "test", limit)
             where = f"{source}[{split}]"
+        return [(f"{where}: record {i + 1}", r) for i, r in enumerate(records)]
+
+    def examples_from(self, located: list[tuple[str, dict]]) -> list[Example]:
+        """`to_example` on every record; one that cannot be read is a one-line error naming its location."""
         examples = []
-        for i, r in enumerate(records):
+        for i, (where, record) in enumerate(located):
             try:
-                examples.append(self.to_example(r, i))
+                examples.append(self.to_example(record, i))
             except (KeyError, ValueError, TypeError) as e:
-                raise UserError(f"{where}: record {i + 1}: cannot read as {self.name}: {e}") from None
+                raise UserError(f"{where}: cannot read as {self.name}: {e}") from None
         return examples
 
     def messages(self, example: Example, shots: int = 0) -> list[dict[str, str]]:

@@ -352,20 +352,17 @@ class ProntoQATask(Task):
             raise UserError(f"prontoqa: proof={proof!r} is not one of {', '.join(PROOF_STYLES)}")
         self.proof = proof
 
-    def load(self, source: str, split: str | None = None, limit: int | None = None) -> list[Example]:
+    def load_records(self, source: str, split: str | None = None, limit: int | None = None) -> list[tuple[str, dict]]:
+        """JSONL or whole-file JSON (list or generator dict) records, or hub rows; each has the authors'
+        fields or a LoGiPT conversation."""
         if not (os.path.exists(source) or source.endswith((".jsonl", ".json"))):
             located = [(f"{source}[{split or 'test'}]: record {i + 1}", r)
                        for i, r in enumerate(load_hub_records(source.removeprefix("hf:"), split or "test", limit))]
         else:
             located = read_prontoqa_records(source, limit)
-        examples = []
-        for i, (where, record) in enumerate(located):
+        for where, record in located:
             _check_fields(where, record)
-            try:
-                examples.append(self.to_example(record, i))
-            except (KeyError, ValueError, TypeError) as e:
-                raise UserError(f"{where}: cannot read as {self.name}: {e}") from None
-        return examples
+        return located
 
     def instruction(self, question: str) -> str:
         return f"{question}\nReason step by step, then end with \"The answer is True.\" or \"The answer is False.\""
