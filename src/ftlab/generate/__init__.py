@@ -1,4 +1,5 @@
-"""Text generation behind one interface: `make_engine(...)` then `engine.generate(prompts, cfg)`.
+"""Text generation behind one interface: `make_engine(...)` then `engine.generate(prompts, cfg)`
+(texts) or `engine.generate_full(prompts, cfg)` (`Completion`s: text, token ids, log-probs).
 
 * `HFEngine` (any machine): transformers model, continuous batching with a slot KV cache.
 * `VLLMEngine` (CUDA + vllm): vLLM with LoRA adapters via `LoRARequest`.
@@ -13,11 +14,12 @@ import logging
 from typing import Any
 
 from ftlab.errors import UserError
-from ftlab.generate.base import Engine, GenerationConfig, ResultCallback, cut_at_stop
+from ftlab.generate.base import (Completion, CompletionCallback, Engine, GenerationConfig, ResultCallback,
+                                 cut_at_stop)
 from ftlab.generate.hf import HFEngine
 
-__all__ = ["Engine", "GenerationConfig", "HFEngine", "ResultCallback", "cut_at_stop", "make_engine",
-           "vllm_available"]
+__all__ = ["Completion", "CompletionCallback", "Engine", "GenerationConfig", "HFEngine", "ResultCallback",
+           "cut_at_stop", "make_engine", "vllm_available"]
 
 logger = logging.getLogger(__name__)
 

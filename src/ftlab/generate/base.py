@@ -15,6 +15,29 @@ ResultCallback = Callable[[int, list[str]], None]
 
 
 @dataclass
+class Completion:
+    """One completion: its text (what `generate` returns) and the tokens behind it.
+
+    `token_ids` are the new tokens as decoded, the stop token (EOS / end of turn) included when one
+    was generated. Unlike `text` they are not cut at a stop string: a stop string may end inside a
+    token, and stop strings are checked every few tokens, so a few tokens may follow one.
+    `logprobs[i]` is the log-probability of `token_ids[i]` under the model's raw next-token
+    distribution: the log-softmax of the logits before temperature and top-p. It is what a
+    teacher-forced forward pass over prompt + completion gives, whatever the sampling settings (the
+    quantity RL objectives and sequence scores need); None where an engine cannot provide it.
+    `finish_reason`: "stop" (a stop token or stop string) or "length" (max_new_tokens reached).
+    """
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None
+    finish_reason: str
+
+
+CompletionCallback = Callable[[int, list[Completion]], None]
+
+
+@dataclass
 class GenerationConfig:
     """How to generate. `temperature == 0` means greedy decoding (top_p is then ignored)."""
 
@@ -58,8 +81,9 @@ class Engine(Protocol):
     """Anything that turns prompts into completions.
 
     `generate` returns, per prompt and in the order given, `cfg.n` completions: the decoded new text
-    only, cut before the first stop string. `on_result(index, completions)` is called as soon as a
-    prompt is finished (finishing order, not input order) so callers can stream results to disk.
+    only, cut before the first stop string. `generate_full` returns `Completion`s instead (text,
+    token ids, log-probs). `on_result(index, completions)` is called as soon as a prompt is finished
+    (finishing order, not input order) so callers can stream results to disk.
     """
 
     stats: dict
@@ -71,6 +95,14 @@ class Engine(Protocol):
         on_result: ResultCallback | None = None,
         progress: bool = True,
     ) -> list[list[str]]: ...
+
+    def generate_full(
+        self,
+        prompts: list[str],
+        cfg: GenerationConfig,
+        on_result: CompletionCallback | None = None,
+        progress: bool = True,
+    ) -> list[list[Completion]]: ...
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

@@ -29,9 +29,27 @@ of `model.generate` at any batch size (checked in the benchmark). See docs/BENCH
 
 Models whose cache is not a plain full-attention `DynamicCache` (sliding-window or linear-attention
 layers) take a fallback path: length-sorted batches through `model.generate`.
+
+Device: the engine works on the model's device (`next(model.parameters()).device`): prompt ids,
+masks, positions and the slot cache are created there, and only the chosen token ids and their
+log-probs come back to the host, once per step (the Python bookkeeping needs them).
+
+Sampling: every (prompt, sample) row has its own `torch.Generator` on the model's device, seeded
+from `cfg.seed`, the prompt's tokens and the sample index (`_row_seed`), and draws its token with
+its own generator. A prompt's samples therefore do not depend on the batch size, the admission
+order or the other prompts in the call. (On a GPU, matmuls over different numbers of rows may round
+differently, which can still flip a near-tie; on a CPU the logits of a row do not depend on them.)
+
+Each chosen token also gets its log-probability under the raw model distribution (log-softmax of
+the logits, before temperature and top-p; see `Completion`), so RL-style callers need no second pass.
+
+Prompts are tokenized as SFT training tokenizes them (`ftlab.data.sft.prompt_ids`: no special tokens
+added to a rendered chat template) and rows stop on EOS and on the chat template's end-of-turn
+token (`ftlab.data.sft.stop_token_ids`), the token SFT teaches the model to end an answer with.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import time
@@ -43,8 +61,9 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ftlab.data.sft import adds_bos, prompt_ids, stop_token_ids
 from ftlab.errors import UserError
-from ftlab.generate.base import GenerationConfig, ResultCallback, cut_at_stop
+from ftlab.generate.base import Completion, CompletionCallback, GenerationConfig, ResultCallback, cut_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -125,19 +144,22 @@ class _Row:
     generator: torch.Generator | None   # per-row RNG: samples do not depend on batching
     holes: int = 0                      # pad columns after first_col (between a shared prefix and the text)
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # raw model log-prob of each token in `tokens`
+    finish_reason: str = ""             # "stop" or "length" once the row is done
 
 
 class _Batch:
     """The running rows and their cache: admit (prefill), step (decode one token), evict."""
 
-    def __init__(self, model: Any, slots: int, columns: int):
-        self.model, self.slots, self.columns = model, slots, columns
+    def __init__(self, model: Any, slots: int, columns: int, device: torch.device):
+        self.model, self.slots, self.columns, self.device = model, slots, columns, device
+        self.cache_arg = _cache_kwarg(model)
         self.window = _Window()
         self.rows: list[_Row] = []
         self.cache: _SlotCache | None = None
-        self.mask = torch.zeros(slots, columns, dtype=torch.long)
-        self.next_tokens = torch.zeros(slots, dtype=torch.long)
-        self.positions = torch.zeros(slots, dtype=torch.long)
+        self.mask = torch.zeros(slots, columns, dtype=torch.long, device=device)
+        self.next_tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
 
     # -- admission -----------------------------------------------------------------------------
     def admit(self, new_rows: list[_Row], sources: list[int], cache: DynamicCache, mask: torch.Tensor,
@@ -150,7 +172,7 @@ class _Batch:
             self.window.start = self.window.end = width
         self._make_room_left(width)
         w, lo, hi = self.window, self.window.end - width, self.window.end
-        src = torch.tensor(sources, dtype=torch.long)
+        src = torch.tensor(sources, dtype=torch.long, device=self.device)
         slots = slice(w.rows, w.rows + len(new_rows))
         for layer, prefilled in zip(self.cache.layers, cache.layers):
             layer.key_buf[slots, :, lo:hi] = prefilled.keys.index_select(0, src)
@@ -159,10 +181,10 @@ class _Batch:
         self.mask[slots, lo:hi] = mask.index_select(0, src)
         self.next_tokens[slots] = first_tokens
         self.positions[slots] = mask.sum(-1).index_select(0, src)  # position of the first new token
+        firsts, reals = mask.argmax(-1).tolist(), mask.sum(-1).tolist()  # one device->host copy each
         for row, s in zip(new_rows, sources):
-            first = int(mask[s].argmax())
-            row.first_col = lo + first
-            row.holes = width - first - int(mask[s].sum())
+            row.first_col = lo + firsts[s]
+            row.holes = width - firsts[s] - reals[s]
         self.rows.extend(new_rows)
         w.rows = len(self.rows)
         w.start = min(w.start, lo)
@@ -193,8 +215,8 @@ class _Batch:
             input_ids=self.next_tokens[:n, None],
             attention_mask=self.mask[:n, w.start : w.end + 1] if padded else None,
             position_ids=self.positions[:n, None],
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.cache_arg: self.cache},
         )
         w.end += 1
         self.positions[:n] += 1
@@ -270,8 +292,11 @@ class _Prefiller:
     """
 
     def __init__(self, model: Any, pad_id: int, encoded: list[list[int]], share_prefix: bool,
-                 max_pad_fraction: float = 0.1, max_chunk_tokens: int = 4096, min_prefix: int = 4):
+                 max_pad_fraction: float = 0.1, max_chunk_tokens: int = 4096, min_prefix: int = 4,
+                 device: torch.device | None = None):
         self.model, self.pad_id = model, pad_id
+        self.device = device if device is not None else _model_device(model)
+        self.cache_arg = _cache_kwarg(model)
         self.max_pad_fraction, self.max_chunk_tokens = max_pad_fraction, max_chunk_tokens
         n = shared_prefix_length(encoded) if share_prefix else 0
         self.prefix = encoded[0][:n] if n >= min_prefix else []
@@ -300,8 +325,10 @@ class _Prefiller:
         p = len(self.prefix)
         texts = [ids[p:] for ids in prompts]
         width = max(len(t) for t in texts)
-        ids = torch.tensor([[self.pad_id] * (width - len(t)) + t for t in texts], dtype=torch.long)
-        text_mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in texts], dtype=torch.long)
+        ids = torch.tensor([[self.pad_id] * (width - len(t)) + t for t in texts], dtype=torch.long,
+                           device=self.device)
+        text_mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in texts], dtype=torch.long,
+                                 device=self.device)
         positions = (p + text_mask.cumsum(-1) - 1).masked_fill(text_mask == 0, 0)
         mask = torch.cat([text_mask.new_ones(len(texts), p), text_mask], dim=1)
         cache = self._cache_with_prefix(len(texts))
@@ -310,8 +337,8 @@ class _Prefiller:
             input_ids=ids,
             attention_mask=None if bool(mask.all()) else mask,  # generate drops an all-ones mask too
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_arg: cache},
             **self.last_logits_only,
         )
         return cache, mask, out.logits[:, -1, :]
@@ -322,8 +349,9 @@ class _Prefiller:
             return cache
         if self._prefix_kv is None:
             prefix_cache = DynamicCache(config=self.model.config)
-            self.model(input_ids=torch.tensor([self.prefix]), position_ids=torch.arange(len(self.prefix))[None],
-                       past_key_values=prefix_cache, use_cache=True, **self.last_logits_only)
+            self.model(input_ids=torch.tensor([self.prefix], device=self.device),
+                       position_ids=torch.arange(len(self.prefix), device=self.device)[None],
+                       use_cache=True, **{self.cache_arg: prefix_cache}, **self.last_logits_only)
             self._prefix_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
             self.positions += len(self.prefix)
         for i, (k, v) in enumerate(self._prefix_kv):
@@ -334,15 +362,27 @@ class _Prefiller:
 # --------------------------------------------------------------------------------------------
 # Token selection
 # --------------------------------------------------------------------------------------------
-def _pick_tokens(logits: torch.Tensor, rows: list[_Row], cfg: GenerationConfig) -> torch.Tensor:
-    """Greedy argmax (as `generate(do_sample=False)`), or temperature/top-p sampling with each row's RNG."""
+def _pick_tokens(logits: torch.Tensor, rows: list[_Row], cfg: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of every row, and its raw log-probability (see `_chosen_logprobs`).
+
+    Greedy argmax (as `generate(do_sample=False)`), or temperature/top-p sampling, each row drawing
+    with its own generator (on the logits' device) so its draws do not depend on the other rows."""
     if cfg.greedy:
-        return logits.argmax(dim=-1)
-    scores = logits.float() / cfg.temperature
-    if cfg.top_p < 1.0:
-        scores = _top_p_filter(scores, cfg.top_p)
-    probs = scores.softmax(dim=-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=r.generator) for i, r in enumerate(rows)])
+        tokens = logits.argmax(dim=-1)
+    else:
+        scores = logits.float() / cfg.temperature
+        if cfg.top_p < 1.0:
+            scores = _top_p_filter(scores, cfg.top_p)
+        probs = scores.softmax(dim=-1)
+        tokens = torch.cat([torch.multinomial(probs[i], 1, generator=r.generator) for i, r in enumerate(rows)])
+    return tokens, _chosen_logprobs(logits, tokens)
+
+
+def _chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] per row, in fp32, from the raw logits (before temperature / top-p):
+    the number a teacher-forced forward pass gives, independent of how the token was picked."""
+    logits = logits.float()
+    return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
 
 
 def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -355,12 +395,15 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return scores.masked_fill(remove, float("-inf"))
 
 
-def _row_seed(seed: int, request: int, sample: int) -> int:
-    """A per-(prompt, sample) seed, so sampled outputs do not depend on batch size or order."""
-    return (seed * 1_000_003 + request * 10_007 + sample) % (2**63 - 1)
+def _row_seed(seed: int, prompt: list[int], repeat: int, sample: int) -> int:
+    """A seed per (prompt tokens, sample): a prompt's samples do not depend on batch size, order or the
+    other prompts of the call (the same example gets the same samples in any subset of a dataset).
+    `repeat` counts earlier copies of the same prompt in the call, so that copies differ."""
+    key = repr((seed, repeat, sample, prompt)).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
 
 
-_Deliver = Callable[[int, list[list[int]]], None]
+_Deliver = Callable[[int, list[_Row]], None]
 
 
 @dataclass
@@ -370,7 +413,9 @@ class _Run:
     cfg: GenerationConfig
     deliver: _Deliver
     rows_per_prompt: int                 # greedy samples are identical: decode one row, copy it n times
-    done: dict[int, list[list[int] | None]] = field(default_factory=dict)  # finished samples per prompt
+    device: torch.device
+    repeats: list[int]                   # per prompt: earlier copies of the same prompt (for `_row_seed`)
+    done: dict[int, list[_Row | None]] = field(default_factory=dict)  # finished samples per prompt
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,13 +440,14 @@ class HFEngine:
         self.pad_id = _pad_id(tokenizer, self.eos_ids)
         self.stats: dict[str, float] = {}
         self._plain_cache: bool | None = None
+        self._adds_bos = adds_bos(tokenizer)
 
     # -- public API ----------------------------------------------------------------------------
     def generate(self, prompts: list[str], cfg: GenerationConfig, on_result: ResultCallback | None = None,
                  progress: bool = True) -> list[list[str]]:
         """Per prompt (input order), `cfg.n` completions of new text cut before the first stop string."""
-        token_lists = self.generate_tokens(prompts, cfg, on_result=on_result, progress=progress)
-        return [[self._finish_text(t, cfg) for t in per_prompt] for per_prompt in token_lists]
+        results = self.generate_full(prompts, cfg, on_result=_texts_callback(on_result), progress=progress)
+        return [[c.text for c in per_prompt] for per_prompt in results]
 
     def generate_tokens(self, prompts: list[str], cfg: GenerationConfig, on_result: ResultCallback | None = None,
                         progress: bool = True) -> list[list[list[int]]]:
@@ -409,38 +455,47 @@ class HFEngine:
 
         Token ids are what the identity checks against `model.generate` compare.
         """
+        results = self.generate_full(prompts, cfg, on_result=_texts_callback(on_result), progress=progress)
+        return [[c.token_ids for c in per_prompt] for per_prompt in results]
+
+    def generate_full(self, prompts: list[str], cfg: GenerationConfig, on_result: CompletionCallback | None = None,
+                      progress: bool = True) -> list[list[Completion]]:
+        """Per prompt (input order), `cfg.n` `Completion`s: text, token ids, raw log-probs, finish reason."""
         cfg.validate()
         start = time.perf_counter()
         self.stats = {"prompts": len(prompts), "truncated_prompts": 0, "new_tokens": 0, "seconds": 0.0,
                       "prefill_tokens": 0, "decode_steps": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
         encoded = self._encode(prompts, cfg)
-        results: list[list[list[int]] | None] = [None] * len(prompts)
+        results: list[list[Completion] | None] = [None] * len(prompts)
         bar = _progress_bar(len(prompts), progress)
 
-        def deliver(index: int, samples: list[list[int]]) -> None:
-            results[index] = samples
-            computed = samples[:1] if cfg.greedy else samples  # greedy: one row decoded, copied n times
-            self.stats["new_tokens"] += sum(len(s) for s in computed)
+        def deliver(index: int, rows: list[_Row]) -> None:
+            completions = [self._completion(r, cfg) for r in rows]  # greedy n > 1: one row, n copies
+            results[index] = completions
+            self.stats["new_tokens"] += sum(len(r.tokens) for r in {id(r): r for r in rows}.values())
             bar.update(1)
             bar.set_postfix(tok_s=f"{self.stats['new_tokens'] / max(time.perf_counter() - start, 1e-9):.1f}")
             if on_result is not None:
-                on_result(index, [self._finish_text(s, cfg) for s in samples])
+                on_result(index, completions)
 
         with torch.inference_mode():
             if prompts:
+                run = _Run(cfg, deliver, rows_per_prompt=1 if cfg.greedy else cfg.n,
+                           device=_model_device(self.model), repeats=_repeats(encoded))
                 if self._supports_slot_cache():
-                    self._decode(encoded, cfg, deliver)
+                    self._decode(encoded, run)
                 else:
-                    self._generate_fallback(encoded, cfg, deliver)
+                    self._generate_fallback(encoded, run)
         bar.close()
         self.stats["seconds"] = time.perf_counter() - start
         return results  # type: ignore[return-value]
 
     # -- preparing prompts ---------------------------------------------------------------------
     def _encode(self, prompts: list[str], cfg: GenerationConfig) -> list[list[int]]:
-        """Token ids per prompt; too long ones lose their beginning (the question is usually at the end)."""
+        """Token ids per prompt, as SFT tokenizes a prompt (`prompt_ids`: no BOS added to a chat
+        template that writes one); too long ones lose their beginning (the question is usually at the end)."""
         limit = self._prompt_limit(cfg)
-        encoded = [self.tokenizer(p).input_ids for p in prompts]
+        encoded = [prompt_ids(self.tokenizer, p, self._adds_bos) for p in prompts]
         empty = [i for i, ids in enumerate(encoded) if not ids]
         if empty:
             raise UserError(f"prompt #{empty[0]} has no tokens; a model cannot continue an empty prompt")
@@ -470,14 +525,14 @@ class HFEngine:
         return self._plain_cache
 
     # -- the decoding loop ---------------------------------------------------------------------
-    def _decode(self, encoded: list[list[int]], cfg: GenerationConfig, deliver: _Deliver) -> None:
+    def _decode(self, encoded: list[list[int]], run: _Run) -> None:
         """Continuous batching over length-sorted prompts (see the module docstring)."""
-        run = _Run(cfg, deliver, rows_per_prompt=1 if cfg.greedy else cfg.n)
+        cfg = run.cfg
         slots = max(cfg.batch_size, run.rows_per_prompt)
         live = max(len(e) for e in encoded) + cfg.max_new_tokens  # the widest window one row can need
         # Slack columns let the window slide; moving it back costs one cache copy every live/4 steps.
-        batch = _Batch(self.model, slots, columns=live + max(32, live // 4))
-        prefiller = _Prefiller(self.model, self.pad_id, encoded, self.share_prefix)
+        batch = _Batch(self.model, slots, columns=live + max(32, live // 4), device=run.device)
+        prefiller = _Prefiller(self.model, self.pad_id, encoded, self.share_prefix, device=run.device)
         self.stats["shared_prefix_tokens"] = len(prefiller.prefix)
         waiting = deque(self._admission_order(encoded))
 
@@ -487,15 +542,15 @@ class HFEngine:
             if waiting and free >= run.rows_per_prompt and (self.refill or not batch.rows):
                 group = [waiting.popleft() for _ in range(min(free // run.rows_per_prompt, len(waiting)))]
                 first_new = len(batch.rows)
-                tokens = self._admit(batch, prefiller, group, encoded, run)
+                tokens, logprobs = self._admit(batch, prefiller, group, encoded, run)
                 phase = "prefill_seconds"
             else:
                 first_new = 0
-                tokens = _pick_tokens(batch.step(), batch.rows, cfg)
+                tokens, logprobs = _pick_tokens(batch.step(), batch.rows, cfg)
                 batch.next_tokens[: len(tokens)] = tokens
                 self.stats["decode_steps"] += 1
                 phase = "decode_seconds"
-            self._record(batch, first_new, tokens.tolist(), run)
+            self._record(batch, first_new, tokens.tolist(), logprobs.tolist(), run)
             self.stats[phase] += time.perf_counter() - tick
 
     @staticmethod
@@ -505,11 +560,13 @@ class HFEngine:
         return sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
 
     def _admit(self, batch: _Batch, prefiller: _Prefiller, group: list[int], encoded: list[list[int]],
-               run: _Run) -> torch.Tensor:
+               run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill `group` in low-padding chunks, give each prompt `rows_per_prompt` rows.
 
-        Returns the newcomers' first tokens (picked from the prefill logits)."""
-        firsts = []
+        A prompt is prefilled once, however many samples it has: its K/V are copied into each of its
+        rows (`sources`), which then sample their first tokens from the same last-position logits.
+        Returns the newcomers' first tokens and their log-probs."""
+        firsts, firsts_logprobs = [], []
         prompts = [encoded[i] for i in group]
         for chunk in prefiller.chunks(prompts):
             cache, mask, last_logits = prefiller.run([prompts[c] for c in chunk])
@@ -517,71 +574,144 @@ class HFEngine:
             for g, c in enumerate(chunk):
                 request = group[c]
                 for s in range(run.rows_per_prompt):
-                    rng = None if run.cfg.greedy else torch.Generator().manual_seed(_row_seed(run.cfg.seed, request, s))
+                    rng = None
+                    if not run.cfg.greedy:
+                        seed = _row_seed(run.cfg.seed, encoded[request], run.repeats[request], s)
+                        rng = torch.Generator(device=run.device).manual_seed(seed)
                     new_rows.append(_Row(request=request, sample=s, first_col=0, generator=rng))
                     sources.append(g)
-            first_tokens = _pick_tokens(last_logits.index_select(0, torch.tensor(sources)), new_rows, run.cfg)
+            row_logits = last_logits.index_select(0, torch.tensor(sources, device=last_logits.device))
+            first_tokens, logprobs = _pick_tokens(row_logits, new_rows, run.cfg)
             batch.admit(new_rows, sources, cache, mask, first_tokens)
             firsts.append(first_tokens)
+            firsts_logprobs.append(logprobs)
         self.stats["prefill_tokens"] = prefiller.positions
-        return torch.cat(firsts)
+        return torch.cat(firsts), torch.cat(firsts_logprobs)
 
-    def _record(self, batch: _Batch, first: int, tokens: list[int], run: _Run) -> None:
+    def _record(self, batch: _Batch, first: int, tokens: list[int], logprobs: list[float], run: _Run) -> None:
         """Append the chosen tokens to rows `first..`; finish rows on EOS / length / stop string; evict them."""
         finished = []
-        for i, token in enumerate(tokens, start=first):
+        for i, (token, logprob) in enumerate(zip(tokens, logprobs), start=first):
             row = batch.rows[i]
             row.tokens.append(token)
-            if self._row_done(row, token, run.cfg):
+            row.logprobs.append(logprob)
+            row.finish_reason = self._finish_reason(row, token, run.cfg)
+            if row.finish_reason:
                 finished.append(i)
         for i in finished:
-            row = batch.rows[i]
-            samples = run.done.setdefault(row.request, [None] * run.rows_per_prompt)
-            samples[row.sample] = row.tokens
-            if all(s is not None for s in samples):
-                del run.done[row.request]
-                copies = run.cfg.n // run.rows_per_prompt  # greedy n > 1: copies of the one decoded row
-                run.deliver(row.request, [list(t) for t in samples for _ in range(copies)])
+            self._finish_row(batch.rows[i], run)
         if finished:
             batch.evict(finished)
 
-    def _row_done(self, row: _Row, token: int, cfg: GenerationConfig) -> bool:
-        if token in self.eos_ids or len(row.tokens) >= cfg.max_new_tokens:
-            return True
+    @staticmethod
+    def _finish_row(row: _Row, run: _Run) -> None:
+        """File a finished row under its prompt; deliver the prompt once all its samples are done."""
+        samples = run.done.setdefault(row.request, [None] * run.rows_per_prompt)
+        samples[row.sample] = row
+        if all(s is not None for s in samples):
+            del run.done[row.request]
+            copies = run.cfg.n // run.rows_per_prompt  # greedy n > 1: copies of the one decoded row
+            run.deliver(row.request, [s for s in samples for _ in range(copies)])
+
+    def _finish_reason(self, row: _Row, token: int, cfg: GenerationConfig) -> str:
+        """'stop' (stop token or stop string), 'length' (max_new_tokens), or '' (not done)."""
+        if token in self.eos_ids:
+            return "stop"
+        if len(row.tokens) >= cfg.max_new_tokens:
+            return "length"
         if cfg.stop and len(row.tokens) % self.stop_check_every == 0:
             text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-            return cut_at_stop(text, cfg.stop)[1]  # the text is cut when it is delivered
-        return False
+            return "stop" if cut_at_stop(text, cfg.stop)[1] else ""  # the text is cut when it is delivered
+        return ""
 
-    def _finish_text(self, tokens: list[int], cfg: GenerationConfig) -> str:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return cut_at_stop(text, cfg.stop)[0] if cfg.stop else text
+    def _completion(self, row: _Row, cfg: GenerationConfig) -> Completion:
+        """The delivered form of a finished row: its text cut before the first stop string."""
+        text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        text, cut = cut_at_stop(text, cfg.stop) if cfg.stop else (text, False)
+        # a stop string can show up after the last periodic check, in a row that then ran to the limit
+        return Completion(text=text, token_ids=list(row.tokens), logprobs=list(row.logprobs),
+                          finish_reason="stop" if cut else row.finish_reason)
 
     # -- fallback: library generate on length-sorted batches ------------------------------------
-    def _generate_fallback(self, encoded: list[list[int]], cfg: GenerationConfig, deliver: _Deliver) -> None:
-        """For caches the slot cache cannot mimic: `model.generate` on length-sorted batches."""
+    def _generate_fallback(self, encoded: list[list[int]], run: _Run) -> None:
+        """For caches the slot cache cannot mimic: `model.generate` on length-sorted batches.
+
+        Sampling is seeded per batch here (the library draws for all rows from one generator), so
+        unlike the main path, samples depend on the batch composition. Log-probs come from one
+        teacher-forced forward per finished row (`_score`)."""
+        cfg, device = run.cfg, run.device
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         per_batch = max(1, cfg.batch_size // (1 if cfg.greedy else cfg.n))
         for b in range(0, len(order), per_batch):
             group = order[b : b + per_batch]
             width = max(len(encoded[i]) for i in group)
-            ids = torch.tensor([[self.pad_id] * (width - len(encoded[i])) + encoded[i] for i in group])
-            mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(encoded[i]) for i in group])[:, None])
+            ids = torch.tensor([[self.pad_id] * (width - len(encoded[i])) + encoded[i] for i in group], device=device)
+            starts = torch.tensor([width - len(encoded[i]) for i in group], device=device)
+            mask = torch.arange(width, device=device)[None, :] >= starts[:, None]
             kwargs: dict[str, Any] = {"do_sample": False}
             if not cfg.greedy:
                 kwargs = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p,
                           "num_return_sequences": cfg.n}
             if cfg.stop:
                 kwargs.update(stop_strings=cfg.stop, tokenizer=self.tokenizer)
-            with torch.random.fork_rng(devices=[]):  # seed sampling without touching the caller's RNG
+            # seed sampling without touching the caller's RNG (the CPU's, and the model's GPU if any)
+            gpus = [device.index if device.index is not None else torch.cuda.current_device()] \
+                if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=gpus):
                 torch.manual_seed(cfg.seed + b)
-                out = self.model.generate(input_ids=ids, attention_mask=mask.long(),
-                                          max_new_tokens=cfg.max_new_tokens, pad_token_id=self.pad_id, **kwargs)
+                out = self.model.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=cfg.max_new_tokens,
+                                          pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids) or None,
+                                          **kwargs)
             new = out[:, width:].tolist()
             n_out = 1 if cfg.greedy else cfg.n
             for k, request in enumerate(group):
-                samples = [_until_eos(new[k * n_out + j], self.eos_ids) for j in range(n_out)]
-                deliver(request, samples * (cfg.n if n_out == 1 else 1))
+                rows = []
+                for j in range(n_out):
+                    tokens = _until_eos(new[k * n_out + j], self.eos_ids)
+                    ran_out = len(tokens) >= cfg.max_new_tokens and tokens[-1] not in self.eos_ids
+                    rows.append(_Row(request=request, sample=j, first_col=0, generator=None, tokens=tokens,
+                                     logprobs=self._score(encoded[request], tokens, device),
+                                     finish_reason="length" if ran_out else "stop"))
+                run.deliver(request, rows * (cfg.n if n_out == 1 else 1))
+
+    def _score(self, prompt: list[int], tokens: list[int], device: torch.device) -> list[float]:
+        """Raw log-probs of `tokens` after `prompt`, from one teacher-forced forward pass."""
+        if not tokens:
+            return []
+        ids = torch.tensor([prompt + tokens], device=device)
+        keep = {"logits_to_keep": len(tokens) + 1} if _accepts_logits_to_keep(self.model) else {}
+        logits = self.model(input_ids=ids, **keep).logits[0, -len(tokens) - 1 : -1]
+        return _chosen_logprobs(logits, ids[0, len(prompt):]).tolist()
+
+
+def _texts_callback(on_result: ResultCallback | None) -> CompletionCallback | None:
+    """Adapt a texts callback (`generate`'s) to the engine's `Completion` callback."""
+    if on_result is None:
+        return None
+    return lambda index, completions: on_result(index, [c.text for c in completions])
+
+
+def _repeats(encoded: list[list[int]]) -> list[int]:
+    """Per prompt, how many identical prompts come before it in the call."""
+    seen: dict[tuple[int, ...], int] = {}
+    out = []
+    for ids in encoded:
+        key = tuple(ids)
+        out.append(seen.get(key, 0))
+        seen[key] = out[-1] + 1
+    return out
+
+
+def _model_device(model: Any) -> torch.device:
+    """Where the engine puts its tensors: the device of the model's (first) parameters."""
+    return next(model.parameters()).device
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The forward argument that takes the KV cache: `cache` in recent transformers (passing
+    `past_key_values` there warns that it goes away in 5.40), `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps forward(**kwargs)
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
@@ -593,13 +723,14 @@ def _until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """The ids `generate` stops on: the model's generation config first, then the tokenizer's."""
+    """The ids a row stops on: those `generate` stops on (the model's generation config, else the
+    tokenizer's EOS), plus the chat template's end-of-turn token, which SFT trains the model to end
+    answers with (`stop_token_ids`; usually in the generation config already, e.g. SmolLM2's `<|im_end|>`)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+    ids = set() if eos is None else {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
+    return ids | stop_token_ids(tokenizer)
 
 
 def _pad_id(tokenizer: Any, eos_ids: set[int]) -> int:
