@@ -66,15 +66,23 @@ def test_compare_evaluates_two_models_on_identical_prompts(tmp_path, capsys):
     assert "tuned - base accuracy: +0.000, 95% CI [+0.000, +0.000], paired bootstrap over 4 rows" in out
 
 
-def test_compare_checks_both_models_before_evaluating_either(tmp_path, capsys):
+def test_compare_checks_both_models_before_evaluating_either(tmp_path, capsys, tiny_tokenizer):
+    from ftlab.models.load import build_scratch_model
+    from tests.helpers import TINY_SCRATCH
+
     recipe = tiny_recipe(tmp_path)
     base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text("{}")   # enough to pass the path check; never loaded here
+    build_scratch_model(TINY_SCRATCH, tiny_tokenizer).save_pretrained(base)   # a complete local model
+    truncated = tmp_path / "truncated"
+    build_scratch_model(TINY_SCRATCH, tiny_tokenizer).save_pretrained(truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])   # a copy cut short
     src = gsm_file(tmp_path)
+    capsys.readouterr()   # drop the save progress bars
     for tuned, message in [(tmp_path / "no_such_model", f"model path '{tmp_path / 'no_such_model'}' does not exist"),
                            (f"{base}+{tmp_path / 'no_adapter'}",
-                            f"adapter path '{tmp_path / 'no_adapter'}' does not exist")]:
+                            f"adapter path '{tmp_path / 'no_adapter'}' does not exist"),
+                           (truncated, "truncated safetensors file")]:
         code = main(["eval", str(recipe), "eval.task=gsm8k", f"eval.source={src}", "--compare", str(base), str(tuned)])
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

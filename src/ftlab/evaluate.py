@@ -162,19 +162,28 @@ def parse_model_spec(spec: str) -> tuple[str, str | None]:
 def check_model_spec(spec: str) -> None:
     """Fail with one line when a model or adapter of `spec` cannot be found, before anything is evaluated.
 
-    Local paths are checked completely (an adapter directory's base model too); a hub id can only be
-    checked for network access or a cached copy, which `resolve_model_path` already does.
+    Local directories get the checks loading does (config, complete weights, an adapter's base model);
+    a hub id can only be checked for network access or a cached copy, which `resolve_model_path` does.
     """
-    from ftlab.models.load import adapter_base, is_adapter_dir, resolve_model_path
+    from ftlab.models.load import (
+        adapter_base_path,
+        check_adapter_files,
+        check_model_files,
+        is_adapter_dir,
+        resolve_model_path,
+    )
 
     model, adapter = parse_model_spec(spec)
     try:
         path = resolve_model_path(model)
-        if is_adapter_dir(path):
-            resolve_model_path(adapter_base(path))
-        if adapter is not None and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
-            what = "has no adapter_config.json" if Path(adapter).expanduser().is_dir() else "does not exist"
-            raise UserError(f"adapter path {adapter!r} {what}")
+        if is_adapter_dir(path):  # an adapter directory named alone: its base must load too
+            check_adapter_files(path)
+            path = adapter_base_path(path)
+        check_model_files(path)
+        if adapter is not None:
+            if not Path(adapter).expanduser().exists():
+                raise UserError(f"adapter path {adapter!r} does not exist")
+            check_adapter_files(adapter)
     except UserError as e:
         raise UserError(f"--compare {spec}: {e}") from None
 
