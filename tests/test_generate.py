@@ -1,4 +1,5 @@
-"""Generation engine: greedy identity with `model.generate`, order, stop strings, sampling, truncation, fallback.
+"""Generation engine: greedy identity with `model.generate`, order, stop strings, sampling, truncation, fallback,
+log-probs against a teacher-forced forward pass, shared prefill of n samples.
 
 Everything runs on a tiny random Llama (hidden 32, 2 layers) and an in-memory word-level tokenizer,
 so the whole file takes seconds on a CPU.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 
 import pytest
 import torch
@@ -236,3 +238,111 @@ def test_prefill_chunks_and_shared_prefix():
     prefiller = hf._Prefiller.__new__(hf._Prefiller)
     prefiller.max_pad_fraction, prefiller.max_chunk_tokens = 0.1, 4096
     assert prefiller.chunks([[0] * n for n in lengths]) == [[0, 1, 2], [3, 4], [5]]
+
+
+# ---------------------------------------------------------------- completions: token ids and log-probs
+def teacher_forced_logprobs(model, prompt_ids: list[int], tokens: list[int]) -> list[float]:
+    """The reference: one forward pass over prompt + completion, log-softmax at each completion token."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt_ids + tokens])).logits[0].float()
+    logprobs = logits.log_softmax(-1)
+    return [logprobs[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(tokens)]
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "top_p": 0.9, "n": 2}], ids=["greedy", "sampled"])
+def test_logprobs_equal_a_teacher_forced_forward_pass(model, tokenizer, prompts, sampling):
+    """Raw log-probs of the chosen tokens (before temperature / top-p), whatever the sampling settings."""
+    cfg = GenerationConfig(max_new_tokens=10, batch_size=4, seed=3, **sampling)
+    results = HFEngine(model, tokenizer).generate_full(prompts, cfg, progress=False)
+    for prompt, completions in zip(prompts, results):
+        assert len(completions) == cfg.n
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        for c in completions:
+            assert len(c.logprobs) == len(c.token_ids) > 0
+            assert c.logprobs == pytest.approx(teacher_forced_logprobs(model, ids, c.token_ids), abs=1e-4)
+            assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            assert c.finish_reason == ("stop" if c.token_ids[-1] == EOS else "length")
+            assert c.finish_reason == "stop" or len(c.token_ids) == 10
+    if sampling:  # temperature 0.7 makes unlikely tokens likelier: some chosen token is not the argmax
+        greedy = HFEngine(model, tokenizer).generate_tokens(prompts, GenerationConfig(max_new_tokens=10),
+                                                            progress=False)
+        assert any(c.token_ids != g[0] for cs, g in zip(results, greedy) for c in cs)
+
+
+def test_generate_full_agrees_with_generate_and_streams_completions(model, tokenizer, prompts):
+    cfg = GenerationConfig(max_new_tokens=12, batch_size=4, stop=["w7"])
+    engine = HFEngine(model, tokenizer)
+    streamed = {}
+    full = engine.generate_full(prompts, cfg, on_result=lambda i, cs: streamed.setdefault(i, cs), progress=False)
+    assert [[c.text for c in cs] for cs in full] == engine.generate(prompts, cfg, progress=False)
+    assert streamed == dict(enumerate(full))
+
+
+def test_fallback_path_returns_logprobs_too(model, tokenizer, prompts):
+    engine = HFEngine(model, tokenizer)
+    engine._plain_cache = False  # the `model.generate` path, for caches the slot cache cannot mimic
+    results = engine.generate_full(prompts[:4], GenerationConfig(max_new_tokens=8, batch_size=2), progress=False)
+    for prompt, (c,) in zip(prompts, results):
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        assert c.logprobs == pytest.approx(teacher_forced_logprobs(model, ids, c.token_ids), abs=1e-4)
+
+
+# ---------------------------------------------------------------- n samples per prompt
+def count_prefill_positions(model) -> tuple[list[int], object]:
+    """Positions the model runs in prefill forwards (more than one input token), counted by a hook."""
+    seen: list[int] = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1:
+            seen.append(ids.numel())
+
+    return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_samples_of_a_prompt_share_its_prefill(model, tokenizer):
+    """n samples per prompt: each prompt is prefilled once and its K/V copied into n rows."""
+    # equal lengths (no padding) and different first words (no shared prefix): positions = 3 x 6
+    prompts = ["w1 w2 w3 w4 w5 w6", "w9 w2 w8 w4 w5 w6", "w12 w2 w3 w30 w5 w6"]
+    cfg = GenerationConfig(max_new_tokens=6, batch_size=12, temperature=1.0, n=4, seed=1)
+    engine = HFEngine(model, tokenizer)
+    seen, handle = count_prefill_positions(model)
+    try:
+        out = engine.generate_full(prompts, cfg, progress=False)
+    finally:
+        handle.remove()
+    assert sum(seen) == 18 and engine.stats["prefill_tokens"] == 18  # not 4 x 18
+    assert all(len(cs) == 4 for cs in out)
+    assert any(len({tuple(c.token_ids) for c in cs}) > 1 for cs in out), "the 4 rows did not sample separately"
+    # each sample's tokens are what its own row drew: log-probs still match a forward pass
+    for prompt, cs in zip(prompts, out):
+        ids = tokenizer(prompt).input_ids
+        for c in cs:
+            assert c.logprobs == pytest.approx(teacher_forced_logprobs(model, ids, c.token_ids), abs=1e-4)
+
+
+def test_a_prompts_samples_do_not_depend_on_batch_size_order_or_company(model, tokenizer, prompts):
+    cfg = GenerationConfig(max_new_tokens=10, batch_size=4, temperature=1.0, n=3, seed=5)
+    engine = HFEngine(model, tokenizer)
+    reference = dict(zip(prompts, engine.generate(prompts, cfg, progress=False)))
+    shuffled = prompts[::-1][3:] + prompts[::-1][:3]
+    again = engine.generate(shuffled, GenerationConfig(**{**vars(cfg), "batch_size": 7}), progress=False)
+    assert dict(zip(shuffled, again)) == reference
+    alone = engine.generate(prompts[4:6], GenerationConfig(**{**vars(cfg), "batch_size": 3}), progress=False)
+    assert alone == [reference[p] for p in prompts[4:6]]
+    # a repeated prompt is a new draw, not a copy of the first one
+    twice = engine.generate([prompts[0], prompts[0]], cfg, progress=False)
+    assert twice[0] == reference[prompts[0]] and twice[1] != twice[0]
+
+
+# ---------------------------------------------------------------- transformers API
+def test_generation_emits_no_future_warning(model, tokenizer, prompts):
+    """The cache goes in under the argument name the model's forward declares (`cache` in transformers
+    5.2x; `past_key_values` there warns that it goes away in 5.40)."""
+    engine = HFEngine(model, tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        engine.generate(["w1 w2 w3 w4 w5 " + p for p in prompts[:4]], GenerationConfig(max_new_tokens=4),
+                        progress=False)  # shared prefix, chunked prefill, decoding
+        engine._plain_cache = False
+        engine.generate(prompts[:2], GenerationConfig(max_new_tokens=4), progress=False)  # fallback
