@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from ftlab.errors import UserError
 from ftlab.models.memory import (DEFAULT_TARGETS, NF4_BYTES, architecture, estimate_memory, format_estimate,
                                  frozen_prefix_savings, head_input_bytes, layer_activation_bytes, load_config,
                                  lora_param_count, optimizer_bytes)
@@ -158,6 +159,49 @@ def test_toy_lora_and_qlora_bf16_by_hand():
     assert lo.bytes_of("logits (loss)") == 8 * 320 * 10
 
 
+def test_logits_and_head_input_are_charged_per_supervised_token():
+    """Training runs the LM head on supervised positions only: with a quarter of 32 tokens supervised, the
+    logits row is 8 tokens x vocab, and full fine-tuning keeps the head's input for those 8 only."""
+    arch = architecture(tiny_config())  # h=128, vocab 320
+    all_ = estimate_memory(arch, method="full", precision="fp32", batch_size=2, seq_len=16)
+    part = estimate_memory(arch, method="full", precision="fp32", batch_size=2, seq_len=16, supervised_share=0.25)
+    assert part.bytes_of("logits (loss)") == 8 * 320 * 8 and all_.bytes_of("logits (loss)") == 32 * 320 * 8
+    assert all_.bytes_of("activations") - part.bytes_of("activations") == (32 - 8) * 4 * 128
+    lora = estimate_memory(arch, method="lora", precision="bf16", batch_size=2, seq_len=16, supervised_share=0.25)
+    assert lora.bytes_of("logits (loss)") == 8 * 320 * 10  # + the 16-bit logits under autocast
+    with pytest.raises(UserError, match="supervised share"):
+        estimate_memory(arch, supervised_share=0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_logits_saved_for_the_loss_are_the_supervised_positions_only(precision):
+    """What autograd keeps of vocab-sized tensors in the training loss (`response_token_log_probs` with a
+    response mask) equals the forward part of the estimate's logits row (fp32 logits, 4 B per position)."""
+    from ftlab.losses import response_token_log_probs
+
+    cfg = tiny_config()
+    model = real_model(cfg).train()
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, 12:] = True  # 8 of 32 positions supervised, like a prompt and a short answer
+    saved: dict[int, int] = {}
+    params = {q.untyped_storage().data_ptr() for q in model.parameters()}  # the head's weight is not activation
+    head_weight = (cfg.hidden_size, cfg.vocab_size)  # nor its bf16 autocast copy (the weights row has it)
+
+    def pack(t):
+        if (t.dim() >= 1 and t.shape[-1] == cfg.vocab_size and tuple(t.shape) != head_weight
+                and t.untyped_storage().data_ptr() not in params):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        response_token_log_probs(model, ids, ids, mask).sum()
+    est = estimate_memory(architecture(cfg), method="full", precision="fp32", batch_size=2, seq_len=16,
+                          supervised_share=0.25)
+    assert sum(saved.values()) == 8 * cfg.vocab_size * 4 == est.bytes_of("logits (loss)") / 2
+
+
 def test_optimizer_bytes_by_hand():
     assert optimizer_bytes([100, 4096, 10_000], "adamw") == 8 * 14_196
     # 8-bit: < 4096 values stay 32-bit (8 B); else 2 B + two fp32 absmax per 256-value block
@@ -272,6 +316,17 @@ def test_cli_offline_hub_id_is_one_line_exit_2(monkeypatch, capsys):
     lines = [line for line in err.splitlines() if line.startswith("ftlab: error:")]
     assert len(lines) == 1 and "Hugging Face Hub" in lines[0]
     assert "Traceback" not in err
+
+
+def test_cli_rejects_dropout_share_and_seq_len_out_of_range(smollm2_json, capsys):
+    from ftlab.cli import main
+
+    for extra, needle in [(["--method", "lora", "--lora-dropout", "5"], "--lora-dropout) must be in [0, 1); got 5"),
+                          (["--supervised-share", "1.5"], "--supervised-share) must be in (0, 1]"),
+                          (["--seq-len", "9000"], "--seq-len 9000 is beyond the context window")]:
+        assert main(["memory", str(smollm2_json)] + extra) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_cli_missing_path_and_bad_json(tmp_path, capsys):

@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--lora-target-modules", nargs="+", metavar="NAME",
                      help="LoRA target modules (default: q_proj k_proj v_proj o_proj)")
     mem.add_argument("--lora-dropout", type=float, default=0.0)
+    mem.add_argument("--supervised-share", type=float, default=1.0, metavar="FRACTION",
+                     help="share of tokens that carry loss; the LM head runs on those only (default 1.0: all)")
     mem.add_argument("--weight-dtype", choices=["fp32", "bf16", "fp16"], default=None,
                      help="dtype the weights are stored in (default: ftlab's model.dtype=fp32)")
     mem.add_argument("--gradient-checkpointing", action="store_true")

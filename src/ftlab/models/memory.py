@@ -39,8 +39,12 @@ The model behind the numbers (what ftlab's trainer does; every choice is printed
   For SmolLM2-135M this matches the bytes autograd saves on CPU within 0.1% (full/LoRA, fp32/bf16
   autocast, sdpa/eager; docs/BENCHMARKS.md). With gradient checkpointing (per decoder layer) only each
   layer's input is kept (h per token per layer) plus one layer's activations while it is recomputed.
-* logits: the loss keeps fp32 logits (4 B per token x vocab) and, in backward, their gradient (4 B);
-  mixed precision adds the 16-bit logits (2 B).
+* logits: training runs the LM head on the supervised positions only (`ftlab.losses.response_token_log_probs`
+  slices the hidden states first), so logits cost per supervised token: the fp32 logits the loss keeps
+  (4 B x vocab) and, in backward, their gradient (4 B); mixed precision adds the 16-bit logits (2 B). The
+  LM head's input (kept when the head trains) is per supervised token too. `supervised_share` (CLI
+  `--supervised-share`) is the share of tokens that carry loss: 1.0, every position, is the upper bound
+  (the default); SFT on long prompts with short answers needs far less.
 * total = the sum of the rows: an upper bound of the peak (gradients fill in while activations are
   freed), without the CUDA context (~0.3-1 GiB) and allocator fragmentation.
 """
@@ -91,11 +95,11 @@ def load_config(model: str) -> Any:
             raise UserError(f"{model}: cannot read as JSON: {e}") from None
         return _config_from_dict(data, model)
 
-    from ftlab.models.load import adapter_base, is_adapter_dir, resolve_model_path
+    from ftlab.models.load import adapter_base_path, is_adapter_dir, resolve_model_path
 
     resolved = resolve_model_path(model)
     if is_adapter_dir(resolved):  # an adapter: the memory is the base model's
-        resolved = resolve_model_path(adapter_base(resolved))
+        resolved = adapter_base_path(resolved)
     local = Path(resolved).is_dir()
     try:
         return AutoConfig.from_pretrained(resolved, local_files_only=local)
@@ -323,11 +327,15 @@ def layer_activation_bytes(arch: Architecture, method: str, precision: str, seq_
 
 def head_input_bytes(arch: Architecture, method: str, precision: str, weight_bytes: int = 4) -> float:
     """Per token, outside the decoder layers: the final norm (fp32 input [+ normalized copy when it trains])
-    and the LM head's input (kept when the head trains: full fine-tuning)."""
-    mixed = precision != "fp32"
-    p = 2 if mixed or weight_bytes == 2 else 4
+    and the LM head's input (kept when the head trains: full fine-tuning), every position supervised."""
     full = method == "full"
-    return 4 * arch.hidden * (2 if full else 1) + (p * arch.hidden if full else 0)
+    return 4 * arch.hidden * (2 if full else 1) + lm_head_input_bytes(arch, method, precision, weight_bytes)
+
+
+def lm_head_input_bytes(arch: Architecture, method: str, precision: str, weight_bytes: int = 4) -> float:
+    """Per SUPERVISED token: the LM head's input, kept for its weight gradient when the head trains."""
+    p = 2 if precision != "fp32" or weight_bytes == 2 else 4
+    return p * arch.hidden if method == "full" else 0.0
 
 
 def frozen_prefix_savings(arch: Architecture, method: str, lora: Sequence[Linear] = (),
@@ -351,8 +359,10 @@ def estimate_memory(arch: Architecture, method: str = "full", optim: str = "adam
                     batch_size: int = 1, seq_len: int = 1024, lora_r: int = 16,
                     target_modules: Sequence[str] | None = None, gradient_checkpointing: bool = False,
                     attn_implementation: str = "sdpa", lora_dropout: float = 0.05,
-                    weight_dtype: str = "fp32") -> MemoryEstimate:
-    """Estimate training memory (bytes per component) for `arch`; see the module docstring."""
+                    weight_dtype: str = "fp32", supervised_share: float = 1.0) -> MemoryEstimate:
+    """Estimate training memory (bytes per component) for `arch`; see the module docstring.
+
+    `supervised_share`: the share of tokens that carry loss (the LM head runs on those only)."""
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if precision not in DTYPE_BYTES or weight_dtype not in DTYPE_BYTES:
@@ -362,10 +372,15 @@ def estimate_memory(arch: Architecture, method: str = "full", optim: str = "adam
     for label, value in (("batch size", batch_size), ("sequence length", seq_len), ("LoRA r", lora_r)):
         if value < 1:
             raise UserError(f"{label} must be >= 1, got {value}")
+    if not 0 <= lora_dropout < 1:
+        raise UserError(f"LoRA dropout (--lora-dropout) must be in [0, 1); got {lora_dropout:g}")
+    if not 0 < supervised_share <= 1:
+        raise UserError(f"supervised share (--supervised-share) must be in (0, 1]; got {supervised_share:g}")
     targets = list(target_modules or DEFAULT_TARGETS)
     mixed = precision != "fp32"
     W = DTYPE_BYTES[weight_dtype]
     tokens = batch_size * seq_len
+    supervised = math.ceil(tokens * supervised_share)  # positions the LM head runs on
     a = arch
     rows: list[tuple[str, float, str]] = []
     notes: list[str] = []
@@ -422,35 +437,43 @@ def estimate_memory(arch: Architecture, method: str = "full", optim: str = "adam
     adapted_mods = [] if method == "full" else a.matching(targets)
     per_layer = layer_activation_bytes(a, method, precision, seq_len, adapted_mods, lora_r, lora_dropout,
                                        attn_implementation, W if method != "qlora" else 4)
-    head_in = (head_input_bytes(a, method, precision, W if method != "qlora" else 4)
+    head_w = W if method != "qlora" else 4
+    head_sup = lm_head_input_bytes(a, method, precision, head_w)  # per supervised token
+    head_in = (head_input_bytes(a, method, precision, head_w) - head_sup
                - frozen_prefix_savings(a, method, adapted_mods, lora_dropout))
     if gradient_checkpointing:
         resid = W if method != "qlora" else 4
-        layers = a.n_layers * tokens * resid * a.hidden + tokens * (per_layer + head_in)
+        layers = a.n_layers * tokens * resid * a.hidden + tokens * (per_layer + head_in) + supervised * head_sup
         how = (f"{a.n_layers} layer inputs x {tokens} tokens x {resid * a.hidden} B + one layer recomputed "
-               f"({per_layer / 1024:.1f} KiB/token) + final norm/head input ({head_in:+.0f} B/token)")
+               f"({per_layer / 1024:.1f} KiB/token) + final norm/head input ({head_in:+.0f} B/token"
+               + (f", {head_sup:.0f} B/supervised token)" if head_sup else ")"))
         notes.append("gradient checkpointing per decoder layer: keeps each layer's input, recomputes one layer "
                      "at a time in backward (~30% more compute)")
     else:
-        layers = tokens * (a.n_layers * per_layer + head_in)
+        layers = tokens * (a.n_layers * per_layer + head_in) + supervised * head_sup
         how = (f"{tokens} tokens x ({a.n_layers} layers x {per_layer / 1024:.1f} KiB {head_in:+.0f} B final "
-               "norm/head input" + (", frozen first layer)" if method != "full" else ")"))
+               "norm" + (", frozen first layer)" if method != "full" else ")")
+               + (f" + {supervised} supervised tokens x {head_sup:.0f} B LM head input" if head_sup else ""))
     rows.append(("activations", layers, how))
     logit_b = 8 + (2 if mixed else 0)
-    rows.append(("logits (loss)", tokens * a.vocab * logit_b, f"{tokens} tokens x {a.vocab} vocab x {logit_b} B"))
+    rows.append(("logits (loss)", supervised * a.vocab * logit_b,
+                 f"{supervised} supervised tokens x {a.vocab} vocab x {logit_b} B"))
     notes.append(f"activations: {attn_implementation} attention "
                  + ("(fp32 softmax probabilities: s^2 term)" if attention_is_eager(attn_implementation)
                     else "(flash/memory-efficient kernels: no s^2 term)")
                  + "; per layer and token: norms, attention q/k/v/out, MLP, matmul inputs, LoRA inputs "
                  "as autograd saves them (Korthikanti et al. 2022 bookkeeping for a Llama block)")
-    notes.append(f"logits: fp32 logits for the loss and their gradient (8 B per token x vocab)"
+    notes.append(f"logits: the LM head runs on supervised positions only ({supervised_share:g} of the tokens"
+                 + (", every position: the upper bound; pass --supervised-share for SFT data" if supervised_share == 1
+                    else "") + "): fp32 logits for the loss and their gradient (8 B per supervised token x vocab)"
                  + (", plus the 16-bit logits (2 B)" if mixed else ""))
     notes.append(f"optimizer: {_optim_note(optim)}")
     notes.append("total = sum of the rows: an upper bound of the peak (gradients fill in while activations are "
                  "freed); add the CUDA context (~0.3-1 GiB) and allocator fragmentation")
     setup = dict(method=method, optim=optim, precision=precision, batch_size=batch_size, seq_len=seq_len,
                  lora_r=lora_r, target_modules=targets, gradient_checkpointing=gradient_checkpointing,
-                 attn_implementation=attn_implementation, lora_dropout=lora_dropout, weight_dtype=weight_dtype)
+                 attn_implementation=attn_implementation, lora_dropout=lora_dropout, weight_dtype=weight_dtype,
+                 supervised_share=supervised_share)
     return MemoryEstimate(arch=a, setup=setup, trainable_params=trainable, rows=rows, assumptions=notes)
 
 
@@ -513,7 +536,13 @@ def format_estimate(est: MemoryEstimate) -> str:
 
 def cli_memory(args: Any) -> str:
     """`ftlab memory`: the text to print for parsed CLI arguments."""
+    from ftlab.models.load import context_window
+
     config = load_config(args.model)
+    window = context_window(config)
+    if window is not None and args.seq_len > window:
+        raise UserError(f"--seq-len {args.seq_len} is beyond the context window of {args.model} "
+                        f"({window} tokens, max_position_embeddings)")
     arch = architecture(config, name=args.model)
     targets = getattr(args, "lora_target_modules", None) or getattr(args, "target_modules", None)
     if isinstance(targets, str):
@@ -524,5 +553,6 @@ def cli_memory(args: Any) -> str:
         gradient_checkpointing=bool(args.gradient_checkpointing),
         attn_implementation=getattr(args, "attn_implementation", None) or "sdpa",
         lora_dropout=0.05 if getattr(args, "lora_dropout", None) is None else float(args.lora_dropout),
-        weight_dtype=getattr(args, "weight_dtype", None) or "fp32")
+        weight_dtype=getattr(args, "weight_dtype", None) or "fp32",
+        supervised_share=1.0 if getattr(args, "supervised_share", None) is None else float(args.supervised_share))
     return format_estimate(est)
