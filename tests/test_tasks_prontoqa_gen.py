@@ -15,7 +15,7 @@ import pytest
 
 from ftlab.tasks.prontoqa_gen import generate_prontoqa
 
-DATA = Path("/work/shared/data/prontoqa")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "prontoqa"  # ../shared beside the checkout
 AUTHORS_FIELDS = {"id", "question", "query", "chain_of_thought", "answer", "hops"}
 
 
