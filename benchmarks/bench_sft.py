@@ -72,7 +72,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
-GSM8K = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl")  # ../shared beside the checkout
+# ../shared beside the checkout (the developer/CI machines' data folder)
+GSM8K = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl")
 CONFIGS = ("lora-fp32", "full-fp32", "lora-bf16", "full-bf16")
 LR = {"lora": 2e-4, "full": 2e-5}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
