@@ -7,7 +7,9 @@ checkpointing: the fix is non-reentrant checkpointing enabled *after* the adapte
 from __future__ import annotations
 
 import logging
-from typing import Any
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -49,19 +51,40 @@ def apply_lora(model: Any, lora_cfg: Any, gradient_checkpointing: bool = False) 
         raise UserError(f"lora.target_modules: {missing[0]!r} is not a module of this model; "
                         f"available: {', '.join(sorted(available))}")
     if lora_cfg.quantize:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        with peft_wrapping():
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=targets if targets != ["all-linear"] else "all-linear",
                         task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
+    with peft_wrapping():
+        model = get_peft_model(model, config)
     if gradient_checkpointing:  # after the adapters, non-reentrant: see module docstring
         enable_gradient_checkpointing(model)
     return model
 
 
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Silence two known FutureWarnings while peft wraps a model, and nothing else.
+
+    peft 0.21's `PeftModel.__init__` reads `model.is_gradient_checkpointing`, which transformers 5 renamed
+    `is_activation_checkpointing` and keeps as an alias that warns on every read: one FutureWarning on
+    every LoRA run and every adapter load, about code that is not ours. (Its QLoRA preparation calls
+    the renamed `gradient_checkpointing_enable` likewise.) The aliases still do the right thing, so only
+    those messages are filtered, only here.
+    """
+    with warnings.catch_warnings():
+        for old in ("is_gradient_checkpointing", "gradient_checkpointing_enable"):
+            warnings.filterwarnings("ignore", message=f"`{old}` is deprecated", category=FutureWarning)
+        yield
+
+
 def enable_gradient_checkpointing(model: Any) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 name; the old one warns FutureWarning
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     model.config.use_cache = False

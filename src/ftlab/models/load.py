@@ -314,7 +314,10 @@ def attach_adapter(model: Any, adapter_path: str, trainable: bool = False) -> An
     from peft import PeftModel
 
     check_adapter_files(adapter_path)
-    model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
+    from ftlab.models.adapters import peft_wrapping
+
+    with peft_wrapping():  # see there: peft reads an attribute transformers deprecated
+        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=trainable)
     # For inference, fold LoRA into the base weights: generation then runs a plain model, without the
     # extra adapter matmuls in every layer (several times faster per decoded token on CPU).
     return model if trainable else model.merge_and_unload()
