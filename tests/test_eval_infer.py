@@ -159,3 +159,31 @@ def test_infer_bad_row_names_file_and_line(tmp_path, capsys):
     inp.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
     code = main(["infer", str(recipe), "--input", str(inp), "--output", str(tmp_path / "o.jsonl")])
     assert code == 2 and f"{inp}:2: missing field 'prompt'" in capsys.readouterr().err
+
+
+def test_vllm_is_given_resolved_model_and_adapter_paths(tmp_path, tiny_tokenizer):
+    """vLLM loads by path: the embedded name must become its cached directory, and an adapter
+    directory given as the model must become its base model + that adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftlab.config.schema import EMBEDDED_MODEL, ModelConfig
+    from ftlab.evaluate import load_eval_tokenizer, vllm_model_paths
+    from ftlab.models.load import build_scratch_model, embedded_model_dir
+    from tests.helpers import TINY_SCRATCH
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    build_scratch_model(TINY_SCRATCH, tiny_tokenizer).save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(adapter)  # its adapter_config.json names `base` as base model
+
+    assert vllm_model_paths(ModelConfig(name=str(adapter))) == (str(base), str(adapter))
+    assert vllm_model_paths(ModelConfig(name=str(base), adapter=str(adapter))) == (str(base), str(adapter))
+    assert vllm_model_paths(ModelConfig(name=str(base))) == (str(base), None)
+    embedded, none = vllm_model_paths(ModelConfig(name=EMBEDDED_MODEL))
+    assert embedded == str(embedded_model_dir(EMBEDDED_MODEL)) and none is None
+    assert (Path(embedded) / "config.json").is_file()
+    # the tokenizer alone, from the base model (the adapter directory has none)
+    tok = load_eval_tokenizer(ModelConfig(name=str(adapter)), str(base), str(adapter))
+    assert tok.get_vocab() == tiny_tokenizer.get_vocab()

@@ -12,8 +12,17 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ftlab.data.sft import (Conversation, adds_bos, chat_terminator, encode_sft_example, encode_sft_turns,
-                            preflight, prompt_ids, render_supervision, stop_token_ids)
+from ftlab.data.sft import (
+    Conversation,
+    adds_bos,
+    chat_terminator,
+    encode_sft_example,
+    encode_sft_turns,
+    preflight,
+    prompt_ids,
+    render_supervision,
+    stop_token_ids,
+)
 from ftlab.data.sources import chat_turns, with_terminators
 from ftlab.generate import GenerationConfig, HFEngine
 

@@ -32,7 +32,11 @@ def generation_config(ecfg: Any, seed: int = 0) -> Any:
 def evaluate_examples(model: Any, tokenizer: Any, task: Any, examples: list, ecfg: Any, seed: int = 0,
                       engine: Any = None, on_row: Callable[[dict], None] | None = None,
                       progress: bool = True) -> tuple[list[dict], dict]:
-    """Generate for every example and score it; returns (rows in example order, metrics)."""
+    """Generate for every example and score it; returns (rows in example order, metrics).
+
+    `model` may be None when `engine` does not need it (vLLM loads its own weights). The HF engine
+    generates on whatever device the model is on (in-training evaluation: the training device).
+    """
     from ftlab.generate import HFEngine
 
     engine = engine or HFEngine(model, tokenizer)
@@ -63,10 +67,11 @@ def evaluate_examples(model: Any, tokenizer: Any, task: Any, examples: list, ecf
 
 
 def autocast_for(model: Any, precision: str) -> Any:
-    """bf16/fp16 autocast on the model's device (bf16 is ~1.8x faster on this CPU), or nothing."""
+    """bf16/fp16 autocast on the model's device (bf16 is ~1.8x faster on this CPU), or nothing
+    (fp32, or no HF model: vLLM chooses its own dtype)."""
     import contextlib
 
-    if precision == "fp32":
+    if precision == "fp32" or model is None:
         return contextlib.nullcontext()
     device = next(model.parameters()).device.type
     return torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -99,20 +104,67 @@ def eval_examples(task: Any, source: str, ecfg: DictConfig) -> list:
     return examples
 
 
+def vllm_model_paths(mcfg: Any) -> tuple[str, str | None]:
+    """The model directory (or hub id) and adapter directory vLLM should load, resolved as
+    `load_model_and_tokenizer` resolves them: the embedded model's name becomes its cached
+    directory, and an adapter directory given as the model becomes its base model + that adapter."""
+    from ftlab.models.load import adapter_base, is_adapter_dir, resolve_model_path
+
+    path, adapter = resolve_model_path(mcfg.name), mcfg.adapter
+    if is_adapter_dir(path):
+        adapter, path = path, resolve_model_path(adapter_base(path))
+    return path, (resolve_model_path(adapter) if adapter else None)
+
+
+def load_eval_tokenizer(mcfg: Any, path: str, adapter: str | None) -> Any:
+    """The tokenizer `load_model_and_tokenizer` would pick (model.tokenizer, the adapter's own, or
+    the model's), without loading any weights."""
+    from ftlab.models.load import load_tokenizer, resolve_model_path
+
+    if mcfg.tokenizer:
+        source = resolve_model_path(mcfg.tokenizer)
+    else:
+        source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path
+    return load_tokenizer(source, bool(mcfg.trust_remote_code))
+
+
+def eval_device() -> torch.device:
+    """Where `ftlab eval` runs the HF model: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def run_eval(cfg: DictConfig, model_name: str | None = None, adapter: str | None = None) -> tuple[RunDir, dict]:
-    """Evaluate one model as the recipe's eval section says; writes a run directory under runs/eval."""
+    """Evaluate one model as the recipe's eval section says; writes a run directory under runs/eval.
+
+    With `eval.engine: vllm` on a machine where vLLM runs, only the tokenizer is loaded here (vLLM
+    loads the weights itself; a second copy would only take memory). Otherwise the HF model is loaded
+    and moved to the GPU when there is one.
+    """
+    from ftlab.generate import make_engine, vllm_available
     from ftlab.models.load import load_model_and_tokenizer
     from ftlab.tasks import get_task
 
     task_name, source = eval_source(cfg)
     task = get_task(task_name)
     examples = eval_examples(task, source, cfg.eval)
-    from ftlab.generate import make_engine
+    # a model named explicitly (--compare) is that model, not the recipe's from-scratch config
     mcfg = OmegaConf.merge(cfg.model, {"name": model_name or cfg.model.name,
-                                       "adapter": adapter if model_name else (adapter or cfg.model.adapter)})
+                                       "adapter": adapter if model_name else (adapter or cfg.model.adapter),
+                                       "scratch": None if model_name else cfg.model.scratch})
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(mcfg)
-    engine = make_engine(cfg.eval.engine, model, tokenizer, model_path=mcfg.name, adapter_path=mcfg.adapter)
+    kind = cfg.eval.engine.lower()
+    if kind == "vllm" and mcfg.scratch:
+        log.warning("vLLM cannot build a model from model.scratch; using the HF engine")
+        kind = "hf"
+    if kind == "vllm" and vllm_available():
+        model = None
+        model_path, adapter_path = vllm_model_paths(mcfg)
+        tokenizer = load_eval_tokenizer(mcfg, model_path, adapter_path)
+        engine = make_engine("vllm", None, tokenizer, model_path=model_path, adapter_path=adapter_path)
+    else:
+        model, tokenizer = load_model_and_tokenizer(mcfg)
+        model.to(eval_device())
+        engine = make_engine(kind, model, tokenizer, model_path=mcfg.name, adapter_path=mcfg.adapter)
     name = run_name(mcfg.name, mcfg.adapter, task_name, source if os.path.exists(source) else cfg.eval.split,
                     cfg.eval.shots)
     run = RunDir.create(cfg.output_dir, "eval", name, cfg, cfg.seed)

@@ -14,8 +14,14 @@ import logging
 from typing import Any
 
 from ftlab.errors import UserError
-from ftlab.generate.base import (Completion, CompletionCallback, Engine, GenerationConfig, ResultCallback,
-                                 cut_at_stop)
+from ftlab.generate.base import (
+    Completion,
+    CompletionCallback,
+    Engine,
+    GenerationConfig,
+    ResultCallback,
+    cut_at_stop,
+)
 from ftlab.generate.hf import HFEngine
 
 __all__ = ["Completion", "CompletionCallback", "Engine", "GenerationConfig", "HFEngine", "ResultCallback",

@@ -63,7 +63,13 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from ftlab.data.sft import adds_bos, prompt_ids, stop_token_ids
 from ftlab.errors import UserError
-from ftlab.generate.base import Completion, CompletionCallback, GenerationConfig, ResultCallback, cut_at_stop
+from ftlab.generate.base import (
+    Completion,
+    CompletionCallback,
+    GenerationConfig,
+    ResultCallback,
+    cut_at_stop,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -2,18 +2,39 @@
 
 vLLM does its own continuous batching and paged attention on the GPU, which is far faster than
 anything in `hf.py` there. LoRA adapters are served without merging via `LoRARequest`, so an
-evaluation of a fine-tuned adapter needs no merged checkpoint on disk.
+evaluation of a fine-tuned adapter needs no merged checkpoint on disk; one engine can serve several
+adapters in turn (`set_adapter`), each under its own LoRA id.
+
+With a tokenizer, prompts go to vLLM as token ids made by `ftlab.data.sft.prompt_ids`, the rule SFT
+training uses (vLLM would otherwise add a BOS in front of a chat template that already starts with
+one), and rows also stop on the chat template's end-of-turn token (`stop_token_ids`).
 """
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 from typing import Any
 
-from ftlab.generate.base import GenerationConfig, ResultCallback, cut_at_stop
+from ftlab.data.sft import adds_bos, prompt_ids, stop_token_ids
+from ftlab.errors import UserError
+from ftlab.generate.base import (
+    Completion,
+    CompletionCallback,
+    GenerationConfig,
+    ResultCallback,
+    cut_at_stop,
+)
+
+logger = logging.getLogger(__name__)
 
 
 class VLLMEngine:
-    """Generation through `vllm.LLM`; `model_path` is a HF model directory or hub id."""
+    """Generation through `vllm.LLM`; `model_path` is a HF model directory or hub id.
+
+    LoRA is enabled when `adapter_path` is given or `enable_lora=True` is passed (to switch adapters
+    later, or to start from the base model).
+    """
 
     def __init__(self, model_path: str, adapter_path: str | None = None, tokenizer: Any = None,
                  max_lora_rank: int = 64, **llm_kwargs: Any):
@@ -22,22 +43,40 @@ class VLLMEngine:
         self.model_path = model_path
         self.adapter_path = adapter_path
         self.tokenizer = tokenizer
-        if adapter_path:
+        self.lora = bool(adapter_path or llm_kwargs.get("enable_lora"))
+        if self.lora:
             llm_kwargs.setdefault("enable_lora", True)
             llm_kwargs.setdefault("max_lora_rank", max_lora_rank)
         self.llm = LLM(model=model_path, **llm_kwargs)
         self.stats: dict[str, float] = {}
+        self._lora_ids: dict[str, int] = {}  # adapter path -> its LoRA id in this engine
+
+    def set_adapter(self, adapter_path: str | None) -> None:
+        """Generate with another LoRA adapter from now on (None: the base model)."""
+        if adapter_path and not self.lora:
+            raise UserError("this vLLM engine was built without LoRA; pass adapter_path or enable_lora=True")
+        self.adapter_path = adapter_path
 
     def _lora_request(self) -> Any:
         if not self.adapter_path:
             return None
         from vllm.lora.request import LoRARequest
 
-        return LoRARequest("ftlab-adapter", 1, self.adapter_path)
+        local = Path(self.adapter_path).expanduser()
+        path = str(local.resolve()) if local.exists() else self.adapter_path
+        # vLLM caches a loaded adapter under its id: a second adapter sent with the first one's id
+        # would silently generate with the first one's weights. One id (and name) per adapter path.
+        lora_id = self._lora_ids.setdefault(path, len(self._lora_ids) + 1)
+        return LoRARequest(f"ftlab-adapter-{lora_id}", lora_id, path)
 
-    def _sampling_params(self, cfg: GenerationConfig) -> Any:
+    def _sampling_params(self, cfg: GenerationConfig, logprobs: bool, truncate_in_vllm: bool) -> Any:
         from vllm import SamplingParams
 
+        extra: dict[str, Any] = {}
+        if self.tokenizer is not None:
+            extra["stop_token_ids"] = sorted(stop_token_ids(self.tokenizer))
+        if truncate_in_vllm:
+            extra["truncate_prompt_tokens"] = cfg.max_prompt_tokens
         return SamplingParams(
             n=cfg.n,
             temperature=cfg.temperature,
@@ -45,25 +84,62 @@ class VLLMEngine:
             max_tokens=cfg.max_new_tokens,
             stop=list(cfg.stop) or None,
             seed=cfg.seed,
-            truncate_prompt_tokens=cfg.max_prompt_tokens,
+            logprobs=0 if logprobs else None,  # 0: the chosen token's log-prob only
+            **extra,
         )
+
+    def _inputs(self, prompts: list[str], cfg: GenerationConfig) -> tuple[list[Any], int]:
+        """Token-id prompts tokenized as SFT tokenizes them, left-truncated to max_prompt_tokens
+        (text prompts where there is no tokenizer); and how many were truncated."""
+        if self.tokenizer is None:
+            return list(prompts), 0
+        bos = adds_bos(self.tokenizer)
+        encoded = [prompt_ids(self.tokenizer, p, bos) for p in prompts]
+        limit = cfg.max_prompt_tokens
+        truncated = sum(len(ids) > limit for ids in encoded) if limit else 0
+        if truncated:
+            logger.warning("%d of %d prompts longer than %d tokens were truncated from the left",
+                           truncated, len(prompts), limit)
+        return [{"prompt_token_ids": ids[-limit:] if limit else ids} for ids in encoded], truncated
+
+    def generate_full(self, prompts: list[str], cfg: GenerationConfig, on_result: CompletionCallback | None = None,
+                      progress: bool = True) -> list[list[Completion]]:
+        """`Completion`s with vLLM's log-probs of the chosen tokens (raw model log-softmax in vLLM's
+        default `logprobs_mode`); `on_result` is called per prompt after the run, in input order."""
+        return self._generate(prompts, cfg, on_result, progress, logprobs=True)
 
     def generate(self, prompts: list[str], cfg: GenerationConfig, on_result: ResultCallback | None = None,
                  progress: bool = True) -> list[list[str]]:
         """vLLM schedules all prompts at once; `on_result` is called per prompt after the run, in input order."""
+        texts_cb = None if on_result is None else (lambda i, cs: on_result(i, [c.text for c in cs]))
+        results = self._generate(prompts, cfg, texts_cb, progress, logprobs=False)
+        return [[c.text for c in cs] for cs in results]
+
+    def _generate(self, prompts: list[str], cfg: GenerationConfig, on_result: CompletionCallback | None,
+                  progress: bool, logprobs: bool) -> list[list[Completion]]:
         cfg.validate()
         start = time.perf_counter()
-        outputs = self.llm.generate(prompts, self._sampling_params(cfg), use_tqdm=progress,
-                                    lora_request=self._lora_request())
-        results: list[list[str]] = []
+        inputs, truncated = self._inputs(prompts, cfg)
+        params = self._sampling_params(cfg, logprobs, truncate_in_vllm=self.tokenizer is None)
+        outputs = self.llm.generate(inputs, params, use_tqdm=progress, lora_request=self._lora_request())
+        results: list[list[Completion]] = []
         new_tokens = 0
         for index, out in enumerate(outputs):
-            # vLLM already removes the stop string; cutting again is a no-op kept for identical semantics.
-            texts = [cut_at_stop(c.text, cfg.stop)[0] for c in out.outputs]
+            completions = [_completion(c, cfg, logprobs) for c in out.outputs]
             new_tokens += sum(len(c.token_ids) for c in out.outputs)
-            results.append(texts)
+            results.append(completions)
             if on_result is not None:
-                on_result(index, texts)
-        self.stats = {"prompts": len(prompts), "truncated_prompts": 0, "new_tokens": new_tokens,
+                on_result(index, completions)
+        self.stats = {"prompts": len(prompts), "truncated_prompts": truncated, "new_tokens": new_tokens,
                       "seconds": time.perf_counter() - start}
         return results
+
+
+def _completion(out: Any, cfg: GenerationConfig, logprobs: bool) -> Completion:
+    # vLLM already removes the stop string; cutting again is a no-op kept for identical semantics.
+    token_ids = list(out.token_ids)
+    chosen = None
+    if logprobs and out.logprobs is not None:  # per position: {token id: Logprob} holding the chosen token
+        chosen = [step[t].logprob for t, step in zip(token_ids, out.logprobs)]
+    return Completion(text=cut_at_stop(out.text, cfg.stop)[0], token_ids=token_ids, logprobs=chosen,
+                      finish_reason="length" if out.finish_reason == "length" else "stop")
