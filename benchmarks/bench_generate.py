@@ -1,26 +1,31 @@
 """Generation speed on the embedded SmolLM2-135M-Instruct: naive loop vs batched `generate` vs ftlab's HFEngine.
 
 Workload: the first N GSM8K test questions rendered with the model's chat template, greedy, at most
-128 new tokens, batch 16 (fp32, CPU). Three variants run in the same process:
+128 new tokens, fp32 on the CPU. Variants run in the same process:
 
   (a) naive:  one `model.generate` call per prompt (on a subset: it is slow)
-  (b) plain:  `model.generate` on batches of 16 in file order, left padding, do_sample=False
-  (c) ftlab:  `HFEngine.generate` with its default 64 row slots (`--engine-batch-size`)
-  (b') plain at the engine's batch size, once, so the table shows what the batch size alone buys
+  (b) plain:  `model.generate` on batches of `--batch-size` in file order, left padding, do_sample=False
+  (c) ftlab:  `HFEngine.generate` with as many row slots (`--engine-batch-size`, default: the same)
+  (b') plain at the engine's batch size, once, when the two differ
 
 Throughput = new tokens per second, counting every sequence's new tokens up to and including its
-EOS (the same definition for all three). (b) and (c) are repeated alternately because the CPU is
-shared with other jobs; medians and per-repetition ratios are reported. The outputs of (b) and (c)
-are compared token by token.
+EOS (the same definition for all). (b) and (c) are repeated alternately because the CPU is shared
+with other jobs; medians and per-repetition ratios are reported. The outputs of (b) and (c) are
+compared token by token.
 
-    python benchmarks/bench_generate.py --threads 1 --ablations --library-cb   # as in docs/BENCHMARKS.md
-    python benchmarks/bench_generate.py --n-prompts 16 --repeats 1 --no-write   # quick look
+N samples per prompt (`--samples 4`, on the first `--sample-prompts` prompts, temperature 0.7, top-p
+0.95): the engine with n=4, which prefills each prompt once and copies its K/V into 4 rows, against
+the same engine given each prompt 4 times (n=1), which prefills it 4 times.
+
+    python benchmarks/bench_generate.py --threads 1 --batch-size 64 --repeats 2   # as in docs/BENCHMARKS.md
+    python benchmarks/bench_generate.py --n-prompts 16 --repeats 1 --no-write    # quick look
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -38,7 +43,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from ftlab.generate import GenerationConfig, HFEngine  # noqa: E402
 
-GSM8K = Path("/work/shared/data/gsm8k/test.jsonl")
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"  # ../shared beside the checkout
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SECTION = "## Generation engine"
 
@@ -126,14 +131,34 @@ def library_continuous_batching(model: Any, tok: Any, prompts: list[str], max_ne
 def decode_step_ms(model: Any, rows: int, context: int = 200, steps: int = 8) -> float:
     """Milliseconds of one cached decoding step for `rows` rows (random ids, `context` cached tokens)."""
     ids = torch.randint(100, 1000, (rows, context), generator=torch.Generator().manual_seed(0))
+    # transformers 5.2x names the cache argument `cache`; older versions `past_key_values`
+    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
         out = model(input_ids=ids, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        cache, nxt = getattr(out, arg), out.logits[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
         for _ in range(steps):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, use_cache=True, **{arg: cache})
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     return 1000 * (time.perf_counter() - start) / steps
+
+
+def n_samples(model: Any, tok: Any, prompts: list[str], n: int, max_new: int, batch: int) -> dict[str, dict]:
+    """n sampled completions per prompt: the engine's n (one prefill per prompt, K/V copied into n
+    rows) against the same engine given every prompt n times (n prefills per prompt)."""
+    cfg = {"max_new_tokens": max_new, "batch_size": batch, "temperature": 0.7, "top_p": 0.95, "seed": 0}
+    variants = {"shared": (prompts, GenerationConfig(n=n, **cfg)),
+                "separate": ([p for p in prompts for _ in range(n)], GenerationConfig(n=1, **cfg))}
+    out = {}
+    for name, (inputs, gcfg) in variants.items():
+        engine = HFEngine(model, tok)
+        start = time.perf_counter()
+        engine.generate_tokens(inputs, gcfg, progress=False)
+        secs = time.perf_counter() - start
+        out[name] = {"seconds": secs, **engine.stats}
+        print(f"{n} samples, {name} prefill: {secs:.1f}s {engine.stats['new_tokens']} tokens, prefill "
+              f"{engine.stats['prefill_tokens']} positions {engine.stats['prefill_seconds']:.1f}s", flush=True)
+    return out
 
 
 def timed(fn: Callable[[], list[list[int]]]) -> tuple[list[list[int]], float, int]:
@@ -215,7 +240,8 @@ class Report:
             f"{torch.get_num_threads()} torch thread(s).  ",
             f"Model: SmolLM2-135M-Instruct, fp32, loaded via {self.how}.  ",
             f"Workload: first {self.n} GSM8K test questions, chat template, greedy, max {a.max_new_tokens} new "
-            f"tokens, batch {a.batch_size} for (b), {a.engine_batch_size} row slots for (c); {sum(map(len, plain))} new tokens in total "
+            f"tokens, batch {a.batch_size} for (b), {a.engine_batch_size} row slots for (c)"
+            f"{' (the same batch size)' if a.batch_size == a.engine_batch_size else ''}; {sum(map(len, plain))} new tokens in total "
             f"({sum(len(t) == a.max_new_tokens for t in plain)}/{self.n} sequences reach the limit). New tokens "
             "are counted up to and including EOS, the same way for every variant.",
             "",
@@ -228,9 +254,11 @@ class Report:
         if "naive" in med:
             rows.append(f"| (a) naive: one `generate` per prompt | first {self.subset} | {med['naive']:.1f} | "
                         f"{wall['naive']:.1f} | {fmt_runs(tps['naive'])} | {med['naive'] / med['plain']:.2f}x |")
-        rows.append(f"| (b) plain batched `generate` (file order, left padding) | {self.n} | {med['plain']:.1f} | "
+        rows.append(f"| (b) plain batched `generate`, batch {self.args.batch_size} (file order, left padding) | "
+                    f"{self.n} | {med['plain']:.1f} | "
                     f"{wall['plain']:.1f} | {fmt_runs(tps['plain'])} | 1.00x |")
-        rows.append(f"| (c) ftlab `HFEngine` | {self.n} | {med['ftlab']:.1f} | {wall['ftlab']:.1f} | "
+        rows.append(f"| (c) ftlab `HFEngine`, {self.args.engine_batch_size} row slots | {self.n} | {med['ftlab']:.1f} | "
+                    f"{wall['ftlab']:.1f} | "
                     f"{fmt_runs(tps['ftlab'])} | **{med['ftlab'] / med['plain']:.2f}x** |")
         for label, (secs, toks, same) in self.ablations.items():
             tag = "(d)" if label.startswith("transformers") else "(b')" if label.startswith("plain") else "(c')"
@@ -268,23 +296,52 @@ class Report:
         limited = sum(len(t) == self.args.max_new_tokens for t in self.outputs["plain"])
         step_ms = 1000 * st["decode_seconds"] / max(st["decode_steps"], 1)
         slots = self.args.engine_batch_size
+        same = self.args.batch_size == slots
         out.append(f"- Where the speedup comes from: decoding is {decode_share:.0%} of (c)'s time, {step_ms:.0f} ms "
                    f"per step of up to {slots} rows. A CPU decoding step is bound by streaming all fp32 weights "
                    "through the matmuls (the 49k-token output layer alone is ~1/5 of them): the weights are read "
                    "once per step whatever the number of rows, so more rows per step means more tokens per weight "
                    "read (one step with 200 cached tokens, measured in this run: "
                    + ", ".join(f"{ms:.0f} ms for {rows} rows" for rows, ms in self.step_ms.items()) + "). "
-                   "A plain `generate` cannot simply use a bigger batch: (b') pads more and runs every row until "
-                   "the longest is done. The engine keeps its slots full (length-sorted prefill, finished rows "
-                   "evicted and refilled, shared prefix computed once, no per-token KV `torch.cat`), so it can "
-                   f"use more slots. Here {limited}/{self.n} sequences run to the token limit, so eviction and "
-                   "refill have little to remove; they matter more when output lengths vary. Outputs stay "
-                   "identical because each row's matmul result does not depend on how many rows share the "
-                   "call (checked above, token by token).")
+                   + ("At the same batch size, (b) " if same else "A plain `generate` cannot simply use a bigger "
+                      "batch: (b') ")
+                   + "pads every batch to its longest prompt and runs every row until the longest is done. The "
+                   "engine keeps its slots full (length-sorted prefill, finished rows evicted and refilled, shared "
+                   f"prefix computed once, no per-token KV `torch.cat`). Here {limited}/{self.n} sequences run to "
+                   "the token limit, so eviction and refill have little to remove; they matter more when output "
+                   "lengths vary. Outputs stay identical because each row's matmul result does not depend on how "
+                   "many rows share the call (checked above, token by token). The engine also returns every "
+                   "token's log-prob (one log-sum-exp over the logits per step), included in its timings.")
         return out
 
+    def samples_table(self) -> list[str]:
+        if not self.samples:
+            return []
+        a, sh, sep = self.args, self.samples["shared"], self.samples["separate"]
+        k = a.sample_prompts
+        lines = ["", f"### {a.samples} sampled completions per prompt: one prefill per prompt or {a.samples}", "",
+                 (f"First {k} of the prompts above, {a.samples} completions each (temperature 0.7, top-p 0.95, max "
+                  f"{a.max_new_tokens} new tokens, {a.engine_batch_size} row slots), one run each. The samples "
+                  "differ between the two (each row draws from its own seed), so the token counts differ a little; "
+                  "the prefill columns are the comparison."), "",
+                 "| variant | rows | prefill positions | prefill s | new tokens | wall s | new tok/s |",
+                 "|---|---|---|---|---|---|---|"]
+        for label, r in ((f"engine, n={a.samples}: prompt prefilled once, K/V copied into {a.samples} rows", sh),
+                         (f"engine, each prompt given {a.samples} times (n=1): {a.samples} prefills", sep)):
+            lines.append(f"| {label} | {k * a.samples} | {r['prefill_tokens']} | {r['prefill_seconds']:.1f} | "
+                         f"{r['new_tokens']} | {r['seconds']:.1f} | {r['new_tokens'] / r['seconds']:.1f} |")
+        saved = sep["prefill_seconds"] - sh["prefill_seconds"]
+        lines += ["", (f"- Shared prefill runs {sh['prefill_tokens']} prompt positions instead of "
+                       f"{sep['prefill_tokens']} ({sep['prefill_tokens'] / max(sh['prefill_tokens'], 1):.1f}x fewer; "
+                       f"the {sh['shared_prefix_tokens']}-token chat-template prefix is computed once in both) and "
+                       f"saves {saved:.1f}s of prefill, {saved / max(sep['seconds'], 1e-9):.0%} of the "
+                       f"separate-prompts run, where decoding up to {a.max_new_tokens} tokens per row takes most of "
+                       "the time; the saving grows with prompt length relative to completion length (few-shot "
+                       "prompts, short answers).")]
+        return lines
+
     def lines(self) -> list[str]:
-        return self.header() + self.table() + [""] + self.notes() + [""]
+        return self.header() + self.table() + [""] + self.notes() + self.samples_table() + [""]
 
 
 def parse_args() -> argparse.Namespace:
@@ -292,14 +349,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-prompts", type=int, default=64)
     p.add_argument("--naive-prompts", type=int, default=16, help="subset for the slow one-at-a-time loop (0: skip)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16, help="batch of the plain loop (b)")
-    p.add_argument("--engine-batch-size", type=int, default=GenerationConfig().batch_size,
-                   help="row slots of ftlab's engine (c); default: the engine's default")
+    p.add_argument("--batch-size", type=int, default=GenerationConfig().batch_size,
+                   help="batch of the plain loop (b); default: the engine's default row slots")
+    p.add_argument("--engine-batch-size", type=int, default=None,
+                   help="row slots of ftlab's engine (c); default: --batch-size, so (b) and (c) compare at one size")
     p.add_argument("--repeats", type=int, default=3, help="alternating repetitions of (b) and (c)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--ablations", action="store_true", help="also time the engine without refill / prefix sharing")
     p.add_argument("--library-cb", action="store_true",
                    help="also time transformers' generate_batch (continuous batching API), once, at the end")
+    p.add_argument("--samples", type=int, default=4, help="completions per prompt in the n-samples comparison (0: skip)")
+    p.add_argument("--sample-prompts", type=int, default=16, help="prompts in the n-samples comparison")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     p.add_argument("--no-write", action="store_true")
     return p.parse_args()
@@ -356,6 +416,8 @@ def extras(model: Any, tok: Any, prompts: list[str], reference: list[list[int]],
 
 def main() -> None:
     args = parse_args()
+    if args.engine_batch_size is None:
+        args.engine_batch_size = args.batch_size
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -372,12 +434,14 @@ def main() -> None:
     engine_stats = dict(engine.stats)  # of the last (c) run
     plain_prefill_secs = time_plain_prefill(model, tok, prompts, args.batch_size)
     extra = extras(model, tok, prompts, outputs["plain"], args)
-    step_ms = {rows: decode_step_ms(model, rows) for rows in sorted({args.batch_size, args.engine_batch_size})}
+    step_ms = {rows: decode_step_ms(model, rows) for rows in sorted({16, args.batch_size, args.engine_batch_size})}
+    samples = (n_samples(model, tok, prompts[: args.sample_prompts], args.samples, args.max_new_tokens,
+                         args.engine_batch_size) if args.samples else {})
 
     report = Report(args=args, how=how, load_before=load_before, n=len(prompts), subset=len(subset), runs=runs,
                     outputs=outputs, ablations=extra, engine_stats=engine_stats,
                     plain_prefill_positions=plain_padded_positions(tok, prompts, args.batch_size),
-                    plain_prefill_secs=plain_prefill_secs, step_ms=step_ms)
+                    plain_prefill_secs=plain_prefill_secs, step_ms=step_ms, samples=samples)
     text = "\n".join(report.lines())
     print("\n" + text)
     if not args.no_write:
