@@ -84,7 +84,7 @@ def base_paths(path: Path, bases: Any) -> list[Path]:
 def _line_of(path: Path, needle: str) -> int:
     """1-based line of the `base:` entry naming `needle` (only called on the error path)."""
     lines = path.read_text(encoding="utf-8").splitlines()
-    start = next((i for i, l in enumerate(lines) if l.lstrip().startswith("base")), 0)
+    start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("base")), 0)
     return next((i + 1 for i in range(start, len(lines)) if needle in lines[i]), start + 1)
 
 

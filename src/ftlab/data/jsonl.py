@@ -12,6 +12,8 @@ from ftlab.errors import UserError, not_utf8
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield (line_number, record) for each non-blank line; a bad line is a UserError naming file:line."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a JSONL file")
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:

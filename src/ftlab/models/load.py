@@ -145,9 +145,12 @@ def load_model_and_tokenizer(model_cfg: Any = None, *, name: str | None = None,
     trc = bool(cfg.trust_remote_code)
 
     if cfg.scratch:
+        if adapter:  # before building: a broken adapter should not cost a model first
+            check_adapter_files(adapter)
         tok = load_tokenizer(resolve_model_path(cfg.tokenizer or EMBEDDED_MODEL), trc)
         model = build_scratch_model(dict(cfg.scratch), tok, dtype, cfg.attn_implementation)
-        return model, tok
+        # an adapter on a scratch model (same seed, same random base) is applied, never silently ignored
+        return (attach_adapter(model, adapter, trainable_adapter) if adapter else model), tok
 
     path = resolve_model_path(cfg.name)
     if is_adapter_dir(path):  # an adapter directory: load its base model, then the adapter on top

@@ -1,0 +1,375 @@
+"""The bad-input corpus: every way a user can hand ftlab a bad setting or file, run through the real CLI.
+
+Each case is a dict; the runner writes its files, runs `ftlab <argv>` in-process (or as a subprocess),
+and asserts what ftlab promises on bad input:
+
+* the exit code (2 for a user error),
+* exactly one `ftlab: error: ...` line containing the expected fragment, and nothing else on stderr
+  but ftlab's own timestamped log lines (no traceback, no warning, no second error),
+* no run directory left whose summary.json says `complete`.
+
+Fields of a case:
+    id        unique name (the pytest id)
+    argv      the command line after `ftlab`; placeholders are replaced (see PLACEHOLDERS)
+    needle    a fragment of the error line (placeholders replaced too)
+    files     {relative path: content} written first: str (placeholders replaced), bytes, or a JSON value
+    env       {name: value} set for the run (placeholders replaced); None removes a variable
+    exit      expected exit code (default 2)
+    subprocess  run `python -m ftlab.cli` instead of in-process (a real exit code and stderr)
+    max_seconds  the run must fail within this many seconds (fail-fast checks)
+    pending   a reason: the case is a strict xfail until the fix lands (then remove `pending`)
+
+To add a case (e.g. for checkpoints and resume), append a dict to CASES; `{recipe}` is a tiny recipe
+training a random 2-layer Llama on `{data}` (32 generic prompt/response rows) with outputs in {tmp}/runs.
+"""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ftlab.cli import main
+from tests.helpers import tiny_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def jsonl(*records: Any) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def safetensors_bytes(truncate_by: int = 0) -> bytes:
+    """A valid one-tensor safetensors file (4 float32), optionally cut short by `truncate_by` bytes."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    data = struct.pack("<Q", len(header)) + header + struct.pack("<4f", 1, 2, 3, 4)
+    return data[:len(data) - truncate_by]
+
+
+SMALL_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 256}
+ADAPTER_CONFIG = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16,
+                  "target_modules": ["q_proj"], "base_model_name_or_path": "smollm2-135m-instruct"}
+OK_ROW = {"prompt": "What is 1 plus 2?", "response": "3"}
+HUB = ["model.scratch=null", "model.name=someorg/somemodel"]  # a hub id that is not cached
+# every case's folder also holds in.jsonl (one prompt) and g.jsonl (two GSM8K rows) unless its files replace them
+INFER = ["infer", "{recipe}", "--input", "{tmp}/in.jsonl", "--output", "{tmp}/out.jsonl"]
+EVAL = ["eval", "{recipe}", "eval.task=gsm8k", "eval.source={tmp}/g.jsonl", "eval.max_new_tokens=2"]
+DEFAULT_FILES = {"in.jsonl": jsonl({"prompt": "hi"}),
+                 "g.jsonl": jsonl({"question": "1+1?", "answer": "#### 2"}, {"question": "2+2?", "answer": "#### 4"})}
+# a local model directory and adapters on top of it (no real weights needed: checks run before loading)
+MODEL_DIR = {"m/config.json": SMALL_LLAMA, "m/model.safetensors": safetensors_bytes()}
+MEMORY = ["memory", "{tmp}/m/config.json", "--seq-len", "128"]  # within its 256-token window
+FULL = len(safetensors_bytes())
+
+TRAIN, EVAL_, QUICKSTART = ["train", "{recipe}"], ["eval", "{recipe}"], ["quickstart", "{recipe}"]
+
+
+def setting(verb: list[str], override: str, needle: str) -> dict[str, Any]:
+    """A case for one out-of-range override (id = the override)."""
+    return {"id": override, "argv": verb + [override], "needle": needle}
+
+
+CASES: list[dict[str, Any]] = [
+    # -- numeric settings: schema-level validation, before anything loads (issue 11: 1, 2, 5, 9) -----------
+    setting(EVAL_, "eval.offset=-2", "'eval.offset' must be >= 0; got -2"),
+    setting(EVAL_, "eval.limit=0", "'eval.limit' must be >= 1"),
+    setting(EVAL_, "eval.limit=-1", "'eval.limit' must be >= 1"),
+    setting(TRAIN, "train.max_steps=0",
+            "override 'train.max_steps=0': 'train.max_steps' must be >= 1 (or null: train for train.epochs); got 0"),
+    setting(TRAIN, "train.max_steps=-3", "'train.max_steps' must be >= 1"),
+    setting(TRAIN, "train.epochs=0", "'train.epochs' must be > 0; got 0.0"),
+    setting(TRAIN, "data.limit=0", "'data.limit' must be >= 1"),
+    setting(TRAIN, "data.val_limit=0", "'data.val_limit' must be >= 1"),
+    setting(TRAIN, "train.save_every=0",
+            "'train.save_every' must be >= 1 (or null: no intermediate checkpoints); got 0"),
+    setting(TRAIN, "schedule.warmup_ratio=2", "'schedule.warmup_ratio' must be in [0, 1]; got 2.0"),
+    setting(TRAIN, "schedule.warmup_steps=-1", "'schedule.warmup_steps' must be >= 0"),
+    setting(TRAIN, "schedule.min_lr=-1", "'schedule.min_lr' must be >= 0"),
+    setting(TRAIN, "train.log_every=0", "'train.log_every' must be >= 1; got 0"),
+    setting(TRAIN, "train.eval_every=0", "'train.eval_every' must be >= 1"),
+    setting(TRAIN, "train.log_generations_every=0", "'train.log_generations_every' must be >= 1"),
+    setting(TRAIN, "train.keep_last=-1", "'train.keep_last' must be >= 0"),
+    setting(TRAIN, "train.max_minutes=0", "'train.max_minutes' must be > 0"),
+    setting(TRAIN, "train.grad_clip=0", "'train.grad_clip' must be > 0 (or null: no clipping)"),
+    setting(TRAIN, "train.batch_size=0", "'train.batch_size' must be >= 1"),
+    setting(TRAIN, "train.grad_accum=0", "'train.grad_accum' must be >= 1"),
+    setting(TRAIN, "optim.lr=-1e-4", "'optim.lr' must be > 0; got -0.0001"),
+    setting(TRAIN, "optim.lr=nan", "'optim.lr' must be > 0; got nan"),
+    setting(TRAIN, "optim.lr=inf", "'optim.lr' must be > 0; got inf"),
+    setting(TRAIN, "optim.eps=0", "'optim.eps' must be > 0"),
+    setting(TRAIN, "optim.weight_decay=-0.1", "'optim.weight_decay' must be >= 0"),
+    setting(TRAIN, "optim.betas=[0.9]", "'optim.betas' must be two numbers"),
+    setting(TRAIN, "optim.betas=[0.9,1.5]", "'optim.betas[1]' must be in [0, 1); got 1.5"),
+    {"id": "lora.dropout=5", "argv": ["train", "{recipe}", "lora.enabled=true", "lora.dropout=5"],
+     "needle": "'lora.dropout' must be in [0, 1); got 5.0"},
+    setting(TRAIN, "lora.r=0", "'lora.r' must be >= 1"),
+    setting(TRAIN, "lora.alpha=0", "'lora.alpha' must be > 0"),
+    setting(TRAIN, "data.max_length=0", "'data.max_length' must be >= 1"),
+    setting(TRAIN, "data.max_bad_share=1.5", "'data.max_bad_share' must be in [0, 1]"),
+    setting(TRAIN, "data.shots=-1", "'data.shots' must be >= 0"),
+    setting(TRAIN, "seed=-1", "'seed' must be >= 0; got -1"),
+    setting(EVAL_, "eval.shots=-1", "'eval.shots' must be >= 0"),
+    setting(EVAL_, "eval.batch_size=0", "'eval.batch_size' must be >= 1"),
+    setting(INFER, "eval.max_new_tokens=0", "'eval.max_new_tokens' must be >= 1"),
+    setting(INFER, "eval.temperature=-1", "'eval.temperature' must be >= 0"),
+    setting(INFER, "eval.top_p=0", "'eval.top_p' must be in (0, 1]; got 0.0"),
+    setting(INFER, "eval.n=0", "'eval.n' must be >= 1"),
+    setting(QUICKSTART, "quickstart.train_hops=[0,1]", "'quickstart.train_hops[0]' must be >= 1; got 0"),
+    {"id": "quickstart.hops-too-many", "argv": ["quickstart", "{recipe}", "quickstart.heldout_hops=[99]",
+                                                "quickstart.heldout_sizes=[5]"],
+     "needle": "'quickstart.heldout_hops' must list hop counts from 1 to"},
+    {"id": "quickstart.sizes-mismatch", "argv": ["quickstart", "{recipe}", "quickstart.heldout_sizes=[5]"],
+     "needle": "'quickstart.heldout_sizes' must give one size per entry of quickstart.heldout_hops (3); got 1"},
+    setting(QUICKSTART, "quickstart.more_queries=-1", "'quickstart.more_queries' must be >= 0"),
+    setting(QUICKSTART, "quickstart.lookups=-2", "'quickstart.lookups' must be >= 0"),
+    setting(QUICKSTART, "quickstart.data_seed=-1", "'quickstart.data_seed' must be >= 0"),
+    setting(QUICKSTART, "quickstart.heldout_seed=-1", "'quickstart.heldout_seed' must be >= 0"),
+    setting(QUICKSTART, "quickstart.train_examples=0", "'quickstart.train_examples' must be >= 1"),
+    {"id": "range-in-recipe-file", "argv": ["train", "{tmp}/r.yaml"], "files": {"r.yaml": "train: {log_every: 0}\n"},
+     "needle": "{tmp}/r.yaml: 'train.log_every' must be >= 1; got 0"},
+    {"id": "max_length-beyond-context-window", "argv": ["train", "{recipe}", "data.max_length=4096"],
+     "needle": "'data.max_length' is 4096, beyond the model's context window of 2048 tokens",
+     "pending": "the training loop is to call ftlab.models.load.check_context_window(model, data.max_length)"},
+
+    # -- ftlab memory ------------------------------------------------------------------------------------
+    {"id": "memory-lora-dropout=5", "argv": MEMORY + ["--method", "lora", "--lora-dropout", "5"],
+     "files": MODEL_DIR, "needle": "LoRA dropout (--lora-dropout) must be in [0, 1); got 5"},
+    {"id": "memory-seq-len-beyond-window", "argv": ["memory", "{tmp}/m/config.json", "--seq-len", "512"],
+     "files": MODEL_DIR, "needle": "--seq-len 512 is beyond the context window of {tmp}/m/config.json (256 tokens"},
+    {"id": "memory-batch-size=0", "argv": MEMORY + ["--batch-size", "0"], "files": MODEL_DIR,
+     "needle": "batch size must be >= 1, got 0"},
+    {"id": "memory-supervised-share=0", "argv": MEMORY + ["--supervised-share", "0"],
+     "files": MODEL_DIR, "needle": "(--supervised-share) must be in (0, 1]; got 0"},
+    {"id": "memory-bad-config-json", "argv": ["memory", "{tmp}/c/config.json"], "files": {"c/config.json": "{nope"},
+     "needle": "{tmp}/c/config.json: cannot read as JSON"},
+
+    # -- recipe files and overrides (7, 15) --------------------------------------------------------------
+    setting(TRAIN, "optim.lerning_rate=1", "override 'optim.lerning_rate=1': unknown key 'optim.lerning_rate'"),
+    setting(TRAIN, "train.batch_size=abc", "override 'train.batch_size=abc': wrong type for 'train.batch_size'"),
+    {"id": "recipe-unknown-key-names-the-file", "argv": ["train", "{tmp}/r.yaml"],
+     "files": {"r.yaml": "optim: {lrr: 1}\n"},
+     "needle": "{tmp}/r.yaml: unknown key 'optim.lrr'; did you mean 'optim.lr'?"},
+    {"id": "missing-base-names-the-referrer", "argv": ["train", "{tmp}/v.yaml"],
+     "files": {"v.yaml": "# a variant\nbase: nope.yaml\noptim: {lr: 1.0e-4}\n"},
+     "needle": "{tmp}/v.yaml:2: base recipe 'nope.yaml' not found ({tmp}/nope.yaml)"},
+    {"id": "missing-base-in-a-list", "argv": ["train", "{tmp}/v.yaml"],
+     "files": {"v.yaml": "base:\n  - p.yaml\n  - gone.yaml\n", "p.yaml": "name: p\n"},
+     "needle": "{tmp}/v.yaml:3: base recipe 'gone.yaml' not found"},
+    {"id": "base-not-a-path", "argv": ["train", "{tmp}/v.yaml"], "files": {"v.yaml": "name: v\nbase: 3\n"},
+     "needle": "{tmp}/v.yaml:2: base: must be a recipe path or a list of them; got 3"},
+    {"id": "recipe-not-utf8", "argv": ["train", "{tmp}/r.yaml"], "subprocess": True,
+     "files": {"r.yaml": b"name: r\noptim: {lr: 1.0e-4}\nnote: caf\xe9\n"},
+     "needle": "{tmp}/r.yaml:3: not UTF-8 text (byte 0xe9 at column 10)"},
+    {"id": "recipe-not-a-mapping", "argv": ["train", "{tmp}/r.yaml"], "files": {"r.yaml": "- a\n- b\n"},
+     "needle": "a recipe must be a mapping of keys, got list"},
+    {"id": "recipe-yaml-date-value", "argv": ["train", "{tmp}/r.yaml"], "files": {"r.yaml": "name: 2024-01-01\n"},
+     "needle": "{tmp}/r.yaml: bad value for 'name'"},
+    {"id": "recipe-is-a-directory", "argv": ["train", "{tmp}"], "needle": "recipe file not found"},
+    {"id": "recipe-section-null", "argv": ["train", "{tmp}/r.yaml"], "files": {"r.yaml": "train:\n"},
+     "needle": "wrong type for 'train'"},
+
+    # -- training files (7, 8) ---------------------------------------------------------------------------
+    {"id": "train-file-not-utf8", "argv": ["train", "{recipe}", "data.train={tmp}/t.jsonl"],
+     "files": {"t.jsonl": jsonl(OK_ROW).encode() + b'{"prompt": "caf\xe9", "response": "x"}\n'},
+     "needle": "{tmp}/t.jsonl:2: not UTF-8 text (byte 0xe9 at column 16)"},
+    {"id": "train-prompt-int", "argv": ["train", "{recipe}", "data.train={tmp}/t.jsonl"],
+     "files": {"t.jsonl": jsonl(OK_ROW, {"prompt": 7, "response": "x"})},
+     "needle": "{tmp}/t.jsonl:2: field 'prompt' must be a string; got a number"},
+    {"id": "train-response-list", "argv": ["train", "{recipe}", "data.train={tmp}/t.jsonl"],
+     "files": {"t.jsonl": jsonl({"prompt": "p", "response": ["a", "b"]})},
+     "needle": "{tmp}/t.jsonl:1: field 'response' must be a string; got an array"},
+    {"id": "train-messages-without-content", "argv": ["train", "{recipe}", "data.train={tmp}/t.jsonl"],
+     "files": {"t.jsonl": jsonl({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]})},
+     "needle": "{tmp}/t.jsonl:1: field 'messages[1]' has no 'content'"},
+    {"id": "train-messages-strings", "argv": ["train", "{recipe}", "data.train={tmp}/t.jsonl"],
+     "files": {"t.jsonl": jsonl(OK_ROW, {"messages": ["hi", "hello"]})},
+     "needle": "{tmp}/t.jsonl:2: field 'messages[0]' must be an object with 'role' and 'content'; got a string"},
+    {"id": "train-messages-content-number", "argv": ["train", "{recipe}", "data.train={tmp}/t.jsonl"],
+     "files": {"t.jsonl": jsonl({"messages": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": 4}]})},
+     "needle": "{tmp}/t.jsonl:1: field 'messages[1].content' must be a string; got a number"},
+    {"id": "train-messages-not-ending-with-answer", "argv": ["train", "{recipe}", "data.train={tmp}/t.jsonl"],
+     "files": {"t.jsonl": jsonl({"messages": [{"role": "user", "content": "hi"}]})},
+     "needle": "{tmp}/t.jsonl:1: 'messages' must end with an assistant turn"},
+    {"id": "train-messages-empty", "argv": ["train", "{recipe}", "data.train={tmp}/t.jsonl"],
+     "files": {"t.jsonl": jsonl({"messages": []})}, "needle": "field 'messages' must be a non-empty array"},
+    {"id": "train-row-not-an-object", "argv": ["train", "{recipe}", "data.train={tmp}/t.jsonl"],
+     "files": {"t.jsonl": jsonl(OK_ROW, ["a", "b"])},
+     "needle": "{tmp}/t.jsonl:2: expected a JSON object, got an array"},
+    setting(TRAIN, "data.train={tmp}", "is a directory, not a JSONL file"),
+    {"id": "task-file-not-utf8", "argv": EVAL,
+     "files": {"g.jsonl": b'{"question": "1+1?", "answer": "#### 2"}\n\xff\n'},
+     "needle": "{tmp}/g.jsonl:2: not UTF-8 text (byte 0xff at column 1)"},
+
+    # -- infer inputs and resuming into an existing output (3, 7, 8) -------------------------------------
+    {"id": "infer-input-not-utf8", "argv": INFER, "files": {"in.jsonl": b'{"prompt": "ok"}\n{"prompt": "\xc3("}\n'},
+     "needle": "{tmp}/in.jsonl:2: not UTF-8 text (byte 0xc3 at column 13)"},
+    {"id": "infer-prompt-int", "argv": INFER, "files": {"in.jsonl": jsonl({"prompt": 12})},
+     "needle": "{tmp}/in.jsonl:1: field 'prompt' must be a string; got a number"},
+    {"id": "infer-messages-strings", "argv": INFER, "files": {"in.jsonl": jsonl({"messages": ["hi"]})},
+     "needle": "{tmp}/in.jsonl:1: field 'messages[0]' must be an object"},
+    {"id": "infer-messages-without-content", "argv": INFER,
+     "files": {"in.jsonl": jsonl({"messages": [{"role": "user"}]})},
+     "needle": "{tmp}/in.jsonl:1: field 'messages[0]' has no 'content'"},
+    {"id": "infer-resume-other-settings", "argv": INFER,
+     "files": {"in.jsonl": jsonl({"prompt": "hi"}),
+               "out.jsonl": jsonl({"index": 0, "prompt": "hi", "output": "x", "settings": "0123456789abcdef"})},
+     "needle": "{tmp}/out.jsonl:1: written with another model or generation settings"},
+    {"id": "infer-resume-older-output", "argv": INFER,
+     "files": {"in.jsonl": jsonl({"prompt": "hi"}), "out.jsonl": jsonl({"index": 0, "prompt": "hi", "output": "x"})},
+     "needle": "{tmp}/out.jsonl:1: written without a record of its model and generation settings"},
+    {"id": "infer-resume-damaged-output", "argv": INFER,
+     "files": {"in.jsonl": jsonl({"prompt": "hi"}), "out.jsonl": "garbage\n" + jsonl({"index": 0, "prompt": "hi"})},
+     "needle": "{tmp}/out.jsonl:1: not a row ftlab infer wrote"},
+    {"id": "infer-output-is-a-directory", "argv": INFER[:-1] + ["{tmp}/outdir"],
+     "files": {"outdir/keep": ""}, "needle": "--output {tmp}/outdir is not a file"},
+    {"id": "infer-output-is-the-input", "argv": INFER[:-1] + ["{tmp}/in.jsonl"], "needle": "is the --input file"},
+
+    # -- model and adapter directories (10, 16) ----------------------------------------------------------
+    {"id": "adapter-without-weights", "argv": INFER + ["model.scratch=null", "model.name={tmp}/ad"],
+     "files": {"in.jsonl": jsonl({"prompt": "hi"}), "ad/adapter_config.json": ADAPTER_CONFIG},
+     "needle": "{tmp}/ad: adapter directory has adapter_config.json but no adapter_model.safetensors"},
+    {"id": "adapter-truncated-weights", "argv": EVAL + ["model.scratch=null", "model.name={tmp}/ad"],
+     "files": {"ad/adapter_config.json": ADAPTER_CONFIG, "ad/adapter_model.safetensors": safetensors_bytes(5)},
+     "needle": f"{{tmp}}/ad/adapter_model.safetensors: truncated safetensors file ({FULL - 5} of {FULL} bytes)"},
+    {"id": "explicit-adapter-without-weights", "argv": INFER + ["model.adapter={tmp}/ad"],
+     "files": {"in.jsonl": jsonl({"prompt": "hi"}), "ad/adapter_config.json": ADAPTER_CONFIG},
+     "needle": "no adapter_model.safetensors"},
+    {"id": "adapter-base-gone", "argv": INFER + ["model.scratch=null", "model.name={tmp}/ad"],
+     "files": {"in.jsonl": jsonl({"prompt": "hi"}), "ad/adapter_model.safetensors": safetensors_bytes(),
+               "ad/adapter_config.json": dict(ADAPTER_CONFIG, base_model_name_or_path="/nowhere/my-model")},
+     "needle": "{tmp}/ad/adapter_config.json: its base model '/nowhere/my-model' cannot be loaded"},
+    {"id": "adapter-config-malformed", "argv": INFER + ["model.scratch=null", "model.name={tmp}/ad"],
+     "files": {"in.jsonl": jsonl({"prompt": "hi"}), "ad/adapter_config.json": "{"},
+     "needle": "{tmp}/ad/adapter_config.json: not valid JSON"},
+    {"id": "model-truncated-weights", "argv": INFER + ["model.scratch=null", "model.name={tmp}/m"],
+     "files": {**MODEL_DIR, "in.jsonl": jsonl({"prompt": "hi"}), "m/model.safetensors": safetensors_bytes(3)},
+     "needle": f"{{tmp}}/m/model.safetensors: truncated safetensors file ({FULL - 3} of {FULL} bytes)"},
+    {"id": "model-damaged-header", "argv": EVAL + ["model.scratch=null", "model.name={tmp}/m"],
+     "files": {**MODEL_DIR, "m/model.safetensors": b"\xff" * 20},
+     "needle": "{tmp}/m/model.safetensors: damaged safetensors file"},
+    {"id": "model-without-weights", "argv": EVAL + ["model.scratch=null", "model.name={tmp}/m"],
+     "files": {"m/config.json": SMALL_LLAMA}, "needle": "{tmp}/m: model directory has config.json but no weights"},
+    {"id": "model-config-malformed", "argv": EVAL + ["model.scratch=null", "model.name={tmp}/m"],
+     "files": {**MODEL_DIR, "m/config.json": "{\"model_type\": "}, "needle": "{tmp}/m/config.json: not valid JSON"},
+
+    # -- the hub (12) --------------------------------------------------------------------------------------
+    {"id": "hub-tls-fails", "argv": ["train", "{recipe}"] + HUB, "env": {"HF_ENDPOINT": "{garbage_https}",
+                                                                         "HF_HUB_OFFLINE": None},
+     "needle": "cannot reach the Hugging Face Hub at {garbage_https} to fetch 'someorg/somemodel' "
+               "(TLS handshake failed",
+     "max_seconds": 10, "subprocess": True},
+    {"id": "hub-offline", "argv": EVAL + HUB, "env": {"HF_HUB_OFFLINE": "1"},
+     "needle": "(HF_HUB_OFFLINE is set)", "max_seconds": 10},
+]
+
+
+# -- the runner ---------------------------------------------------------------------------------------------
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d ")  # ftlab's console log format (cli.setup_console_logging)
+
+
+@pytest.fixture(scope="module")
+def garbage_https() -> str:
+    """A real local TCP server that accepts every connection, writes garbage and closes: TLS fails at once."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+
+    def serve() -> None:
+        while True:
+            conn, _ = server.accept()
+            conn.sendall(b"garbage, not TLS\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"https://127.0.0.1:{server.getsockname()[1]}"
+
+
+def expand(value: str, subst: dict[str, str]) -> str:
+    for key, real in subst.items():
+        value = value.replace("{" + key + "}", real)
+    return value
+
+
+def write_files(root: Path, files: dict[str, Any], subst: dict[str, str]) -> None:
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif isinstance(content, str):
+            path.write_text(expand(content, subst), encoding="utf-8")
+        else:
+            path.write_text(json.dumps(content), encoding="utf-8")
+
+
+def run(case: dict[str, Any], argv: list[str], env: dict[str, str | None], capsys: Any,
+        monkeypatch: Any) -> tuple[int, str]:
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    if case.get("subprocess"):
+        import os
+
+        out = subprocess.run([sys.executable, "-m", "ftlab.cli", *argv], capture_output=True, text=True,
+                             cwd=REPO, env=dict(os.environ), timeout=300)
+        return out.returncode, out.stderr
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def params() -> list[Any]:
+    ids = [c["id"] for c in CASES]
+    assert len(ids) == len(set(ids)), "case ids must be unique"
+    return [pytest.param(c, id=c["id"], marks=[pytest.mark.xfail(strict=True, reason=c["pending"])]
+                         if c.get("pending") else []) for c in CASES]
+
+
+@pytest.mark.parametrize("case", params())
+def test_bad_input(case: dict[str, Any], tmp_path: Path, capsys: Any, monkeypatch: Any, garbage_https: str) -> None:
+    from ftlab import hub
+
+    hub.hub_reachable.cache_clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no case may touch the network unless it says so
+    recipe = tiny_recipe(tmp_path)
+    subst = {"tmp": str(tmp_path), "recipe": str(recipe), "data": str(tmp_path / "train.jsonl"),
+             "garbage_https": garbage_https}
+    write_files(tmp_path, {**DEFAULT_FILES, **case.get("files", {})}, subst)
+    argv = [expand(a, subst) for a in case["argv"]]
+    env = {k: (expand(v, subst) if v is not None else None) for k, v in case.get("env", {}).items()}
+
+    started = time.time()
+    code, err = run(case, argv, env, capsys, monkeypatch)
+    seconds = time.time() - started
+
+    errors = [line for line in err.splitlines() if line.startswith("ftlab: error:")]
+    others = [line for line in err.splitlines() if line.strip() and not line.startswith("ftlab: error:")
+              and not LOG_LINE.match(line)]
+    assert code == case.get("exit", 2), err
+    assert len(errors) == 1, err
+    assert expand(case["needle"], subst) in errors[0], err
+    assert "Traceback" not in err and not others, err
+    if "max_seconds" in case:
+        assert seconds < case["max_seconds"], f"took {seconds:.1f} s"
+    for summary in tmp_path.rglob("summary.json"):
+        assert json.loads(summary.read_text()).get("status") != "complete", summary
+
+
+def test_corpus_covers_every_numeric_setting() -> None:
+    """Each key with a range in the schema has at least one case here (so a new setting gets one too)."""
+    from ftlab.config.schema import RANGES
+
+    text = " ".join(" ".join(c["argv"]) + " " + c["needle"] for c in CASES)
+    missing = [k for k in RANGES if f"'{k}" not in text and f"{k}=" not in text]
+    assert not missing, f"no bad-input case for: {missing}"
