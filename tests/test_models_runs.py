@@ -56,6 +56,58 @@ def test_embedded_model_cache_matches_the_gguf_and_loads_fast(tmp_path, monkeypa
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
 
 
+def test_adapter_copied_from_another_machine_finds_the_embedded_base(tmp_path):
+    """peft records the base as the training machine's cache path (.../models/smollm2-135m-instruct); on
+    another machine (or FTLAB_CACHE) that path is gone and the embedded name must be used instead."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from ftlab.models.adapters import peft_wrapping
+    base, tok = load_model_and_tokenizer(name="smollm2-135m-instruct")
+    with peft_wrapping():
+        lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    cfg_path = adapter / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = "/home/someone-else/.cache/ftlab/models/smollm2-135m-instruct"
+    cfg_path.write_text(json.dumps(cfg))
+    ids = tok("Every wumpus is a yumpus.", return_tensors="pt").input_ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # issue 11.17: adapter loads warned on every run
+        merged, _ = load_model_and_tokenizer(name=str(adapter))
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, lora(ids).logits, atol=1e-4)
+
+
+def test_lora_wrapping_warns_nothing():
+    """peft reads transformers' deprecated is_gradient_checkpointing: no FutureWarning reaches the user."""
+    import warnings
+
+    from ftlab.config.schema import LoraConfig
+    from ftlab.models.adapters import apply_lora
+    model, _ = load_model_and_tokenizer(ModelConfig(scratch={"model_type": "llama", "hidden_size": 32,
+                                                             "intermediate_size": 64, "num_hidden_layers": 1,
+                                                             "num_attention_heads": 4, "num_key_value_heads": 2}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        apply_lora(model, LoraConfig(enabled=True), gradient_checkpointing=True)
+
+
+@pytest.mark.slow
+def test_damaged_embedded_cache_is_converted_again(tmp_path, monkeypatch):
+    """A truncated cached conversion (a killed copy, a full disk) is rebuilt, not loaded or reported."""
+    from ftlab.models.load import embedded_model_dir
+    monkeypatch.setenv("FTLAB_CACHE", str(tmp_path))
+    weights = embedded_model_dir("smollm2-135m-instruct") / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("r+b") as f:
+        f.truncate(size // 2)
+    assert embedded_model_dir("smollm2-135m-instruct") == weights.parent
+    assert weights.stat().st_size == size
+
+
 def test_run_dirs_never_overwrite_and_hide_secrets(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
     monkeypatch.setenv("HF_TOKEN", "hf_supersecretvalue")
