@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
-from ftlab.errors import UserError
+from ftlab.errors import Terminated, UserError
 
 log = logging.getLogger("ftlab")
 
@@ -104,8 +105,16 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line like every other user error: `ftlab: error: ...`, exit 2
+    (plain argparse prints the whole usage block first). Subcommand parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"ftlab: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ftlab", description="LLM fine-tuning research toolkit: recipes for SFT "
+    p = Parser(prog="ftlab", description="LLM fine-tuning research toolkit: recipes for SFT "
                                 "(full, LoRA, QLoRA), evaluation and inference, the same on CPU and GPU.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
@@ -161,14 +170,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_console_logging(args.verbose)
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if _main_thread() else None
     try:
         return args.fn(args)
     except UserError as e:
         print(f"ftlab: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print("ftlab: terminated (SIGTERM)", file=sys.stderr)
+        return Terminated.exit_code
     except KeyboardInterrupt:
         print("ftlab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """SIGTERM (Slurm time limit, preemption, `kill`) unwinds like Ctrl-C: runs are marked interrupted.
+    The training loop installs its own handler, which first finishes the step and saves a checkpoint."""
+    raise Terminated("terminated by SIGTERM")
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -24,3 +24,12 @@ def not_utf8(path: object, raw: bytes, e: UnicodeDecodeError, first_line: int = 
     column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
     return UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); "
                      "save the file as UTF-8")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a Slurm time limit, preemption, `kill`): handled like Ctrl-C, exit code 143.
+
+    A KeyboardInterrupt on purpose, so every place that marks a run `interrupted` on Ctrl-C does the
+    same for SIGTERM."""
+
+    exit_code = 143

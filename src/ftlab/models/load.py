@@ -180,11 +180,25 @@ def build_scratch_model(scratch: dict[str, Any], tokenizer: Any, dtype: torch.dt
         scratch.setdefault(key, getattr(tokenizer, key, None))
     try:
         config = AutoConfig.for_model(model_type, **scratch)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"model.scratch: cannot build a {model_type!r} config: {e}") from None
-    config._attn_implementation = attn_implementation
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
+        config._attn_implementation = attn_implementation
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except config_errors() as e:
+        raise UserError(f"model.scratch: cannot build a {model_type!r} model: {first_line(e)}") from None
+
+
+def config_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for config values it rejects (a wrong type, heads not dividing hidden_size):
+    ValueError/TypeError/KeyError, and huggingface_hub's strict-dataclass errors, which transformers 5 uses."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # huggingface_hub before strict dataclasses
+        return (ValueError, TypeError, KeyError)
+    return (ValueError, TypeError, KeyError, StrictDataclassError)
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (library messages run over several lines)."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def adapter_base(adapter_path: str) -> str:

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("ftlab")
@@ -73,5 +74,19 @@ class Trackers:
 
 
 def read_metrics(path: Any) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a metrics.jsonl. A last line cut short (the run was killed mid-write) is left out;
+    any other unreadable line is an error naming it."""
+    from ftlab.errors import UserError
+
+    lines = Path(path).read_bytes().split(b"\n")
+    rows = []
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            rows.append(json.loads(raw.decode("utf-8")))
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            if lineno == len(lines):  # no newline after it: a write that never finished
+                break
+            raise UserError(f"{path}:{lineno}: damaged metrics line") from None
+    return rows

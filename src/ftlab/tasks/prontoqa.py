@@ -16,10 +16,11 @@ import json
 import os
 import re
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Iterable
 
 from ftlab.data.jsonl import iter_jsonl
-from ftlab.errors import UserError
+from ftlab.errors import UserError, not_utf8
 from ftlab.tasks.base import Example, Task, load_hub_records
 from ftlab.tasks.scoring import (
     as_text,
@@ -193,12 +194,14 @@ def read_prontoqa_records(path: str, limit: int | None = None) -> list[tuple[str
     """(location, record) pairs from a JSONL file or a whole-file JSON (list or generator dict)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
+    with open(path, "rb") as f:  # only to tell JSON from JSONL; bytes that are not UTF-8 are reported below
+        head = f.read(4096).decode("utf-8", errors="replace").lstrip()
     if path.endswith(".json") or head.startswith("["):
+        raw = Path(path).read_bytes()
         try:
-            with open(path, encoding="utf-8") as f:
-                obj = json.load(f)
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise not_utf8(path, raw, e) from None
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
         records = _records_from_json(obj, path)

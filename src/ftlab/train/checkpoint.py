@@ -1,16 +1,23 @@
 """Checkpoints that survive SIGKILL: written to a temp dir, then renamed; resume skips anything else.
 
     checkpoints/step_000040/
-        model/          save_pretrained: the PEFT adapter (LoRA) or the full model
-        optimizer.pt    scheduler.pt    rng.pt
-        state.json      {"step": 40, "best": ...}   (written last; its presence marks completeness)
+        model/              save_pretrained: the PEFT adapter (LoRA) or the full model
+        optimizer.pt        (DDP / one process: every rank holds the same state)
+        deepspeed/          (DeepSpeed: each rank's partition of the optimizer state)
+        scheduler.pt        scaler.pt (fp16)        rng_rank<r>.pt (one per process)
+        state.json          {"step": 40, "best": ..., "world_size", "model", "objective"}
+                            (written last; its presence marks completeness)
+
+Every process writes its own files into the same temp dir; rank 0 renames it when all are done.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,28 +46,54 @@ def model_is_finite(model: Any) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 
 
-def save_model(model: Any, tokenizer: Any, path: Path) -> None:
-    """HF-loadable export: adapter for PEFT models, full weights otherwise."""
-    model.save_pretrained(path, safe_serialization=True)
+def save_model(model: Any, tokenizer: Any, path: Path, state_dict: dict | None = None) -> None:
+    """HF-loadable export: adapter for PEFT models, full weights otherwise (`state_dict`: gathered ZeRO weights)."""
+    model.save_pretrained(path, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
-                    extra: dict[str, Any]) -> Path:
-    final = ckpt_dir / f"{STEP_PREFIX}{step:06d}"
-    tmp = ckpt_dir / f".tmp_{STEP_PREFIX}{step:06d}"
+def temp_dir(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f".tmp_{STEP_PREFIX}{step:06d}"
+
+
+def begin_checkpoint(ckpt_dir: Path, step: int) -> Path:
+    """An empty temp dir for step `step` (a leftover of a killed save is removed first)."""
+    tmp = temp_dir(ckpt_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, tokenizer, tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+    return tmp
+
+
+def finish_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any]) -> Path:
+    """Write state.json last, flush everything to disk, then rename the temp dir into place."""
+    tmp, final = temp_dir(ckpt_dir, step), ckpt_dir / f"{STEP_PREFIX}{step:06d}"
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     _fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
+
+
+def read_state(path: Path) -> dict[str, Any] | None:
+    """state.json of a checkpoint, or None when it is unreadable (a damaged checkpoint)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["step"])
+        return state
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# What loading a truncated or corrupted checkpoint file raises (safetensors, torch.load, json, pickle).
+DAMAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, RuntimeError, ValueError, KeyError,
+                                                  pickle.UnpicklingError, zipfile.BadZipFile)
+try:
+    from safetensors import SafetensorError
+
+    DAMAGE_ERRORS += (SafetensorError,)
+except ImportError:  # pragma: no cover - older safetensors raise the errors above
+    pass
 
 
 def _fsync_dir(path: Path) -> None:
@@ -85,15 +118,6 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def find_resume_checkpoint(path: str | os.PathLike) -> Path | None:
-    """`path` is a checkpoint dir or a run dir (its newest complete checkpoint)."""
-    p = Path(path)
-    if (p / "state.json").is_file():
-        return p
-    ckpts = complete_checkpoints(p / "checkpoints")
-    return ckpts[-1] if ckpts else None
-
-
 def load_trainable_weights(model: Any, model_dir: Path) -> None:
     """Load checkpointed weights into the live (possibly PEFT-wrapped) model."""
     from safetensors.torch import load_file
@@ -104,8 +128,11 @@ def load_trainable_weights(model: Any, model_dir: Path) -> None:
 
         set_peft_model_state_dict(model, load_file(adapter))
         return
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} has no weights (*.safetensors)")
     state = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
+    for f in files:
         state.update(load_file(f))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:

@@ -9,9 +9,19 @@ import torch
 from ftlab.errors import UserError
 
 
-def build_optimizer(params: Any, cfg: Any) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps)
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: decaying norm gains and biases pulls them towards 0, which only
+    hurts (the nanoGPT / GPT-3 rule: parameters with fewer than 2 dimensions are not decayed)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    params = parameter_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, **kwargs)
     if not torch.cuda.is_available():

@@ -1,0 +1,539 @@
+"""The one training loop: every method (SFT, DPO, pretraining) is an `Objective` run by `train(cfg, ...)`.
+
+What the loop owns, so each method gets it once and tested once:
+
+* set-up through accelerate (one process, DDP via torchrun/`accelerate launch`, DeepSpeed ZeRO);
+* exact accumulation and data parallelism: every micro-batch returns its *summed* loss, and the loop
+  divides by the number of loss units (supervised tokens, pairs) of the whole optimizer step summed
+  over all processes (torchtitan-style), so batch 8 x accumulation 1 on 1 process equals batch 2 x
+  accumulation 2 on 2 processes;
+* rank symmetry (`StepPlan`): every process runs the same number of micro-batches per step, and every
+  decision (skip a non-finite step, stop at `max_minutes`, stop on SIGTERM) is taken from values
+  reduced across processes, so no rank can leave the others waiting in a collective;
+* logged values reduced across processes (loss, tokens/s are global, not rank 0's share);
+* fp16 with a gradient scaler (an overflow skips the step and lowers the scale, it does not stop the run);
+* checkpoints with every rank's state (RNG per rank, DeepSpeed's partitioned optimizer), written to a
+  temp dir and renamed; resume falls back past damaged checkpoints, saying so;
+* SIGTERM (Slurm time limits, preemption) handled like Ctrl-C, after saving a checkpoint when the
+  recipe saves checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ftlab.errors import Terminated, UserError
+from ftlab.runs.rundir import RunDir
+from ftlab.runs.trackers import Trackers
+from ftlab.train import checkpoint as ck
+from ftlab.train.optim import build_optimizer, build_scheduler
+from ftlab.train.plan import StepPlan
+
+log = logging.getLogger("ftlab")
+
+
+class TrainingDiverged(UserError):
+    """Non-finite loss, gradients or weights: reported as one line (usually lr/eps/precision)."""
+
+
+class Objective(Protocol):
+    """What a training method supplies. Micro-batches are dicts of tensors with two scalar entries
+    the loop reads: `units` (loss units: supervised tokens, pairs, ...) and `n_real_tokens` (throughput)."""
+
+    name: str
+    units_name: str           # what a loss unit is, as logged: "supervised_tokens", "pairs", ...
+    plan: StepPlan
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Micro-batch of these examples; [] gives an all-masked micro-batch with units == 0."""
+
+    def loss(self, model: Any, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss summed over the micro-batch's units, other per-unit sums to log as averages)."""
+
+    def val_batches(self) -> list[dict[str, torch.Tensor]]:
+        """Validation micro-batches for `eval/loss` (may be empty)."""
+
+    def log_preflight(self) -> None:
+        """Log what will be trained (decoded samples with the supervised spans marked)."""
+
+
+# -- set-up ----------------------------------------------------------------------------------------
+def make_accelerator(cfg: DictConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    # accelerate keeps one global state per process; a second run in one process (the quickstart,
+    # notebooks, tests) may use another precision. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    t = cfg.train
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # Autocast and the fp16 scaler are the loop's own (see `autocast`), except under DeepSpeed, which
+    # casts the model itself and must know the precision from accelerate.
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision] if deepspeed else "no"
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=t.grad_accum if deepspeed else 1)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        # Without a dataloader in prepare(), "auto" batch sizes cannot be resolved: say them. The engine
+        # accumulates exactly grad_accum micro-batches (the plan gives every rank that many), and ftlab's
+        # train.grad_clip is the only clipping (a second one in the DeepSpeed config would also apply).
+        ds["train_micro_batch_size_per_gpu"] = t.batch_size
+        ds["gradient_accumulation_steps"] = t.grad_accum
+        ds["train_batch_size"] = t.batch_size * t.grad_accum * accelerator.num_processes
+        ds["gradient_clipping"] = float(t.grad_clip or 0.0)
+        if t.nan_policy == "skip":
+            raise UserError("train.nan_policy=skip is not possible under DeepSpeed (its engine steps inside "
+                            "backward, before the loop can skip); use train.nan_policy=stop")
+    return accelerator
+
+
+def is_deepspeed(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def prepare_model(cfg: DictConfig, local_rank: int = 0) -> tuple[Any, Any]:
+    """Load the model as the recipe says: full, LoRA, or QLoRA (4-bit NF4 base on this process's GPU)."""
+    from ftlab.models.adapters import (apply_lora, enable_gradient_checkpointing, quantization_config,
+                                       trainable_summary)
+    from ftlab.models.load import load_model_and_tokenizer
+
+    if cfg.lora.quantize and not cfg.lora.enabled:
+        raise UserError("lora.quantize is set but lora.enabled is false (QLoRA = quantized base + LoRA)")
+    quant = quantization_config(cfg.lora)  # fails early with one line where QLoRA cannot run
+    # A quantized model is placed at load time (bitsandbytes cannot be moved afterwards): one whole
+    # copy per process on its own GPU, never device_map="auto", which would shard it across the GPUs
+    # that the other DDP ranks are using.
+    placement = {"quantization_config": quant, "device_map": {"": local_rank}} if quant else {}
+    model, tokenizer = load_model_and_tokenizer(cfg.model, trainable_adapter=True, **placement)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+    elif cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    log.info("trainable parameters: %s", trainable_summary(model))
+    return model, tokenizer
+
+
+def model_identity(cfg: DictConfig) -> str:
+    """What a checkpoint must have been trained from to be resumed by this recipe."""
+    if cfg.model.scratch:
+        return "scratch:" + json.dumps(OmegaConf.to_container(cfg.model.scratch), sort_keys=True)
+    return cfg.model.name + (f"+{cfg.model.adapter}" if cfg.model.adapter else "")
+
+
+def resolve_resume(cfg: DictConfig) -> list[Path]:
+    """Complete checkpoints to resume from, newest first (the loop falls back along this list).
+
+    `latest` means the newest run of this kind that has a complete checkpoint: a failed attempt at
+    resuming creates a newer run without one, and must not hide the real checkpoint.
+    """
+    if cfg.train.resume == "latest":
+        runs = sorted((p for p in (Path(cfg.output_dir) / cfg.kind).glob("*_*") if p.is_dir()), reverse=True)
+        for run in runs:
+            found = ck.complete_checkpoints(run / "checkpoints")
+            if found:
+                return found[::-1]
+        raise UserError(f"train.resume=latest: no run under {Path(cfg.output_dir) / cfg.kind} has a complete "
+                        "checkpoint")
+    path = Path(cfg.train.resume)
+    if (path / "state.json").is_file():
+        return [path]
+    found = ck.complete_checkpoints(path / "checkpoints")
+    if not found:
+        raise UserError(f"train.resume: no complete checkpoint under {cfg.train.resume!r}")
+    return found[::-1]
+
+
+# -- the loop --------------------------------------------------------------------------------------
+def train(cfg: DictConfig, build_objective: Callable[[DictConfig, Any, int, int], Objective]) -> RunDir | None:
+    """Train as the recipe says; returns the finished run directory (None on ranks other than 0)."""
+    from accelerate.utils import broadcast_object_list, set_seed
+
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed)
+    model, tokenizer = prepare_model(cfg, accelerator.local_process_index)
+    objective = build_objective(cfg, tokenizer, accelerator.process_index, accelerator.num_processes)
+    t = cfg.train
+    total_steps = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * objective.plan.steps_per_epoch)
+    resume = resolve_resume(cfg) if t.resume else []
+    # Everything a user can get wrong has been checked: only now does the run directory appear.
+    run = RunDir.create(cfg.output_dir, cfg.kind, cfg.name, cfg, cfg.seed) if accelerator.is_main_process else None
+    path = [str(run.path) if run else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(path)
+    loop = Loop(cfg, accelerator, model, tokenizer, objective, run, Path(path[0]), total_steps)
+    try:
+        summary = loop.fit(resume)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated)
+        if run:
+            run.finish("interrupted", steps=loop.done)
+        raise
+    except BaseException as e:
+        if run:
+            run.finish("failed", error=f"{type(e).__name__}: {e}")
+        raise
+    if run:
+        run.finish("complete", **summary)
+        log.info("run complete: %s", run.path)
+    return run
+
+
+class Loop:
+    """State of one training run; `fit()` is the loop, the other methods are its parts."""
+
+    def __init__(self, cfg: DictConfig, accelerator: Any, model: Any, tokenizer: Any, objective: Objective,
+                 run: RunDir | None, run_path: Path, total_steps: int):
+        self.cfg, self.t, self.accelerator = cfg, cfg.train, accelerator
+        self.tokenizer, self.objective, self.plan = tokenizer, objective, objective.plan
+        self.run, self.run_path, self.total_steps = run, run_path, total_steps
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.deepspeed = is_deepspeed(accelerator)
+        # Empty micro-batches only matter when several processes (or DeepSpeed's accumulation counter)
+        # must see the same number of passes; alone, they are skipped (they add exactly nothing).
+        self.symmetric = self.world > 1 or self.deepspeed
+        optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.device = accelerator.device
+        fp16 = self.t.precision == "fp16" and not self.deepspeed  # DeepSpeed scales fp16 losses itself
+        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
+        self.tracker = Trackers(run, cfg.track, OmegaConf.to_container(cfg, resolve=True)) if run else None
+        self.done, self.best, self.terminate, self.resumed_from = 0, None, False, None
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self, resume: list[Path]) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        t = self.t
+        if resume:
+            self.done, self.best = self.restore(resume)
+        self.log_start()
+        self.model.train()
+        started, tokens, last, saved = time.time(), 0, {}, self.done
+        bar = tqdm(total=self.total_steps, initial=self.done, desc="train", disable=self.rank != 0)
+        previous = signal.signal(signal.SIGTERM, self.on_sigterm) if _main_thread() else None
+        try:
+            while self.done < self.total_steps:
+                stats = self.step(self.done)
+                self.done += 1
+                bar.update(1)
+                stop = self.any_rank(self.terminate,
+                                     bool(t.max_minutes and (time.time() - started) / 60 > t.max_minutes))
+                if stats is None:  # a non-finite step skipped (nan_policy=skip)
+                    continue
+                tokens += stats.pop("tokens")
+                stats["tokens_per_s"] = tokens / max(time.time() - started, 1e-9)
+                last = stats
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                if self.tracker and (self.done % t.log_every == 0 or self.done == self.total_steps):
+                    self.tracker.log({**stats, "epoch": self.done / self.plan.steps_per_epoch}, self.done)
+                if t.eval_every and (self.done % t.eval_every == 0 or self.done == self.total_steps):
+                    last.update(self.evaluate())
+                if self.run and t.log_generations_every and self.done % t.log_generations_every == 0:
+                    self.log_generations()
+                if t.save_every and (self.done % t.save_every == 0 or stop) and self.done < self.total_steps:
+                    self.save_checkpoint()
+                    saved = self.done
+                if stop:
+                    break
+        finally:
+            bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        if self.terminate:
+            log.info("SIGTERM at step %d: %s", self.done,
+                     f"checkpoint saved (step {saved})" if saved == self.done else "no checkpoint (train.save_every unset)")
+            raise Terminated(f"terminated by SIGTERM at step {self.done}")
+        if self.done < self.total_steps:
+            log.info("train.max_minutes=%s reached after step %d; stopping", t.max_minutes, self.done)
+        out: dict[str, Any] = {"final_loss": last.get("loss"), "steps": self.done,
+                               "tokens_per_s": last.get("tokens_per_s"), "train_seconds": time.time() - started}
+        if t.save_final:
+            out.update(self.save_outputs())
+        if self.tracker:
+            self.tracker.close()
+        return out
+
+    def on_sigterm(self, signum: int, frame: Any) -> None:
+        """Finish the current step, save a checkpoint if the recipe saves them, then stop (see `fit`)."""
+        self.terminate = True
+
+    # -- one optimizer step ----------------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, Any] | None:
+        """One optimizer step over this step's micro-batches; None when skipped for a non-finite value."""
+        micro = [self.objective.collate(ix) for ix in self.plan.step_indices(step) if ix or self.symmetric]
+        units = self.sum_ranks([sum(float(m["units"]) for m in micro)])[0]
+        # Each micro-batch contributes summed loss / all units of the step. DDP averages gradients over
+        # processes and DeepSpeed divides by its accumulation steps: both are undone here.
+        scale = self.world / max(units, 1.0) * (self.t.grad_accum if self.deepspeed else 1)
+        sums: dict[str, float] = defaultdict(float)
+        bad = None
+        for i, m in enumerate(micro):
+            m = {k: v.to(self.device) for k, v in m.items()}
+            last = i == len(micro) - 1
+            self.accelerator.gradient_state._set_sync_gradients(last)  # DeepSpeed steps at the last one
+            with (nullcontext() if last else self.accelerator.no_sync(self.model)):
+                with self.autocast():
+                    loss_sum, extras = self.objective.loss(self.model, m)
+                if bad is None and not torch.isfinite(loss_sum):
+                    bad = m  # still run backward: the other ranks are waiting in the gradient all-reduce
+                loss = loss_sum * scale
+                self.accelerator.backward(self.scaler.scale(loss) if self.scaler else loss)
+            sums["loss"] += float(loss_sum.detach())
+            for k, v in extras.items():
+                sums[k] += float(v)
+            sums["tokens"] += float(m["n_real_tokens"])
+        keys = sorted(sums)
+        reduced = dict(zip(keys, self.sum_ranks([sums[k] for k in keys])))
+        if self.any_rank(bad is not None):
+            return self.nonfinite(step, bad, "loss")
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        # The norm is always computed (clipping at infinity when train.grad_clip is unset) to be logged.
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.t.grad_clip or math.inf)
+        grad_norm = float(norm) if norm is not None else float("nan")
+        stepped = self.optimizer_step(grad_norm)
+        if stepped is None:
+            return self.nonfinite(step, micro[0], "grad_norm")
+        stats = {k: v / max(units, 1.0) for k, v in reduced.items() if k != "tokens"}
+        clip = self.t.grad_clip
+        stats.update(lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                     grad_norm_clipped=grad_norm * min(1.0, clip / (grad_norm + 1e-6)) if clip else grad_norm,
+                     tokens=int(reduced["tokens"]))
+        stats[self.objective.units_name] = int(units)
+        if self.scaler:
+            stats.update(loss_scale=self.scaler.get_scale(), overflow_skipped=not stepped)
+        return stats
+
+    def optimizer_step(self, grad_norm: float) -> bool | None:
+        """Step optimizer and schedule. False: an fp16 overflow, skipped by the scaler; None: non-finite."""
+        if self.scaler:  # an inf gradient is routine in fp16: the scaler skips the step and lowers the scale
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale
+            if not stepped:
+                log.info("fp16 overflow: step skipped, loss scale %g -> %g", scale, self.scaler.get_scale())
+        elif not math.isfinite(grad_norm) and not self.deepspeed:
+            return None
+        else:
+            self.optimizer.step()  # under DeepSpeed the engine already stepped inside backward
+            stepped = True
+        if stepped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stepped
+
+    def autocast(self) -> Any:
+        if self.deepspeed or self.t.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.t.precision == "bf16" else torch.float16)
+
+    def nonfinite(self, step: int, batch: dict | None, what: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        path = None
+        if batch is not None:
+            path = self.run_path / "nonfinite" / f"step_{step + 1:06d}_rank{self.rank}.pt"
+            path.parent.mkdir(exist_ok=True)
+            torch.save({"step": step + 1, "what": what, "batch": {k: v.cpu() for k, v in batch.items()}}, path)
+        msg = f"non-finite {what} at step {step + 1}; batch saved under {self.run_path / 'nonfinite'}"
+        if self.t.nan_policy == "stop" or self.deepspeed:
+            raise TrainingDiverged(msg)
+        log.warning("%s; skipping the step (train.nan_policy=skip)", msg)
+        return None
+
+    # -- cross-process reductions ----------------------------------------------------------------------
+    def sum_ranks(self, values: list[float]) -> list[float]:
+        """Element-wise sum over processes (float64: token counts stay exact)."""
+        if self.world == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def any_rank(self, *flags: bool) -> bool:
+        return any(v > 0 for v in self.sum_ranks([float(f) for f in flags]))
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """eval/loss over the validation batches (split across processes) and, for task data, accuracy."""
+        batches = self.objective.val_batches()
+        if not batches:
+            return {}
+        self.model.eval()
+        total = units = 0.0
+        rounds = math.ceil(len(batches) / self.world)  # equal passes per rank (ZeRO-3 gathers per forward)
+        for r in range(rounds):
+            i = r * self.world + self.rank
+            b = {k: v.to(self.device) for k, v in batches[min(i, len(batches) - 1)].items()}
+            with self.autocast():
+                loss_sum, _ = self.objective.loss(self.model, b)
+            if i < len(batches):
+                total, units = total + float(loss_sum), units + float(b["units"])
+        total, units = self.sum_ranks([total, units])
+        ev = {"loss": total / max(units, 1.0)}
+        ev.update(self.accuracy())
+        self.model.train()
+        if self.tracker:
+            self.tracker.log(ev, self.done, axis="eval")
+        self.maybe_save_best(ev)
+        return {"eval_loss": ev["loss"]}
+
+    def accuracy(self) -> dict[str, float]:
+        """The task's own checker on generated answers; examples split across processes, gathered to score."""
+        task, examples = getattr(self.objective, "generation_task", (None, []))
+        if not examples or self.deepspeed:  # ZeRO shards weights: generation stays for `ftlab eval`
+            return {}
+        from accelerate.utils import gather_object
+
+        from ftlab.evaluate import evaluate_examples
+
+        ecfg = OmegaConf.merge(self.cfg.eval, {"shots": self.cfg.data.shots,
+                                               "chat_template": self.cfg.data.chat_template})
+        mine = examples[self.rank::self.world]
+        rows, _ = evaluate_examples(self.accelerator.unwrap_model(self.model), self.tokenizer, task, mine, ecfg,
+                                    self.cfg.seed, progress=False)
+        rows = gather_object(rows) if self.world > 1 else rows  # every rank gets all rows: same decisions
+        by_id = {r["id"]: r for r in rows}
+        metrics = task.aggregate([by_id[ex.id] for ex in examples], examples)
+        return {k: v for k, v in metrics.items() if k.startswith(("accuracy", "parse_rate")) and isinstance(v, float)}
+
+    def log_generations(self) -> None:
+        from ftlab.evaluate import log_generations
+
+        task, examples = getattr(self.objective, "generation_task", (None, []))
+        if examples:
+            log_generations(self.accelerator.unwrap_model(self.model), self.tokenizer, task, examples[:8],
+                            self.cfg.eval, step=self.done, run=self.run, tracker=self.tracker, seed=self.cfg.seed)
+
+    def maybe_save_best(self, metrics: dict[str, float]) -> None:
+        key = (self.t.best_metric or "").removeprefix("eval/")
+        if not key or key not in metrics:
+            return
+        value, lower_better = metrics[key], "loss" in key
+        if self.best is None or (value < self.best["value"] if lower_better else value > self.best["value"]):
+            self.best = {"metric": self.t.best_metric, "value": value, "step": self.done}
+            self.save_model(self.run_path / "best")
+            if self.run:
+                self.run.update_summary(best=self.best)
+
+    # -- saving and restoring ------------------------------------------------------------------------
+    def save_model(self, path: Path) -> None:
+        """HF-loadable export (adapter or full model) from rank 0; every rank joins a ZeRO gather."""
+        state = self.accelerator.get_state_dict(self.model) if self.deepspeed else None
+        if self.rank == 0:
+            model = self.accelerator.unwrap_model(self.model)
+            guard_finite(model, self.done)
+            ck.save_model(model, self.tokenizer, path, state_dict=state)
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> None:
+        ckpt_dir = self.run_path / "checkpoints"
+        tmp = ck.begin_checkpoint(ckpt_dir, self.done) if self.rank == 0 else ck.temp_dir(ckpt_dir, self.done)
+        self.accelerator.wait_for_everyone()
+        self.save_model(tmp / "model")
+        if self.deepspeed:  # partitioned optimizer states: every rank writes its own shard
+            self.model.save_checkpoint(str(tmp / "deepspeed"))
+        elif self.rank == 0:  # DDP: every rank holds the same optimizer state
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(ck.rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        self.accelerator.wait_for_everyone()
+        if self.rank == 0:
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            if self.scaler:
+                torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
+            ck.finish_checkpoint(ckpt_dir, self.done, {"best": self.best, "world_size": self.world,
+                                                       "model": model_identity(self.cfg),
+                                                       "objective": self.objective.name})
+            ck.prune_checkpoints(ckpt_dir, self.t.keep_last)
+        self.accelerator.wait_for_everyone()
+
+    def restore(self, candidates: list[Path]) -> tuple[int, Any]:
+        """Load the newest usable checkpoint of `candidates` (newest first), falling back past damaged ones."""
+        for path in candidates:
+            state = ck.read_state(path)
+            if state is not None:
+                self.check_compatible(path, state)
+            error = None
+            try:
+                if state is None:
+                    raise ValueError("state.json is unreadable")
+                self.load_checkpoint(path)
+            except ck.DAMAGE_ERRORS as e:
+                error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if not self.any_rank(error is not None):
+                log.info("resumed from %s at step %d", path, state["step"])
+                self.resumed_from = path
+                return int(state["step"]), state.get("best")
+            log.warning("checkpoint %s is damaged (%s); trying the previous one", path, error or "on another rank")
+        raise UserError(f"no usable checkpoint among {len(candidates)} under {candidates[0].parent}: all damaged")
+
+    def check_compatible(self, path: Path, state: dict) -> None:
+        want = model_identity(self.cfg)
+        if state.get("model") not in (None, want):
+            raise UserError(f"checkpoint {path} was trained from {state['model']!r}, this recipe trains {want!r}")
+        if state.get("objective") not in (None, self.objective.name):
+            raise UserError(f"checkpoint {path} is a {state['objective']} run, this recipe trains {self.objective.name}")
+        if int(state["step"]) > self.total_steps:
+            raise UserError(f"train.max_steps={self.total_steps} is below the checkpoint's step {state['step']} "
+                            f"({path}); raise train.max_steps or resume from an earlier checkpoint")
+
+    def load_checkpoint(self, path: Path) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if self.deepspeed:
+            self.model.load_checkpoint(str(path / "deepspeed"))
+        else:
+            ck.load_trainable_weights(model, path / "model")
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        if self.scaler and (path / "scaler.pt").is_file():
+            self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
+        rng = path / f"rng_rank{self.rank}.pt"
+        ck.set_rng_state(torch.load(rng if rng.is_file() else path / "rng_rank0.pt", weights_only=False))
+
+    def save_outputs(self) -> dict[str, str]:
+        """final/: adapter (LoRA) or full model; merged/: LoRA folded into the base, if asked."""
+        final = self.run_path / "final"
+        self.save_model(final)
+        if self.cfg.lora.enabled and self.t.save_merged and self.rank == 0:
+            merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
+            ck.save_model(merged, self.tokenizer, self.run_path / "merged")
+        return {"final_model": str(final)}
+
+    def log_start(self) -> None:
+        if not self.run:
+            return
+        self.objective.log_preflight()
+        t = self.t
+        log.info("%d steps (%d per epoch), %d examples, batch %d x accum %d x %d process(es), precision %s",
+                 self.total_steps, self.plan.steps_per_epoch, len(self.plan.lengths), t.batch_size, t.grad_accum,
+                 self.world, t.precision)
+        self.run.update_summary(total_steps=self.total_steps, world_size=self.world,
+                                resumed_from=str(self.resumed_from) if self.resumed_from else None)
+
+
+def guard_finite(model: Any, step: int) -> None:
+    if not ck.model_is_finite(model):
+        raise TrainingDiverged(f"model weights are non-finite at step {step}; refusing to save them")
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
