@@ -149,6 +149,17 @@ CASES: list[dict[str, Any]] = [
      "needle": "batch size must be >= 1, got 0"},
     {"id": "memory-supervised-share=0", "argv": MEMORY + ["--supervised-share", "0"],
      "files": MODEL_DIR, "needle": "(--supervised-share) must be in (0, 1]; got 0"},
+    {"id": "memory-config-not-utf8", "argv": ["memory", "{tmp}/c/config.json"],
+     "files": {"c/config.json": b"{\"a\": \"\xff\"}"},
+     "needle": "{tmp}/c/config.json: cannot read as JSON"},
+    {"id": "memory-config-bad-values", "argv": ["memory", "{tmp}/c/config.json"],
+     "files": {"c/config.json": dict(SMALL_LLAMA, hidden_size="wide")},
+     "needle": "{tmp}/c/config.json: cannot build a config"},
+    {"id": "memory-batch-size-not-a-number", "argv": MEMORY + ["--batch-size", "abc"],
+     "needle": "argument --batch-size: invalid int value: 'abc'"},
+    {"id": "unknown-option", "argv": ["train", "{recipe}", "--fast"], "needle": "unrecognized arguments: --fast"},
+    {"id": "infer-without-output", "argv": ["infer", "{recipe}", "--input", "{tmp}/in.jsonl"],
+     "needle": "the following arguments are required: --output"},
     {"id": "memory-bad-config-json", "argv": ["memory", "{tmp}/c/config.json"], "files": {"c/config.json": "{nope"},
      "needle": "{tmp}/c/config.json: cannot read as JSON"},
 
@@ -210,6 +221,9 @@ CASES: list[dict[str, Any]] = [
      "files": {"g.jsonl": b'{"question": "1+1?", "answer": "#### 2"}\n\xff\n'},
      "needle": "{tmp}/g.jsonl:2: not UTF-8 text (byte 0xff at column 1)"},
 
+    {"id": "prontoqa-json-not-utf8", "argv": EVAL + ["eval.task=prontoqa", "eval.source={tmp}/p.json"],
+     "files": {"p.json": b'[{"question": "caf\xe9"}]'}, "needle": "{tmp}/p.json:1: not UTF-8 text (byte 0xe9"},
+
     # -- infer inputs and resuming into an existing output (3, 7, 8) -------------------------------------
     {"id": "infer-input-not-utf8", "argv": INFER, "files": {"in.jsonl": b'{"prompt": "ok"}\n{"prompt": "\xc3("}\n'},
      "needle": "{tmp}/in.jsonl:2: not UTF-8 text (byte 0xc3 at column 13)"},
@@ -261,6 +275,11 @@ CASES: list[dict[str, Any]] = [
      "files": {"m/config.json": SMALL_LLAMA}, "needle": "{tmp}/m: model directory has config.json but no weights"},
     {"id": "model-config-malformed", "argv": EVAL + ["model.scratch=null", "model.name={tmp}/m"],
      "files": {**MODEL_DIR, "m/config.json": "{\"model_type\": "}, "needle": "{tmp}/m/config.json: not valid JSON"},
+
+    {"id": "scratch-config-wrong-type", "argv": INFER + ["model.scratch.hidden_size=wide"],
+     "needle": "model.scratch: cannot build a 'llama' model"},
+    {"id": "scratch-config-inconsistent", "argv": INFER + ["model.scratch.hidden_size=30"],
+     "needle": "model.scratch: cannot build a 'llama' model"},
 
     # -- the hub (12) --------------------------------------------------------------------------------------
     {"id": "hub-tls-fails", "argv": ["train", "{recipe}"] + HUB, "env": {"HF_ENDPOINT": "{garbage_https}",
@@ -325,7 +344,10 @@ def run(case: dict[str, Any], argv: list[str], env: dict[str, str | None], capsy
         out = subprocess.run([sys.executable, "-m", "ftlab.cli", *argv], capture_output=True, text=True,
                              cwd=REPO, env=dict(os.environ), timeout=300)
         return out.returncode, out.stderr
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse ends usage errors with sys.exit
+        code = e.code
     return code, capsys.readouterr().err
 
 

@@ -169,6 +169,16 @@ def test_trackers_write_jsonl_and_tensorboard(tmp_path):
     assert list((run.path / "tensorboard").glob("events.*"))
 
 
+def test_metrics_of_a_killed_run_read_without_the_torn_last_line(tmp_path):
+    from ftlab.runs.trackers import read_metrics
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"train_step": 1, "train/loss": 2.0}\n{"train_step": 2, "train/lo')
+    assert read_metrics(path) == [{"train_step": 1, "train/loss": 2.0}]
+    path.write_text('{"train_step": 1}\ngarbage\n{"train_step": 3}\n')
+    with pytest.raises(UserError, match="metrics.jsonl:2: damaged metrics line"):
+        read_metrics(path)
+
+
 def test_wandb_offline_uses_separate_step_axes(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     from omegaconf import OmegaConf

@@ -91,7 +91,7 @@ def load_config(model: str) -> Any:
             raise UserError(f"{model}: expected a model directory or a config.json file")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: malformed JSON, or bytes that are not UTF-8
             raise UserError(f"{model}: cannot read as JSON: {e}") from None
         return _config_from_dict(data, model)
 
@@ -100,23 +100,27 @@ def load_config(model: str) -> Any:
     resolved = resolve_model_path(model)
     if is_adapter_dir(resolved):  # an adapter: the memory is the base model's
         resolved = adapter_base_path(resolved)
+    from ftlab.models.load import config_errors, first_line
+
     local = Path(resolved).is_dir()
     try:
         return AutoConfig.from_pretrained(resolved, local_files_only=local)
-    except (ValueError, KeyError, OSError) as e:
-        raise UserError(f"{model}: cannot read its config: {str(e).splitlines()[0]}") from None
+    except (OSError, *config_errors()) as e:
+        raise UserError(f"{model}: cannot read its config: {first_line(e)}") from None
 
 
 def _config_from_dict(data: dict, where: str) -> Any:
     from transformers import AutoConfig
+
+    from ftlab.models.load import config_errors, first_line
 
     if not isinstance(data, dict) or "model_type" not in data:
         raise UserError(f"{where}: not a transformers config (no 'model_type')")
     data = dict(data)
     try:
         return AutoConfig.for_model(data.pop("model_type"), **data)
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{where}: cannot build a config: {str(e).splitlines()[0]}") from None
+    except config_errors() as e:
+        raise UserError(f"{where}: cannot build a config: {first_line(e)}") from None
 
 
 @dataclass
@@ -191,12 +195,14 @@ class Architecture:
 def build_meta_model(config: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
+    from ftlab.models.load import config_errors, first_line
+
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, TypeError) as e:
+    except config_errors() as e:
         raise UserError(f"cannot build a causal LM from this config ({getattr(config, 'model_type', '?')}): "
-                        f"{str(e).splitlines()[0]}") from None
+                        f"{first_line(e)}") from None
 
 
 def architecture(config: Any, name: str | None = None) -> Architecture:
