@@ -196,6 +196,7 @@ RANGES: dict[str, str] = {
     "train.max_steps": ">= 1",
     "train.max_minutes": "> 0",
     "train.batch_size": ">= 1",
+    "train.fp16_init_scale": "> 0",
     "train.grad_accum": ">= 1",
     "train.grad_clip": "> 0",
     "train.log_every": ">= 1",
