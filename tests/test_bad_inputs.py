@@ -213,7 +213,7 @@ CASES: list[dict[str, Any]] = [
      "needle": "{tmp}/t.jsonl:1: field 'messages[1].content' must be a string; got a number"},
     {"id": "train-messages-not-ending-with-answer", "argv": ["train", "{recipe}", "data.train={tmp}/t.jsonl"],
      "files": {"t.jsonl": jsonl({"messages": [{"role": "user", "content": "hi"}]})},
-     "needle": "{tmp}/t.jsonl:1: 'messages' must end with an assistant turn"},
+     "needle": "{tmp}/t.jsonl:1: 'messages' must be a list ending with an assistant turn"},
     {"id": "train-messages-empty", "argv": ["train", "{recipe}", "data.train={tmp}/t.jsonl"],
      "files": {"t.jsonl": jsonl({"messages": []})}, "needle": "field 'messages' must be a non-empty array"},
     {"id": "train-row-not-an-object", "argv": ["train", "{recipe}", "data.train={tmp}/t.jsonl"],

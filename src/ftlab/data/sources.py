@@ -89,7 +89,8 @@ def generic_conversations(path: str, tokenizer: Any, chat_template: bool, limit:
         if "messages" in r:
             msgs = check_messages(r["messages"], where)
             if msgs[-1]["role"] != "assistant":
-                raise UserError(f"{where}: 'messages' must end with an assistant turn (the supervised answer)")
+                raise UserError(f"{where}: 'messages' must be a list ending with an assistant turn (the answer "
+                                "to train on)")
             samples.append(chat_turns(tokenizer, msgs, where))
         elif "prompt" in r and "response" in r:
             prompt, response = text_field(r, "prompt", where), text_field(r, "response", where)
