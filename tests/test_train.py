@@ -183,3 +183,81 @@ def test_task_data_logs_validation_accuracy_and_generations(tmp_path):
         assert g["response_length"] >= 1  # the response tokens (incl. any EOS) were counted
     gen_rows = [r for r in read_metrics(run.path / "metrics.jsonl") if "eval/generations/accuracy" in r]
     assert gen_rows and "eval/generations/mean_response_length_correct" in gen_rows[0]
+
+
+def test_fp16_overflow_is_skipped_by_the_scaler_not_fatal(tmp_path):
+    """fp16 with a loss scale far too high: the first steps overflow, the scaler skips them and lowers
+    the scale, then training proceeds (before, the first routine overflow stopped the run)."""
+    recipe = tiny_recipe(tmp_path)
+    run = train(recipe, "train.precision=fp16", "train.fp16_init_scale=1e9", "train.max_steps=16",
+                "optim.lr=3e-3", "schedule.name=constant")
+    rows = [r for r in read_metrics(run.path / "metrics.jsonl") if "train/loss" in r]
+    skipped = [r["train/overflow_skipped"] for r in rows]
+    assert skipped[0] and not skipped[-1], skipped
+    scales = [r["train/loss_scale"] for r in rows]
+    assert scales[-1] < scales[0]
+    assert read_status(run.path) == "complete"
+
+
+def test_sigterm_saves_a_checkpoint_and_marks_the_run_interrupted(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    cmd = [sys.executable, "-m", "ftlab.cli", "train", str(recipe), "name=term", "train.max_steps=100000",
+           "train.save_every=1000", "train.batch_size=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "runs" / "sft"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until training steps are being logged
+        found = list(runs.glob("*_term/metrics.jsonl"))
+        if found and found[0].read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    run = next(runs.glob("*_term"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    ckpts = list((run / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1 and int(ckpts[0].name[5:]) == summary["steps"]
+    # and the saved checkpoint resumes
+    resumed = train(recipe, "name=after", f"train.resume={run}", f"train.max_steps={summary['steps'] + 2}",
+                    "train.batch_size=2")
+    assert sorted(losses(resumed.path)) == [summary["steps"] + 1, summary["steps"] + 2]
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    recipe = tiny_recipe(tmp_path)
+    steps = ["train.max_steps=6", "train.save_every=2", "train.keep_last=5"]
+    ref = train(recipe, "name=ref", *steps)
+    ckpts = ref.path / "checkpoints"
+    weights = ckpts / "step_000004" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    resumed = train(recipe, "name=resumed", f"train.resume={ref.path}", *steps)
+    assert "step_000004 is damaged" in caplog.text
+    assert json.loads((resumed.path / "summary.json").read_text())["resumed_from"].endswith("step_000002")
+    got, want = losses(resumed.path), losses(ref.path)
+    assert sorted(got) == [3, 4, 5, 6]
+    for step, value in got.items():
+        assert value == pytest.approx(want[step], rel=1e-6)
+
+
+def test_resume_refuses_other_models_and_too_few_steps(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    ref = train(recipe, "name=ref", "train.max_steps=4", "train.save_every=2")
+    code = main(["train", str(recipe), f"train.resume={ref.path}", "train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "below the checkpoint's step 2" in err and "Traceback" not in err
+    code = main(["train", str(recipe), f"train.resume={ref.path}", "model.scratch.hidden_size=64"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("ftlab: error")]
+    assert code == 2 and len(errors) == 1 and "was trained from" in errors[0]
+    assert not list((tmp_path / "runs" / "sft").glob("*_tiny*"))  # both refused before a run dir appeared
+
+
+def test_resume_latest_skips_runs_without_a_checkpoint(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    ref = train(recipe, "name=ref", "train.max_steps=4", "train.save_every=2")
+    train(recipe, "name=nockpt", "train.max_steps=1")  # newer, no checkpoint (a failed attempt would be alike)
+    resumed = train(recipe, "name=resumed", "train.resume=latest", "train.max_steps=4")
+    assert json.loads((resumed.path / "summary.json").read_text())["resumed_from"].startswith(str(ref.path))

@@ -83,6 +83,7 @@ class TrainConfig:
     batch_size: int = 8                  # examples (or packed rows) per micro-batch
     grad_accum: int = 1
     precision: str = "fp32"              # fp32 | bf16 | fp16 (autocast)
+    fp16_init_scale: float = 65536.0     # first loss scale of the fp16 gradient scaler (halved on each overflow)
     grad_clip: Optional[float] = 1.0
     gradient_checkpointing: bool = False
     log_every: int = 1

@@ -157,6 +157,22 @@ def resolve_resume(cfg: DictConfig) -> list[Path]:
     return found[::-1]
 
 
+def check_resumable(cfg: DictConfig, candidates: list[Path], objective: str, total_steps: int) -> None:
+    """Refuse, before anything is written, a checkpoint of another model or method, or past the end."""
+    want = model_identity(cfg)
+    for path in candidates:
+        state = ck.read_state(path)
+        if state is None:  # damaged: the loop falls back past it when loading
+            continue
+        if state.get("model") not in (None, want):
+            raise UserError(f"checkpoint {path} was trained from {state['model']!r}, this recipe trains {want!r}")
+        if state.get("objective") not in (None, objective):
+            raise UserError(f"checkpoint {path} is a {state['objective']} run, this recipe trains {objective}")
+        if int(state["step"]) > total_steps:
+            raise UserError(f"train.max_steps={total_steps} is below the checkpoint's step {state['step']} "
+                            f"({path}); raise train.max_steps or resume from an earlier checkpoint")
+
+
 # -- the loop --------------------------------------------------------------------------------------
 def train(cfg: DictConfig, build_objective: Callable[[DictConfig, Any, int, int], Objective]) -> RunDir | None:
     """Train as the recipe says; returns the finished run directory (None on ranks other than 0)."""
@@ -169,6 +185,7 @@ def train(cfg: DictConfig, build_objective: Callable[[DictConfig, Any, int, int]
     t = cfg.train
     total_steps = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * objective.plan.steps_per_epoch)
     resume = resolve_resume(cfg) if t.resume else []
+    check_resumable(cfg, resume, objective.name, total_steps)
     # Everything a user can get wrong has been checked: only now does the run directory appear.
     run = RunDir.create(cfg.output_dir, cfg.kind, cfg.name, cfg, cfg.seed) if accelerator.is_main_process else None
     path = [str(run.path) if run else None]
@@ -209,7 +226,7 @@ class Loop:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.device = accelerator.device
         fp16 = self.t.precision == "fp16" and not self.deepspeed  # DeepSpeed scales fp16 losses itself
-        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=self.t.fp16_init_scale) if fp16 else None
         self.tracker = Trackers(run, cfg.track, OmegaConf.to_container(cfg, resolve=True)) if run else None
         self.done, self.best, self.terminate, self.resumed_from = 0, None, False, None
 
@@ -468,8 +485,6 @@ class Loop:
         """Load the newest usable checkpoint of `candidates` (newest first), falling back past damaged ones."""
         for path in candidates:
             state = ck.read_state(path)
-            if state is not None:
-                self.check_compatible(path, state)
             error = None
             try:
                 if state is None:
@@ -483,16 +498,6 @@ class Loop:
                 return int(state["step"]), state.get("best")
             log.warning("checkpoint %s is damaged (%s); trying the previous one", path, error or "on another rank")
         raise UserError(f"no usable checkpoint among {len(candidates)} under {candidates[0].parent}: all damaged")
-
-    def check_compatible(self, path: Path, state: dict) -> None:
-        want = model_identity(self.cfg)
-        if state.get("model") not in (None, want):
-            raise UserError(f"checkpoint {path} was trained from {state['model']!r}, this recipe trains {want!r}")
-        if state.get("objective") not in (None, self.objective.name):
-            raise UserError(f"checkpoint {path} is a {state['objective']} run, this recipe trains {self.objective.name}")
-        if int(state["step"]) > self.total_steps:
-            raise UserError(f"train.max_steps={self.total_steps} is below the checkpoint's step {state['step']} "
-                            f"({path}); raise train.max_steps or resume from an earlier checkpoint")
 
     def load_checkpoint(self, path: Path) -> None:
         model = self.accelerator.unwrap_model(self.model)
