@@ -284,6 +284,11 @@ CASES: list[dict[str, Any]] = [
     {"id": "scratch-config-inconsistent", "argv": INFER + ["model.scratch.hidden_size=30"],
      "needle": "model.scratch: cannot build a 'llama' model"},
 
+    {"id": "output_dir-is-a-file", "argv": EVAL + ["output_dir={tmp}/in.jsonl"],
+     "needle": "output_dir {tmp}/in.jsonl: cannot create {tmp}/in.jsonl/eval"},
+    {"id": "model-cache-unwritable", "argv": INFER + ["model.scratch=null"], "env": {"FTLAB_CACHE": "{tmp}/in.jsonl"},
+     "needle": "cannot write the model cache {tmp}/in.jsonl/models"},
+
     # -- the hub (12) --------------------------------------------------------------------------------------
     {"id": "hub-tls-fails", "argv": ["train", "{recipe}"] + HUB, "env": {"HF_ENDPOINT": "{garbage_https}",
                                                                          "HF_HUB_OFFLINE": None},

@@ -64,6 +64,12 @@ def embedded_model_dir(name: str) -> Path:
             log.warning("%s; converting the embedded model again", e)
             discard_dir(target)
     gguf = embedded_gguf(name)
+    try:  # before the 20 s conversion: an unwritable FTLAB_CACHE should fail at once
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    except OSError as e:
+        raise UserError(f"cannot write the model cache {target.parent} ({e.strerror or e}); "
+                        "set FTLAB_CACHE to a writable directory") from None
     log.info("converting embedded %s from GGUF (one time, ~20 s) into %s", name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,10 +83,13 @@ def embedded_model_dir(name: str) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except OSError as e:  # a full disk: leave no half-written cache behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write the model cache {target.parent} ({e.strerror or e}); "
+                        "free space or set FTLAB_CACHE elsewhere") from None
     if target.exists():  # a concurrent conversion finished first
         shutil.rmtree(tmp, ignore_errors=True)
     else:

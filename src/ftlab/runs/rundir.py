@@ -18,6 +18,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ftlab.errors import UserError
+
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_ACCESS_KEY_ID",
               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "OPENAI_API_KEY")
 # Key names that hold secrets, matched as whole parts of the name (split at _ - .): hf_token, token,
@@ -103,7 +105,10 @@ class RunDir:
     def create(cls, output_dir: str | os.PathLike, kind: str, name: str, cfg: DictConfig | None = None,
                seed: int | None = None) -> "RunDir":
         parent = Path(output_dir) / kind
-        parent.mkdir(parents=True, exist_ok=True)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # read-only or full file system, output_dir naming a file
+            raise UserError(f"output_dir {output_dir}: cannot create {parent} ({e.strerror or e})") from None
         stamp = time.strftime("%Y%m%d_%H%M%S")
         safe = re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-") or "run"
         for i in range(1000):  # never overwrite: a second run in the same second gets a suffix
