@@ -337,7 +337,11 @@ class Report:
                        f"saves {saved:.1f}s of prefill, {saved / max(sep['seconds'], 1e-9):.0%} of the "
                        f"separate-prompts run, where decoding up to {a.max_new_tokens} tokens per row takes most of "
                        "the time; the saving grows with prompt length relative to completion length (few-shot "
-                       "prompts, short answers).")]
+                       "prompts, short answers)."),
+                  (f"- The rest of each run (decoding, sampling) took {sh['seconds'] - sh['prefill_seconds']:.1f}s "
+                   f"and {sep['seconds'] - sep['prefill_seconds']:.1f}s. Both decode the same {k * a.samples} rows per step, so "
+                   "that difference is not the prefill's doing: these are single runs on a CPU shared with other "
+                   "jobs (load average above), and only the prefill columns are a like-for-like comparison.")]
         return lines
 
     def lines(self) -> list[str]:
