@@ -175,6 +175,7 @@ def run_ftlab(method: str, precision: str, steps: int, batch: int, max_length: i
               workdir: str, data_overrides: list[str], profile: str | None = None) -> dict[str, Any]:
     import ftlab.train.sft as sft
     from ftlab.config import load_recipe
+    from ftlab.train.loop import Loop
 
     overrides = [
         "name=bench", f"output_dir={workdir}/ftlab_runs", "seed=0",
@@ -198,7 +199,7 @@ def run_ftlab(method: str, precision: str, steps: int, batch: int, max_length: i
     supervised: list[int] = []
     t_load = time.perf_counter()
     first: list[float] = []
-    original = sft.train_step
+    original = Loop.step
 
     def timed_train_step(*args: Any, **kwargs: Any) -> Any:
         if not first:
@@ -214,11 +215,11 @@ def run_ftlab(method: str, precision: str, steps: int, batch: int, max_length: i
         return stats
 
     reset_accelerate()
-    sft.train_step = timed_train_step
+    Loop.step = timed_train_step
     try:
         sft.run_sft(cfg)
     finally:
-        sft.train_step = original
+        Loop.step = original
     out = summarize(ends, tokens, losses, supervised, first[0] - t_load)
     out["data"] = {"packing": bool(cfg.data.packing), "group_by_length": bool(cfg.data.group_by_length)}
     return out

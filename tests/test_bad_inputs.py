@@ -140,8 +140,7 @@ CASES: list[dict[str, Any]] = [
     {"id": "range-in-recipe-file", "argv": ["train", "{tmp}/r.yaml"], "files": {"r.yaml": "train: {log_every: 0}\n"},
      "needle": "{tmp}/r.yaml: 'train.log_every' must be >= 1; got 0"},
     {"id": "max_length-beyond-context-window", "argv": ["train", "{recipe}", "data.max_length=4096"],
-     "needle": "'data.max_length' is 4096, beyond the model's context window of 2048 tokens",
-     "pending": "the training loop is to call ftlab.models.load.check_context_window(model, data.max_length)"},
+     "needle": "'data.max_length' is 4096, beyond the model's context window of 2048 tokens"},
 
     # -- ftlab memory ------------------------------------------------------------------------------------
     {"id": "memory-lora-dropout=5", "argv": MEMORY + ["--method", "lora", "--lora-dropout", "5"],

@@ -147,3 +147,39 @@ def test_resume_of_a_two_process_run_replays_the_same_losses(tmp_path):
     for step in b:
         assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-6)
         assert b[step]["train/grad_norm"] == pytest.approx(a[step]["train/grad_norm"], rel=1e-6)
+
+
+DEEPSPEED_ZERO2_CPU = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config: {zero_stage: 2, offload_optimizer_device: none, offload_param_device: none, zero3_init_flag: false}
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 1
+use_cpu: false
+"""
+
+
+@pytest.mark.skipif(not __import__("importlib.util").util.find_spec("deepspeed"), reason="needs deepspeed")
+def test_deepspeed_zero2_accumulates_like_one_big_batch(tmp_path):
+    """DeepSpeed steps once per optimizer step (not once per micro-batch), clips once, and starts
+    without a dataloader in prepare(). One process: on CPU, accelerate forms no process group under
+    DeepSpeed, so 2-process ZeRO runs only on GPUs (tests/gpu)."""
+    recipe = tiny_recipe(tmp_path, data={"group_by_length": False})
+    config = tmp_path / "zero2.yaml"
+    config.write_text(DEEPSPEED_ZERO2_CPU)
+    common = ["train.max_steps=3", "train.grad_clip=1000"]
+    plain = single(recipe, "name=plain", "train.batch_size=8", "train.grad_accum=1", *common)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "ftlab.cli",
+           "train", str(recipe), "name=ds", "train.batch_size=2", "train.grad_accum=4", *common]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=580,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ds = run_named(tmp_path, "ds")
+    assert json.loads((ds / "summary.json").read_text())["distributed"] == "DEEPSPEED"
+    a, b = train_rows(plain), train_rows(ds)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:  # one optimizer step per step: the lr schedule and the losses agree
+        assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-6)
+        assert b[step]["train/lr"] == pytest.approx(a[step]["train/lr"])
+        assert b[step]["train/grad_norm"] == pytest.approx(a[step]["train/grad_norm"], rel=1e-4)

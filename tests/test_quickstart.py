@@ -39,6 +39,9 @@ def test_shortened_quickstart_end_to_end(tmp_path, capsys, lora):
     assert base == tuned and len(base) == 3
     final = Path(summary["sft_run"]) / "final"
     assert (final / ("adapter_config.json" if lora else "model.safetensors")).is_file()
+    if lora:  # the adapter names the embedded base, so a copy on another machine (or FTLAB_CACHE) finds it
+        assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+            "smollm2-135m-instruct"
     assert ("LoRA (r=" in (run / "report.md").read_text()) == lora
     assert "report:" in out and "3-hop" in out
     assert (run / "training_loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -142,8 +142,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
 
 
 def load_model_and_tokenizer(model_cfg: Any = None, *, name: str | None = None,
-                             adapter: str | None = None, trainable_adapter: bool = False) -> tuple[Any, Any]:
-    """Load (model, tokenizer) for a `ModelConfig` (or just a `name`). Model is in eval mode."""
+                             adapter: str | None = None, trainable_adapter: bool = False,
+                             **placement: Any) -> tuple[Any, Any]:
+    """Load (model, tokenizer) for a `ModelConfig` (or just a `name`). Model is in eval mode.
+
+    `placement` goes to `from_pretrained` (QLoRA: `quantization_config` and `device_map`)."""
     from transformers import AutoModelForCausalLM
 
     from ftlab.config.schema import ModelConfig
@@ -170,7 +173,8 @@ def load_model_and_tokenizer(model_cfg: Any = None, *, name: str | None = None,
     tok = load_tokenizer(resolve_model_path(cfg.tokenizer) if cfg.tokenizer else
                          (adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path), trc)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=cfg.revision,
-                                                 trust_remote_code=trc, attn_implementation=cfg.attn_implementation)
+                                                 trust_remote_code=trc, attn_implementation=cfg.attn_implementation,
+                                                 **placement)
     if adapter:
         model = attach_adapter(model, adapter, trainable_adapter)
     model.eval()

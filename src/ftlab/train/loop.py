@@ -82,7 +82,7 @@ def make_accelerator(cfg: DictConfig) -> Any:
     # Autocast and the fp16 scaler are the loop's own (see `autocast`), except under DeepSpeed, which
     # casts the model itself and must know the precision from accelerate.
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision] if deepspeed else "no"
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+    accelerator = Accelerator(mixed_precision=precision, cpu=not (torch.cuda.is_available() or deepspeed),
                               gradient_accumulation_steps=t.grad_accum if deepspeed else 1)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -91,7 +91,6 @@ def make_accelerator(cfg: DictConfig) -> Any:
         # train.grad_clip is the only clipping (a second one in the DeepSpeed config would also apply).
         ds["train_micro_batch_size_per_gpu"] = t.batch_size
         ds["gradient_accumulation_steps"] = t.grad_accum
-        ds["train_batch_size"] = t.batch_size * t.grad_accum * accelerator.num_processes
         ds["gradient_clipping"] = float(t.grad_clip or 0.0)
         if t.nan_policy == "skip":
             raise UserError("train.nan_policy=skip is not possible under DeepSpeed (its engine steps inside "
@@ -109,7 +108,7 @@ def prepare_model(cfg: DictConfig, local_rank: int = 0) -> tuple[Any, Any]:
     """Load the model as the recipe says: full, LoRA, or QLoRA (4-bit NF4 base on this process's GPU)."""
     from ftlab.models.adapters import (apply_lora, enable_gradient_checkpointing, quantization_config,
                                        trainable_summary)
-    from ftlab.models.load import load_model_and_tokenizer
+    from ftlab.models.load import EMBEDDED, check_context_window, load_model_and_tokenizer
 
     if cfg.lora.quantize and not cfg.lora.enabled:
         raise UserError("lora.quantize is set but lora.enabled is false (QLoRA = quantized base + LoRA)")
@@ -119,8 +118,12 @@ def prepare_model(cfg: DictConfig, local_rank: int = 0) -> tuple[Any, Any]:
     # that the other DDP ranks are using.
     placement = {"quantization_config": quant, "device_map": {"": local_rank}} if quant else {}
     model, tokenizer = load_model_and_tokenizer(cfg.model, trainable_adapter=True, **placement)
+    check_context_window(model, cfg.data.max_length)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+        if cfg.model.name in EMBEDDED and not cfg.model.scratch:  # name the embedded base, not this cache path
+            for peft_cfg in model.peft_config.values():
+                peft_cfg.base_model_name_or_path = cfg.model.name
     elif cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     log.info("trainable parameters: %s", trainable_summary(model))
@@ -526,10 +529,11 @@ class Loop:
             return
         self.objective.log_preflight()
         t = self.t
-        log.info("%d steps (%d per epoch), %d examples, batch %d x accum %d x %d process(es), precision %s",
+        backend = str(self.accelerator.distributed_type).split(".")[-1]
+        log.info("%d steps (%d per epoch), %d examples, batch %d x accum %d x %d process(es) (%s), precision %s",
                  self.total_steps, self.plan.steps_per_epoch, len(self.plan.lengths), t.batch_size, t.grad_accum,
-                 self.world, t.precision)
-        self.run.update_summary(total_steps=self.total_steps, world_size=self.world,
+                 self.world, backend, t.precision)
+        self.run.update_summary(total_steps=self.total_steps, world_size=self.world, distributed=backend,
                                 resumed_from=str(self.resumed_from) if self.resumed_from else None)
 
 
