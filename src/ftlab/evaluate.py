@@ -133,15 +133,30 @@ def eval_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run_eval(cfg: DictConfig, model_name: str | None = None, adapter: str | None = None) -> tuple[RunDir, dict]:
-    """Evaluate one model as the recipe's eval section says; writes a run directory under runs/eval.
+def load_for_generation(mcfg: Any, engine: str) -> tuple[Any, Any, Any]:
+    """(model or None, tokenizer, engine) for `ftlab eval` and `ftlab infer`.
 
-    With `eval.engine: vllm` on a machine where vLLM runs, only the tokenizer is loaded here (vLLM
-    loads the weights itself; a second copy would only take memory). Otherwise the HF model is loaded
-    and moved to the GPU when there is one.
-    """
+    With the vllm engine on a machine where vLLM runs, only the tokenizer is loaded here (vLLM loads
+    the weights itself; a second copy would only take memory). Otherwise the HF model is loaded and
+    moved to the GPU when there is one."""
     from ftlab.generate import make_engine, vllm_available
     from ftlab.models.load import load_model_and_tokenizer
+
+    kind = engine.lower()
+    if kind == "vllm" and mcfg.scratch:
+        log.warning("vLLM cannot build a model from model.scratch; using the HF engine")
+        kind = "hf"
+    if kind == "vllm" and vllm_available():
+        model_path, adapter_path = vllm_model_paths(mcfg)
+        tokenizer = load_eval_tokenizer(mcfg, model_path, adapter_path)
+        return None, tokenizer, make_engine("vllm", None, tokenizer, model_path=model_path, adapter_path=adapter_path)
+    model, tokenizer = load_model_and_tokenizer(mcfg)
+    model.to(eval_device())
+    return model, tokenizer, make_engine(kind, model, tokenizer, model_path=mcfg.name, adapter_path=mcfg.adapter)
+
+
+def run_eval(cfg: DictConfig, model_name: str | None = None, adapter: str | None = None) -> tuple[RunDir, dict]:
+    """Evaluate one model as the recipe's eval section says; writes a run directory under runs/eval."""
     from ftlab.tasks import get_task
 
     task_name, source = eval_source(cfg)
@@ -152,19 +167,7 @@ def run_eval(cfg: DictConfig, model_name: str | None = None, adapter: str | None
                                        "adapter": adapter if model_name else (adapter or cfg.model.adapter),
                                        "scratch": None if model_name else cfg.model.scratch})
     torch.manual_seed(cfg.seed)
-    kind = cfg.eval.engine.lower()
-    if kind == "vllm" and mcfg.scratch:
-        log.warning("vLLM cannot build a model from model.scratch; using the HF engine")
-        kind = "hf"
-    if kind == "vllm" and vllm_available():
-        model = None
-        model_path, adapter_path = vllm_model_paths(mcfg)
-        tokenizer = load_eval_tokenizer(mcfg, model_path, adapter_path)
-        engine = make_engine("vllm", None, tokenizer, model_path=model_path, adapter_path=adapter_path)
-    else:
-        model, tokenizer = load_model_and_tokenizer(mcfg)
-        model.to(eval_device())
-        engine = make_engine(kind, model, tokenizer, model_path=mcfg.name, adapter_path=mcfg.adapter)
+    model, tokenizer, engine = load_for_generation(mcfg, cfg.eval.engine)
     name = run_name(mcfg.name, mcfg.adapter, task_name, source if os.path.exists(source) else cfg.eval.split,
                     cfg.eval.shots)
     run = RunDir.create(cfg.output_dir, "eval", name, cfg, cfg.seed)

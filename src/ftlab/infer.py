@@ -135,9 +135,7 @@ def write_settings(out: Path, settings: dict[str, Any]) -> None:
 
 
 def run_infer(cfg: DictConfig, input_path: str, output_path: str) -> int:
-    from ftlab.evaluate import generation_config
-    from ftlab.generate import make_engine
-    from ftlab.models.load import load_model_and_tokenizer
+    from ftlab.evaluate import autocast_for, generation_config, load_for_generation
 
     out = Path(output_path)
     if out.exists() and not out.is_file():
@@ -145,7 +143,7 @@ def run_infer(cfg: DictConfig, input_path: str, output_path: str) -> int:
     if out.exists() and Path(input_path).exists() and out.samefile(input_path):
         raise UserError(f"--output {out} is the --input file; write the outputs elsewhere")
     settings = generation_settings(cfg)
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model, tokenizer, engine = load_for_generation(cfg.model, cfg.eval.engine)
     items = read_prompts(input_path, tokenizer, cfg.eval.chat_template)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = check_resume(out, done_rows(out), items, input_path, settings)
@@ -155,7 +153,6 @@ def run_infer(cfg: DictConfig, input_path: str, output_path: str) -> int:
     if not todo:
         return 0
     write_settings(out, settings)
-    engine = make_engine(cfg.eval.engine, model, tokenizer, model_path=cfg.model.name, adapter_path=cfg.model.adapter)
     key = settings_hash(settings)
 
     def write(j: int, outputs: list[str]) -> None:
@@ -163,6 +160,7 @@ def run_infer(cfg: DictConfig, input_path: str, output_path: str) -> int:
         append_jsonl(out, {"index": p.index, "prompt": p.text, "output": outputs[0],
                            **({"samples": outputs} if len(outputs) > 1 else {}), "settings": key})
 
-    engine.generate([p.text for p in todo], generation_config(cfg.eval, cfg.seed), on_result=write)
+    with autocast_for(model, cfg.eval.precision):  # the recipe's eval precision, as `ftlab eval` uses it
+        engine.generate([p.text for p in todo], generation_config(cfg.eval, cfg.seed), on_result=write)
     log.info("wrote %d rows to %s", len(todo), out)
     return len(todo)
