@@ -261,3 +261,16 @@ def test_resume_latest_skips_runs_without_a_checkpoint(tmp_path):
     train(recipe, "name=nockpt", "train.max_steps=1")  # newer, no checkpoint (a failed attempt would be alike)
     resumed = train(recipe, "name=resumed", "train.resume=latest", "train.max_steps=4")
     assert json.loads((resumed.path / "summary.json").read_text())["resumed_from"].startswith(str(ref.path))
+
+
+def test_weight_decay_spares_norms_and_biases():
+    from omegaconf import OmegaConf
+
+    from ftlab.train.optim import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    opt = build_optimizer(model, OmegaConf.create({"name": "adamw", "lr": 1.0, "weight_decay": 0.5,
+                                                  "betas": [0.9, 0.999], "eps": 1e-8}))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.5 for p in g["params"]}
+    assert decayed == {id(model[0].weight)}  # not the bias, not the norm's weight and bias
+    assert sum(len(g["params"]) for g in opt.param_groups) == 4
