@@ -37,7 +37,7 @@ What is identical in both trainers
 tokens/s (same definition for both): real (non-pad) tokens of steps 2..N divided by the wall time from the end
 of optimizer step 1 to the end of step N. That excludes model loading, data preparation and the warm-up step,
 and includes everything a trainer does between steps (collation, logging). ftlab's step ends are taken by
-wrapping `ftlab.train.sft.train_step`; TRL's from a `TrainerCallback.on_step_end`. Real tokens: ftlab's
+wrapping `ftlab.train.loop.Loop.step`; TRL's from a `TrainerCallback.on_step_end`. Real tokens: ftlab's
 per-step `tokens` (sum of example input lengths, no padding); TRL: sum of `attention_mask` over the step's
 batches minus one per example (the final EOS, which TRL feeds as an input and ftlab only as a label), so the
 same example counts the same in both. tokens/CPU-s divides by the process CPU time over the same window
