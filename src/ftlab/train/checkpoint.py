@@ -107,7 +107,8 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Finished checkpoints, oldest first (temp dirs and ones without state.json are ignored)."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.glob(f"{STEP_PREFIX}*") if (p / "state.json").is_file()]
+    found = [p for p in ckpt_dir.glob(f"{STEP_PREFIX}*")
+             if p.name[len(STEP_PREFIX):].isdigit() and (p / "state.json").is_file()]  # not e.g. a user's step_old/
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
 
 
