@@ -67,6 +67,10 @@ class Objective(Protocol):
     def log_preflight(self) -> None:
         """Log what will be trained (decoded samples with the supervised spans marked)."""
 
+    # Optional: `before_training(loop)` runs once on every rank, after the run directory exists and the model
+    # is prepared, before a checkpoint is restored and before step 1 (DPO computes its reference
+    # log-probs from the initial weights there). Errors in it mark the run failed.
+
 
 # -- set-up ----------------------------------------------------------------------------------------
 def make_accelerator(cfg: DictConfig) -> Any:
@@ -196,6 +200,8 @@ def train(cfg: DictConfig, build_objective: Callable[[DictConfig, Any, int, int]
         broadcast_object_list(path)
     loop = Loop(cfg, accelerator, model, tokenizer, objective, run, Path(path[0]), total_steps)
     try:
+        if hasattr(objective, "before_training"):  # optional hook, see Objective.before_training
+            objective.before_training(loop)
         summary = loop.fit(resume)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated)
         if run:
