@@ -214,3 +214,53 @@ def accumulation_loss(log_probs: Tensor, response_mask: Tensor, n_tokens_in_step
     if isinstance(n_tokens_in_step, int) and n_tokens_in_step < 1:
         raise ValueError(f"n_tokens_in_step must be >= 1, got {n_tokens_in_step}")
     return -masked_normalize(log_probs, response_mask) / n_tokens_in_step
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair DPO losses and implicit rewards: (losses, chosen_rewards, rejected_rewards), each of shape (B,).
+
+    Inputs are per-pair sequence log-probs (summed over the response tokens) under the policy and the
+    reference. With h = (pc - rc) - (pr - rr), the policy's log-ratio margin over the reference:
+
+    * sigmoid (DPO):  -logsigmoid(beta * h)
+    * sigmoid with label_smoothing = eps > 0 (conservative DPO, the preference label flipped with
+      probability eps):  -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)
+    * ipo:  (h - 1 / (2 * beta)) ** 2; with `chosen_tokens`/`rejected_tokens` (response token counts)
+      each log-ratio is first divided by its count, as TRL and the IPO authors do (per-token scale)
+    * hinge (SLiC):  relu(1 - beta * h)
+
+    Rewards are beta * (pc - rc) and beta * (pr - rr), detached (they are logged, not trained on).
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}; got {loss_type!r}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing applies to loss_type='sigmoid' (conservative DPO), not {loss_type!r}")
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    if loss_type == "sigmoid":
+        h = beta * (chosen_ratio - rejected_ratio)
+        losses = -torch.nn.functional.logsigmoid(h)
+        if label_smoothing:
+            losses = (1 - label_smoothing) * losses - label_smoothing * torch.nn.functional.logsigmoid(-h)
+    elif loss_type == "ipo":
+        if chosen_tokens is not None and rejected_tokens is not None:
+            h = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        else:
+            h = chosen_ratio - rejected_ratio
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
