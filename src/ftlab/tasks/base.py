@@ -61,6 +61,11 @@ class Task:
             "parse_rate": sum(s["extracted"] is not None for s in scores) / n if n else float("nan"),
         }
 
+    def rejected_response(self, example: Example) -> str:
+        """A wrong response to `example`, for preference pairs the task builds itself (chosen: its target)."""
+        raise UserError(f"task {self.name!r} cannot build preference pairs itself; for DPO give preference JSONL "
+                        "rows (prompt, chosen, rejected) with data.task: generic")
+
     # -- shared machinery -------------------------------------------------------------------
     def load(self, source: str, split: str | None = None, limit: int | None = None) -> list[Example]:
         """Load from a local JSONL file, or a Hugging Face datasets id (`hf:org/name` or `org/name`)."""

@@ -355,9 +355,24 @@ class ProntoQATask(Task):
             raise UserError(f"prontoqa: proof={proof!r} is not one of {', '.join(PROOF_STYLES)}")
         self.proof = proof
 
+    def rejected_response(self, example: Example) -> str:
+        """A wrong answer for preference pairs: the same proof with the opposite verdict (a goal-directed
+        proof also says its conclusion agrees with / contradicts the claim the wrong way round)."""
+        text, wrong = example.target, "False" if example.gold == "True" else "True"
+        for said, unsaid in (("which is the claim", "which contradicts the claim"),
+                             ("which contradicts the claim", "which is the claim")):
+            if said in text:
+                text = text.replace(said, unsaid)
+                break
+        head, found, tail = text.rpartition(f"The answer is {example.gold}")
+        return f"{head}The answer is {wrong}{tail}" if found else f"{text} The answer is {wrong}."
+
     def load_records(self, source: str, split: str | None = None, limit: int | None = None) -> list[tuple[str, dict]]:
         """JSONL or whole-file JSON (list or generator dict) records, or hub rows; each has the authors'
-        fields or a LoGiPT conversation."""
+        fields or a LoGiPT conversation. `generate:N[,hops=A-B][,seed=S]`: N problems from ftlab's
+        generator (hop counts A..B cycled, default 1-5; seed 0), so a recipe can build its data itself."""
+        if source.startswith("generate:"):
+            return generated_records(source, limit)
         if not (os.path.exists(source) or source.endswith((".jsonl", ".json"))):
             located = [(f"{source}[{split or 'test'}]: record {i + 1}", r)
                        for i, r in enumerate(load_hub_records(source.removeprefix("hf:"), split or "test", limit))]
@@ -383,6 +398,29 @@ class ProntoQATask(Task):
         if by_hops:
             metrics["accuracy_by_hops"], metrics["n_by_hops"] = by_hops
         return metrics
+
+
+def generated_records(source: str, limit: int | None = None) -> list[tuple[str, dict]]:
+    """Records of a `generate:N[,hops=A-B][,seed=S]` source (see `ProntoQATask.load_records`)."""
+    from ftlab.tasks.prontoqa_gen import generate_prontoqa, max_supported_hops
+
+    n, *options = source.removeprefix("generate:").split(",")
+    settings = {"hops": "1-5", "seed": "0"}
+    try:
+        for option in options:
+            key, value = option.split("=", 1)
+            if key not in settings:
+                raise ValueError(key)
+            settings[key] = value
+        low, _, high = settings["hops"].partition("-")
+        records = generate_prontoqa(min(int(n), limit or int(n)), hops=list(range(int(low), int(high or low) + 1)),
+                                    seed=int(settings["seed"]))
+        if int(n) < 1:
+            raise ValueError(n)
+    except ValueError:
+        raise UserError(f"prontoqa source {source!r}: expected generate:N[,hops=A-B][,seed=S] with N >= 1 and "
+                        f"hops within 1-{max_supported_hops()}") from None
+    return [(f"{source}: record {i + 1}", r) for i, r in enumerate(records)]
 
 
 def _accuracy_by_hops(scores: Iterable[dict], examples: Iterable[Example]) -> tuple[dict, dict] | None:
