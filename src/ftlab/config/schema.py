@@ -99,6 +99,18 @@ class TrainConfig:
 
 
 @dataclass
+class DPOConfig:
+    """train.method: dpo (see ftlab.train.dpo)."""
+
+    beta: float = 0.1                    # strength of the pull towards the reference (higher: stay closer)
+    loss_type: str = "sigmoid"           # sigmoid (DPO) | ipo | hinge
+    label_smoothing: float = 0.0         # sigmoid only: conservative DPO (preference label flipped with this probability)
+    nll_weight: float = 0.0              # + this x the chosen response's mean token NLL ("RPO")
+    reference: Optional[str] = None      # reference model (an SFT model or adapter dir); null: the initial weights
+    reference_cache: Optional[str] = None  # a run dir or reference_logps.pt to reuse (when its key matches)
+
+
+@dataclass
 class EvalConfig:
     task: Optional[str] = None           # defaults to data.task
     source: Optional[str] = None         # JSONL path or HF datasets id; defaults to data.val
@@ -152,6 +164,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
@@ -164,7 +177,8 @@ CHOICES = {
     "lora.quantize": (None, "nf4"),
     "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
     "schedule.name": ("constant", "linear", "cosine", "cosine_with_min_lr"),
-    "train.method": ("sft",),
+    "train.method": ("sft", "dpo"),
+    "dpo.loss_type": ("sigmoid", "ipo", "hinge"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.nan_policy": ("stop", "skip"),
     "eval.engine": ("hf", "vllm"),
@@ -205,6 +219,9 @@ RANGES: dict[str, str] = {
     "train.log_generations_every": ">= 1",
     "train.save_every": ">= 1",
     "train.keep_last": ">= 0",
+    "dpo.beta": "> 0",
+    "dpo.label_smoothing": "[0, 0.5)",
+    "dpo.nll_weight": ">= 0",
     "eval.offset": ">= 0",
     "eval.limit": ">= 1",
     "eval.shots": ">= 0",

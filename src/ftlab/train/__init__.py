@@ -9,4 +9,8 @@ def run_training(cfg: Any) -> Any:
         from ftlab.train.sft import run_sft
 
         return run_sft(cfg)
+    if cfg.train.method == "dpo":
+        from ftlab.train.dpo import run_dpo
+
+        return run_dpo(cfg)
     raise NotImplementedError(cfg.train.method)

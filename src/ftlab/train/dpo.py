@@ -1,0 +1,216 @@
+"""DPO (full, LoRA, QLoRA) as an objective of the one training loop (`train/loop.py`).
+
+The loss unit is a preference pair: `loss` returns the summed per-pair loss of a micro-batch and the loop
+divides by the pairs of the whole optimizer step over all processes, so accumulation and data
+parallelism are exact. Per pair:
+
+    loss = dpo_loss(policy chosen/rejected log-probs, reference chosen/rejected log-probs)
+           + dpo.nll_weight * (mean NLL of the chosen response's tokens)      ("RPO"; logged as `nll`)
+
+Log-probs are summed over the response tokens (incl. the end-of-turn token), computed with the LM head on
+those positions only; chosen and rejected run in one forward (concatenated along the batch). The
+reference log-probs are computed once, before step 1 (`before_training`, see `train/reference.py`), and
+looked up by pair index. Used as a function too: `run_dpo(cfg, pairs=[{prompt, chosen, rejected}, ...])`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from ftlab.data.collate import pad_collate
+from ftlab.data.preference import (PairReport, audit_pairs, encode_pair, generic_pairs, rows_to_pairs, shifted,
+                                   task_pairs)
+from ftlab.errors import UserError
+from ftlab.losses import dpo_loss, response_token_log_probs
+from ftlab.runs.rundir import RunDir
+from ftlab.train import reference as ref
+from ftlab.train.loop import train
+from ftlab.train.plan import StepPlan
+
+log = logging.getLogger("ftlab")
+
+LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+          "logps/rejected", "nll")
+
+
+class DPOObjective:
+    name = "dpo"
+    units_name = "pairs"
+
+    def __init__(self, cfg: DictConfig, pairs: list[dict], val_pairs: list[dict], report: PairReport,
+                 tokenizer: Any, rank: int = 0, world: int = 1):
+        self.cfg, self.dpo, self.report, self.tokenizer = cfg, cfg.dpo, report, tokenizer
+        self.pairs, self.n_train = pairs + val_pairs, len(pairs)  # reference log-probs cover both
+        self.pad_id, self.rank, self.world = tokenizer.pad_token_id, rank, world
+        self.plan = StepPlan([len(p["chosen"]) + len(p["rejected"]) for p in pairs], cfg.train.batch_size,
+                             cfg.train.grad_accum, cfg.seed, cfg.data.group_by_length, rank, world)
+        self.ref_logps: torch.Tensor | None = None  # (pairs, 2): set by before_training
+        self.preflight_logged = False
+
+    # -- batches -----------------------------------------------------------------------------------------
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Chosen sequences then rejected ones, right-padded; [] gives pair 0 with nothing supervised."""
+        chosen = [self.pairs[i] for i in indices or [0]]
+        seqs = [shifted(p[side], p["prompt_len"]) for side in ("chosen", "rejected") for p in chosen]
+        out = pad_collate(seqs, self.pad_id)
+        if not indices:
+            out["response_mask"].zero_()
+        out["weight"] = torch.full((len(chosen),), float(bool(indices)))
+        out["units"] = torch.tensor(len(indices))
+        out["n_real_tokens"] = torch.tensor(sum(len(s["input_ids"]) for s in seqs) if indices else 0)
+        return out
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        out = self.batch(indices)
+        out["ref"] = self.ref_logps[indices or [0]].clone()
+        return out
+
+    # -- the loss ------------------------------------------------------------------------------------------
+    def loss(self, model: Any, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps, tokens = sequence_logps(model, micro)
+        (pc, pr), (nc, nr) = logps.chunk(2), tokens.chunk(2)
+        rc, rr = micro["ref"].unbind(1)
+        losses, chosen_r, rejected_r = dpo_loss(pc, pr, rc, rr, self.dpo.beta, self.dpo.loss_type,
+                                                self.dpo.label_smoothing, nc, nr)
+        nll = -pc / nc.clamp(min=1)
+        w = micro["weight"]  # 0 for the stand-in pair of an empty micro-batch: it adds exactly nothing
+
+        def total(x: torch.Tensor) -> torch.Tensor:  # per-pair sums: the loop divides by the step's pairs
+            return (w * x).sum()
+
+        loss = total(losses + self.dpo.nll_weight * nll) if self.dpo.nll_weight else total(losses)
+        logged = (chosen_r, rejected_r, chosen_r - rejected_r, (chosen_r > rejected_r).float(), pc, pr, nll)
+        return loss, {k: total(v.detach()) for k, v in zip(LOGGED, logged)}
+
+    def val_batches(self) -> list[dict[str, torch.Tensor]]:
+        bs, n = self.cfg.train.batch_size, len(self.pairs)
+        return [self.collate(list(range(i, min(i + bs, n)))) for i in range(self.n_train, n, bs)]
+
+    def log_preflight(self) -> None:
+        if self.preflight_logged:  # already, before the reference pass
+            return
+        self.preflight_logged = True
+        log.info("pair audit: %s", self.report.summary())
+        for s in self.report.samples:
+            log.info("preference pair, supervised spans in «»:\n%s", s)
+
+    # -- reference log-probs, once before step 1 ------------------------------------------------------------
+    def before_training(self, loop: Any) -> None:
+        if loop.run:
+            self.log_preflight()  # what will be trained, before the reference pass takes its time
+        key = ref.cache_key(self.cfg, self.tokenizer)
+        digests = [ref.pair_digest(p) for p in self.pairs]
+        known: dict[str, tuple[float, float]] = {}
+        for source in cache_sources(self.cfg):
+            known.update(ref.read_cache(source, key))
+        todo = [i for i, d in enumerate(digests) if d not in known]
+        if todo:
+            log.info("reference log-probs: computing %d of %d pairs (%s)", len(todo), len(digests),
+                     f"reference {self.cfg.dpo.reference}" if self.cfg.dpo.reference else "the initial weights")
+            with ref.reference_model(self.cfg, loop.model, loop.accelerator) as model:
+                def forward(indices: list[int]) -> torch.Tensor:
+                    b = {k: v.to(loop.device) for k, v in self.batch(indices).items()}
+                    with loop.autocast():
+                        logps, _ = sequence_logps(model, b)
+                    return torch.stack(logps.float().chunk(2), dim=1)[:len(indices)].cpu()
+
+                known.update({digests[i]: v for i, v in ref.compute_sharded(
+                    todo, self.cfg.train.batch_size, self.rank, self.world, forward).items()})
+        self.ref_logps = torch.tensor([known[d] for d in digests], dtype=torch.float32)
+        log.info("reference log-probs: %d reused from a cache, %d computed", len(digests) - len(todo), len(todo))
+        if loop.rank == 0:
+            ref.write_cache(loop.run_path, key, digests, self.ref_logps, len(digests) - len(todo))
+
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob, supervised token count) of each row; the LM head runs on supervised positions only."""
+    mask = batch["response_mask"]
+    token_logps = response_token_log_probs(model, batch["input_ids"], batch["labels"], mask,
+                                           attention_mask=batch.get("attention_mask"))
+    rows = mask.nonzero()[:, 0]  # row of each supervised token, in the row-major order of token_logps
+    sums = token_logps.new_zeros(mask.shape[0]).index_add(0, rows, token_logps)
+    return sums, mask.sum(dim=1).to(sums.dtype)
+
+
+def cache_sources(cfg: DictConfig) -> list:
+    """Reference caches to reuse: dpo.reference_cache, and the run being resumed (its own cache)."""
+    sources = [ref.cache_path(cfg.dpo.reference_cache)] if cfg.dpo.reference_cache else []
+    if cfg.train.resume:
+        from ftlab.train.loop import resolve_resume
+
+        run = resolve_resume(cfg)[0]
+        run = run.parents[1] if run.parent.name == "checkpoints" else run
+        sources += [run / ref.CACHE_FILE] if (run / ref.CACHE_FILE).is_file() else []
+    return sources
+
+
+# -- data ------------------------------------------------------------------------------------------------
+def text_pairs(cfg: DictConfig, source: Any, split: str, tokenizer: Any, limit: int | None) -> list:
+    """Preference pairs from a JSONL path (generic), rows handed in by a caller, or the task's own data."""
+    d = cfg.data
+    if isinstance(source, list):
+        return rows_to_pairs(((f"pairs[{i}]", r) for i, r in enumerate(source)), tokenizer, d.chat_template, limit)
+    if d.task == "generic":
+        return generic_pairs(source, tokenizer, d.chat_template, limit)
+    from ftlab.tasks import get_task
+
+    return task_pairs(get_task(d.task, **d.task_options), source, split, limit, tokenizer, d.shots, d.chat_template)
+
+
+def check_recipe(cfg: DictConfig, tokenizer: Any) -> None:
+    """Settings DPO cannot use, and the reference: found, and with the policy's tokenizer."""
+    d, p = cfg.data, cfg.dpo
+    if d.packing:
+        raise UserError("data.packing is not supported with train.method=dpo (pairs are padded batches)")
+    if d.filter_correct:
+        raise UserError("data.filter_correct selects SFT data; with train.method=dpo the pairs say what is correct")
+    if p.label_smoothing and p.loss_type != "sigmoid":
+        raise UserError(f"dpo.label_smoothing applies to dpo.loss_type=sigmoid (conservative DPO); got "
+                        f"dpo.loss_type={p.loss_type}")
+    ref.check_cache_option(cfg)
+    if p.reference:
+        from ftlab.models.load import adapter_base_path, is_adapter_dir, load_tokenizer, resolve_model_path
+
+        try:
+            path = resolve_model_path(p.reference)
+            if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").is_file():
+                path = adapter_base_path(path)  # an adapter without a tokenizer uses its base model's
+            theirs = load_tokenizer(path)
+        except (UserError, OSError, ValueError) as e:
+            raise UserError(f"dpo.reference: {e}") from None
+        if theirs.get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"dpo.reference {p.reference}: its tokenizer differs from the policy's "
+                            f"({len(theirs)} vs {len(tokenizer)} tokens or other ids); reference log-probs must "
+                            "score the same token ids")
+
+
+def build_objective(cfg: DictConfig, tokenizer: Any, rank: int = 0, world: int = 1,
+                    pairs: list[dict] | None = None) -> DPOObjective:
+    """Read, encode and audit the pairs (fails hard before any compute), check the reference."""
+    d = cfg.data
+    check_recipe(cfg, tokenizer)
+    if pairs is None and not d.train:
+        raise UserError("data.train is not set (preference JSONL, or a task's data)")
+    texts = text_pairs(cfg, pairs if pairs is not None else d.train, d.train_split, tokenizer, d.limit)
+    encoded, report = audit_pairs([encode_pair(t, tokenizer, d.max_length) for t in texts], tokenizer,
+                                  d.max_bad_share)
+    val = []
+    if d.val:
+        val_texts = text_pairs(cfg, d.val, d.val_split, tokenizer, d.val_limit)
+        val, _ = audit_pairs([encode_pair(t, tokenizer, d.max_length) for t in val_texts], tokenizer,
+                             d.max_bad_share)
+    return DPOObjective(cfg, encoded, val, report, tokenizer, rank, world)
+
+
+def run_dpo(cfg: DictConfig, pairs: list[dict] | None = None) -> RunDir | None:
+    """Train as the recipe says; returns the finished run directory (None on ranks other than 0).
+
+    `pairs`: preference rows (dicts as in a preference JSONL) instead of `data.train`, for loops that build
+    them (e.g. generate -> verify -> prefer); pass the previous run as `dpo.reference_cache` to reuse its
+    reference log-probs where the key matches.
+    """
+    return train(cfg, lambda c, tok, rank, world: build_objective(c, tok, rank, world, pairs))
