@@ -72,6 +72,19 @@ MEMORY = ["memory", "{tmp}/m/config.json", "--seq-len", "128"]  # within its 256
 FULL = len(safetensors_bytes())
 
 TRAIN, EVAL_, QUICKSTART = ["train", "{recipe}"], ["eval", "{recipe}"], ["quickstart", "{recipe}"]
+DPO = ["train", "{recipe}", "train.method=dpo", "data.train={tmp}/p.jsonl"]  # preference pairs in p.jsonl
+PAIR = {"prompt": "What is 1 plus 2?", "chosen": "3", "rejected": "4"}
+
+
+def tokenizer_files(folder: str) -> dict[str, str]:
+    """The files of the tests' tiny word-level tokenizer (not the policy's), saved under `folder`."""
+    import tempfile
+
+    from tests.conftest import build_tiny_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tiny_tokenizer().save_pretrained(tmp)
+        return {f"{folder}/{p.name}": p.read_text() for p in Path(tmp).iterdir()}
 
 
 def setting(verb: list[str], override: str, needle: str) -> dict[str, Any]:
@@ -287,6 +300,49 @@ CASES: list[dict[str, Any]] = [
      "needle": "output_dir {tmp}/in.jsonl: cannot create {tmp}/in.jsonl/eval"},
     {"id": "model-cache-unwritable", "argv": INFER + ["model.scratch=null"], "env": {"FTLAB_CACHE": "{tmp}/in.jsonl"},
      "needle": "cannot write the model cache {tmp}/in.jsonl/models"},
+
+    # -- DPO preference pairs and the reference model (issue 12) -------------------------------------------
+    {"id": "dpo-row-without-rejected", "argv": DPO, "files": {"p.jsonl": jsonl(PAIR, {"prompt": "p", "chosen": "c"})},
+     "needle": "{tmp}/p.jsonl:2: missing field 'rejected' (a preference row needs prompt + chosen + rejected"},
+    {"id": "dpo-row-without-chosen", "argv": DPO, "files": {"p.jsonl": jsonl({"prompt": "p", "rejected": "r"})},
+     "needle": "{tmp}/p.jsonl:1: missing field 'chosen'"},
+    {"id": "dpo-empty-response", "argv": DPO, "files": {"p.jsonl": jsonl(PAIR, dict(PAIR, rejected=""))},
+     "needle": "{tmp}/p.jsonl:2: the rejected response is empty"},
+    {"id": "dpo-chosen-equals-rejected", "argv": DPO, "files": {"p.jsonl": jsonl(dict(PAIR, rejected="3"), PAIR)},
+     "needle": "1 of 2 preference pairs (50.0%) are bad (1 dropped, 0 truncated), above data.max_bad_share=5.0%; "
+               "first: {tmp}/p.jsonl:1: chosen and rejected are identical"},
+    {"id": "dpo-prompt-longer-than-max_length", "argv": DPO + ["data.max_length=8"],
+     "files": {"p.jsonl": jsonl(dict(PAIR, prompt="one two three four five six seven eight nine ten"))},
+     "needle": "{tmp}/p.jsonl:1: the prompt has 10 tokens, more than data.max_length=8"},
+    {"id": "dpo-chosen-not-a-string", "argv": DPO, "files": {"p.jsonl": jsonl(dict(PAIR, chosen=3))},
+     "needle": "{tmp}/p.jsonl:1: field 'chosen' must be a string or one assistant message; got a number"},
+    {"id": "dpo-prompt-messages-end-with-answer", "argv": DPO + ["data.chat_template=true"],
+     "files": {"p.jsonl": jsonl({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                                                  "content": "yo"}],
+                                 "chosen": "a", "rejected": "b"})},
+     "needle": "{tmp}/p.jsonl:1: the prompt messages end with an assistant turn"},
+    {"id": "dpo-reference-not-found", "argv": DPO + ["dpo.reference={tmp}/nope"], "files": {"p.jsonl": jsonl(PAIR)},
+     "needle": "dpo.reference: model path '{tmp}/nope' does not exist"},
+    {"id": "dpo-reference-other-tokenizer", "argv": DPO + ["dpo.reference={tmp}/m"],
+     "files": {**MODEL_DIR, **tokenizer_files("m"), "p.jsonl": jsonl(PAIR)},
+     "needle": "dpo.reference {tmp}/m: its tokenizer differs from the policy's"},
+    {"id": "dpo-reference-cache-not-found", "argv": DPO + ["dpo.reference_cache={tmp}"],
+     "files": {"p.jsonl": jsonl(PAIR)}, "needle": "dpo.reference_cache: no reference_logps.pt at {tmp}"},
+    {"id": "dpo-task-cannot-build-pairs", "argv": ["train", "{recipe}", "train.method=dpo", "data.task=gsm8k",
+                                                   "data.train={tmp}/g.jsonl"],
+     "needle": "task 'gsm8k' cannot build preference pairs itself"},
+    {"id": "dpo-label-smoothing-with-ipo", "argv": DPO + ["dpo.loss_type=ipo", "dpo.label_smoothing=0.1"],
+     "files": {"p.jsonl": jsonl(PAIR)},
+     "needle": "dpo.label_smoothing applies to dpo.loss_type=sigmoid (conservative DPO); got dpo.loss_type=ipo"},
+    {"id": "dpo-packing", "argv": DPO + ["data.packing=true"], "files": {"p.jsonl": jsonl(PAIR)},
+     "needle": "data.packing is not supported with train.method=dpo"},
+    {"id": "prontoqa-generate-source-bad", "argv": ["train", "{recipe}", "data.task=prontoqa",
+                                                    "data.train=generate:ten"],
+     "needle": "prontoqa source 'generate:ten': expected generate:N[,hops=A-B][,seed=S]"},
+    setting(TRAIN, "dpo.loss_type=kto", "'dpo.loss_type' must be one of sigmoid, ipo, hinge; got 'kto'"),
+    setting(TRAIN, "dpo.beta=0", "'dpo.beta' must be > 0; got 0.0"),
+    setting(TRAIN, "dpo.label_smoothing=0.5", "'dpo.label_smoothing' must be in [0, 0.5); got 0.5"),
+    setting(TRAIN, "dpo.nll_weight=-1", "'dpo.nll_weight' must be >= 0; got -1.0"),
 
     # -- the hub (12) --------------------------------------------------------------------------------------
     {"id": "hub-tls-fails", "argv": ["train", "{recipe}"] + HUB, "env": {"HF_ENDPOINT": "{garbage_https}",
