@@ -105,6 +105,18 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from ftlab.sokrates.verify_cmd import run_verify
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    _, summary = run_verify(args.task, args.file, traces=args.traces, limit=args.limit, output_dir=args.output_dir)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line like every other user error: `ftlab: error: ...`, exit 2
     (plain argparse prints the whole usage block first). Subcommand parsers inherit it."""
@@ -154,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dtype the weights are stored in (default: ftlab's model.dtype=fp32)")
     mem.add_argument("--gradient-checkpointing", action="store_true")
     mem.set_defaults(fn=cmd_memory)
+    ver = sub.add_parser("verify", help="solve and check proofs of a PrOntoQA/FOLIO file (or model traces)",
+                         description="solve every problem independently, optionize and verify its gold proof "
+                                     "(or, with --traces, each record's 'response' trace) and print a JSON "
+                                     "summary; details in runs/verify/")
+    ver.add_argument("task", choices=["prontoqa", "folio"])
+    ver.add_argument("file", help="JSONL/JSON in the authors' layout (PrOntoQA: question, query, "
+                                  "chain_of_thought, answer; or LoGiPT conversations), or FOLIO rows")
+    ver.add_argument("--traces", action="store_true",
+                     help="verify each record's 'response' (Thought/Action steps) instead of the gold proof")
+    ver.add_argument("--limit", type=int, default=None, help="first N records only")
+    ver.add_argument("--output-dir", default="runs", help="where runs/verify/<run> is written (default: runs)")
+    ver.set_defaults(fn=cmd_verify)
     return p
 
 

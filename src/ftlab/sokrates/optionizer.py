@@ -1,0 +1,207 @@
+"""Gold proofs -> Thought/Action steps that cite the premises (and derived facts) actually used.
+
+PrOntoQA: the gold chain of thought ("Wren is a jompus. Each jompus is nervous. Wren is nervous. ...",
+or LoGiPT's "Use rule2: ... Obtain a new implied fact: Nervous('Wren', True)") is read as a list of
+facts, each with the rule sentence that precedes it as a hint. Every fact that is not a premise must
+follow in one step (modus ponens, or modus tollens) from a fact already known and a premise rule; the
+steps the deciding fact does not depend on are dropped, and the rest numbered (premises 0..P-1,
+derived facts P, P+1, ... in step order). A closing CONCLUDE cites the fact that is the claim (True) or
+its negation (False). When the gold chain cannot be read that way, or proves the other answer, the
+solver's own shortest derivation is used instead and `Proof.source` says "solver".
+
+FOLIO has no gold proofs: its target is one CONCLUDE step citing a smallest set of premises the
+label follows from (found with z3; see folio_solver), so the thought still names what was used.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ftlab.sokrates.logic import (
+    Fact,
+    Rule,
+    Statement,
+    closure,
+    modus_ponens,
+    modus_tollens,
+    nouns,
+    parse_logipt_fact,
+    parse_sentence,
+)
+from ftlab.sokrates.options import Step, format_steps, make_step
+from ftlab.sokrates.problems import Problem, as_problem, parse_prontoqa
+
+_LOGIPT_RULE_RE = re.compile(r"(\w+)\(\$x,\s*True\)\s*→\s*(\w+)\(\$x,\s*(True|False)\)")
+_STEP_FNS = {"MODUS_PONENS": modus_ponens, "MODUS_TOLLENS": modus_tollens}
+
+
+@dataclass(frozen=True)
+class _Derived:
+    option: str
+    fact: tuple[str, str, bool]   # key of the fact used
+    rule: int                     # premise index of the rule used
+    out: Fact
+
+
+@dataclass
+class Proof:
+    steps: list[Step]
+    source: str                  # "gold" (from the dataset's proof) or "solver"
+    verdict: str
+    notes: list[str] = field(default_factory=list)   # why the gold chain was not used, if it was not
+
+    def text(self) -> str:
+        return format_steps(self.steps)
+
+
+class OptionizeError(ValueError):
+    """No proof can be written (premises unreadable, FOL missing, or the label does not follow)."""
+
+
+def _chain_items(chain: list[str], concepts: set[str]) -> list[Fact | Rule]:
+    """Facts and rule hints of a gold chain, in order; lines that are neither are skipped."""
+    items: list[Fact | Rule] = []
+    for line in chain:
+        if m := _LOGIPT_RULE_RE.search(line):
+            items.append(Rule(m.group(1).lower(), m.group(2).lower(), m.group(3) == "False"))
+            continue
+        if "fact" in line.lower() and (fact := parse_logipt_fact(line)) is not None:
+            items.append(fact)
+            continue
+        for sentence in re.findall(r"[^.]+\.", line):
+            try:
+                items.append(parse_sentence(sentence, concepts))
+            except ValueError:
+                pass
+    return items
+
+
+def _one_step(known: dict, facts: dict, target: Fact, rules: list[tuple[int, Rule]], hint: Rule | None):
+    """A (fact, rule) pair giving `target` in one step, trying the hinted rule first."""
+    def same(a: Rule, b: Rule) -> bool:
+        return (a.subject, a.pred, a.negated) == (b.subject, b.pred, b.negated)
+    ordered = sorted(rules, key=lambda r: not (hint is not None and same(r[1], hint)))
+    for j, rule in ordered:
+        for key in known:
+            for option, fn in _STEP_FNS.items():
+                out = fn(facts[key], rule)
+                if out is not None and out.key == target.key:
+                    return _Derived(option, key, j, out)
+    return None
+
+
+def _from_gold(premises: list[Statement], claim: Fact, chain: list[str], concepts: set[str]):
+    rules = [(i, p) for i, p in enumerate(premises) if isinstance(p, Rule)]
+    facts = {p.key: p for p in premises if isinstance(p, Fact)}
+    known: dict[tuple, _Derived | None] = {k: None for k in facts}
+    hint = None
+    for item in _chain_items(chain, concepts):
+        if isinstance(item, Rule):
+            hint = item
+            continue
+        if item.key not in known:
+            derived = _one_step(known, facts, item, rules, hint)
+            if derived is None:
+                raise OptionizeError(f"gold sentence {item.text()!r} does not follow in one step")
+            known[item.key], facts[item.key] = derived, derived.out
+        hint = None
+    return _needed(known, _deciding(known, claim))
+
+
+def _from_solver(premises: list[Statement], claim: Fact):
+    derivations = closure(premises)
+    facts = {p.key: p for p in premises if isinstance(p, Fact)}
+    known: dict[tuple, _Derived | None] = {}
+    for key, how in derivations.items():  # insertion order: each fact after the ones it uses
+        if how is None:
+            known[key] = None
+        else:
+            out = _STEP_FNS[how.option](facts[how.fact], premises[how.rule])
+            known[key], facts[key] = _Derived(how.option, how.fact, how.rule, out), out
+    return _needed(known, _deciding(known, claim))
+
+
+def _deciding(known: dict, claim: Fact) -> tuple:
+    for key in (claim.key, claim.negation().key):
+        if key in known:
+            return key
+    raise OptionizeError(f"neither {claim.text()!r} nor its negation follows")
+
+
+def _needed(known: dict, goal: tuple) -> tuple[list[_Derived], tuple]:
+    """The derivations `goal` depends on, dependencies first (none when it is a premise), and the goal."""
+    order: list[_Derived] = []
+
+    def visit(key: tuple) -> None:
+        how = known[key]
+        if how is not None and how not in order:
+            visit(how.fact)
+            order.append(how)
+    visit(goal)
+    return order, goal
+
+
+def _render(problem: Problem, premises: list[Statement], claim: Fact,
+            plan: tuple[list[_Derived], tuple]) -> tuple[list[Step], str]:
+    derived, goal_key = plan
+    index: dict[tuple, int] = {}
+    for i, p in enumerate(premises):
+        if isinstance(p, Fact):
+            index.setdefault(p.key, i)
+    facts = {p.key: p for p in premises if isinstance(p, Fact)}
+
+    def ref(key: tuple) -> str:
+        i = index[key]
+        return f"premise {i}" if i < len(premises) else f"derived fact {i}"
+
+    steps = []
+    for d in derived:
+        rule_text = problem.premises[d.rule].strip().rstrip(".")
+        rule_text = rule_text[0].lower() + rule_text[1:]
+        steps.append(make_step(f"Since {facts[d.fact].text()} ({ref(d.fact)}) and {rule_text} (premise {d.rule}), "
+                               f"{d.out.text()}.", d.option, [index[d.fact], d.rule]))
+        index.setdefault(d.out.key, len(premises) + len(steps) - 1)
+        facts.setdefault(d.out.key, d.out)
+    goal = facts[goal_key]
+    verdict = "True" if goal.key == claim.key else "False"
+    how = "which is the claim" if verdict == "True" else f"which contradicts the claim that {claim.text()}"
+    steps.append(make_step(f"{goal.text()} ({ref(goal.key)}), {how}. The answer is {verdict}.",
+                           "CONCLUDE", [index[goal.key]]))
+    return steps, verdict
+
+
+def optionize_prontoqa(problem: Problem) -> Proof:
+    premises, claim = parse_prontoqa(problem)
+    notes: list[str] = []
+    derived, source = None, "gold"
+    if problem.chain:
+        try:
+            derived = _from_gold(premises, claim, problem.chain, nouns(problem.premises))
+        except OptionizeError as e:
+            notes.append(str(e))
+    else:
+        notes.append("no gold chain of thought")
+    if derived is not None:
+        steps, verdict = _render(problem, premises, claim, derived)
+        if verdict == problem.gold:
+            return Proof(steps, source, verdict, notes)
+        notes.append(f"the gold chain proves {verdict}, the label says {problem.gold}")
+    steps, verdict = _render(problem, premises, claim, _from_solver(premises, claim))
+    return Proof(steps, "solver", verdict, notes)
+
+
+def optionize(example: Any) -> Proof:
+    """The optionized proof of a Problem or task Example (PrOntoQA or FOLIO); OptionizeError when none can
+    be written, LogicParseError when PrOntoQA premises cannot be read."""
+    problem = as_problem(example)
+    if problem.task == "folio":
+        from ftlab.sokrates.folio_solver import optionize_folio
+
+        return optionize_folio(problem)
+    return optionize_prontoqa(problem)
+
+
+def optionized_target(example: Any) -> str:
+    """The supervised response for `render_problem(example)`: the steps, ending in CONCLUDE."""
+    return optionize(example).text()
