@@ -183,3 +183,22 @@ def test_deepspeed_zero2_accumulates_like_one_big_batch(tmp_path):
         assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-6)
         assert b[step]["train/lr"] == pytest.approx(a[step]["train/lr"])
         assert b[step]["train/grad_norm"] == pytest.approx(a[step]["train/grad_norm"], rel=1e-4)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is about CPU machines")
+@pytest.mark.parametrize("launch, needle", [
+    ("distributed_type: FSDP\nfsdp_config: {fsdp_version: 2}\nnum_processes: 2\n", "FSDP launches are not supported"),
+    (DEEPSPEED_ZERO2_CPU.replace("num_processes: 1", "num_processes: 2"), "DeepSpeed with several processes"),
+], ids=["fsdp", "deepspeed-2-procs-on-cpu"])
+def test_launches_that_would_silently_change_are_refused(tmp_path, launch, needle):
+    """Without this, FSDP on CPU ran as plain DDP and 2 DeepSpeed processes each trained alone (measured)."""
+    recipe = tiny_recipe(tmp_path)
+    config = tmp_path / "launch.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\nmixed_precision: 'no'\nnum_machines: 1\n" + launch
+                      if "compute_environment" not in launch else launch)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "ftlab.cli",
+           "train", str(recipe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and needle in proc.stderr
+    assert not list((tmp_path / "runs").glob("sft/*/summary.json"))

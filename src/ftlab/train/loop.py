@@ -86,6 +86,7 @@ def make_accelerator(cfg: DictConfig) -> Any:
     # Autocast and the fp16 scaler are the loop's own (see `autocast`), except under DeepSpeed, which
     # casts the model itself and must know the precision from accelerate.
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision] if deepspeed else "no"
+    check_launch(deepspeed)
     accelerator = Accelerator(mixed_precision=precision, cpu=not (torch.cuda.is_available() or deepspeed),
                               gradient_accumulation_steps=t.grad_accum if deepspeed else 1)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -100,6 +101,19 @@ def make_accelerator(cfg: DictConfig) -> Any:
             raise UserError("train.nan_policy=skip is not possible under DeepSpeed (its engine steps inside "
                             "backward, before the loop can skip); use train.nan_policy=stop")
     return accelerator
+
+
+def check_launch(deepspeed: bool) -> None:
+    """Launches that would silently run as something else: refuse them with one line."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # Not wired (sharded checkpoints, state-dict gathering) and without CUDA accelerate would quietly
+        # run plain DDP instead: refuse rather than pretend.
+        raise UserError("FSDP launches are not supported by ftlab's training loop; shard with DeepSpeed ZeRO "
+                        "(accelerate launch --config_file launch/zero2.yaml ...)")
+    if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Measured: on CPU, accelerate forms no process group under DeepSpeed; each process sees a world of one.
+        raise UserError("DeepSpeed with several processes needs CUDA GPUs (on CPU accelerate forms no process "
+                        "group); on CPU use one DeepSpeed process, or torchrun for data parallelism")
 
 
 def is_deepspeed(accelerator: Any) -> bool:
