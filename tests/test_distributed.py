@@ -202,3 +202,23 @@ def test_launches_that_would_silently_change_are_refused(tmp_path, launch, needl
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and needle in proc.stderr
     assert not list((tmp_path / "runs").glob("sft/*/summary.json"))
+
+
+def test_validation_loss_and_accuracy_are_split_across_processes_and_agree(tmp_path):
+    """eval/loss and the task's accuracy: each process takes a share of the validation rows, the sums and
+    rows are gathered, and the numbers equal one process's (greedy decoding of the same weights)."""
+    rows = [{"question": f"Tom has {a} apples and gets {b} more. How many?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+            for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 2), (9, 1), (4, 4), (6, 3), (5, 5)]]
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tiny_recipe(tmp_path, data={"task": "gsm8k", "train": str(data), "val": str(data), "val_limit": 9,
+                                         "max_length": 128, "group_by_length": False})
+    common = ["train.max_steps=2", "train.eval_every=2", "eval.max_new_tokens=6", "train.grad_clip=1000"]
+    one = single(recipe, "name=one", "train.batch_size=4", *common)
+    proc = torchrun(recipe, "name=two", "train.batch_size=2", *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [[r for r in read_metrics(run / "metrics.jsonl") if "eval/loss" in r][-1]
+             for run in (one, run_named(tmp_path, "two"))]
+    assert evals[1]["eval/loss"] == pytest.approx(evals[0]["eval/loss"], rel=1e-5)
+    for key in ("eval/accuracy", "eval/accuracy_strict", "eval/parse_rate"):
+        assert evals[1][key] == evals[0][key], key
