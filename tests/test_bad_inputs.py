@@ -74,6 +74,8 @@ FULL = len(safetensors_bytes())
 TRAIN, EVAL_, QUICKSTART = ["train", "{recipe}"], ["eval", "{recipe}"], ["quickstart", "{recipe}"]
 DPO = ["train", "{recipe}", "train.method=dpo", "data.train={tmp}/p.jsonl"]  # preference pairs in p.jsonl
 PAIR = {"prompt": "What is 1 plus 2?", "chosen": "3", "rejected": "4"}
+CORPUS = ["prepare-corpus", "{tmp}/c.jsonl", "--out", "{tmp}/corpus", "--workers", "0"]  # documents in c.jsonl
+DOC = {"id": "1", "category": "math", "text": "A lemma on primes."}
 
 
 def tokenizer_files(folder: str) -> dict[str, str]:
@@ -343,6 +345,23 @@ CASES: list[dict[str, Any]] = [
     setting(TRAIN, "dpo.beta=0", "'dpo.beta' must be > 0; got 0.0"),
     setting(TRAIN, "dpo.label_smoothing=0.5", "'dpo.label_smoothing' must be in [0, 0.5); got 0.5"),
     setting(TRAIN, "dpo.nll_weight=-1", "'dpo.nll_weight' must be >= 0; got -1.0"),
+
+    # -- prepare-corpus (issue 14) ---------------------------------------------------------------------------
+    {"id": "corpus-line-without-text", "argv": CORPUS, "files": {"c.jsonl": jsonl(DOC, {"id": "2", "category": "x"})},
+     "needle": "c.jsonl:2: missing field 'text'"},
+    {"id": "corpus-line-without-category", "argv": CORPUS + ["--category-field", "topic"],
+     "files": {"c.jsonl": jsonl(dict(DOC, topic="a"), DOC)}, "needle": "c.jsonl:2: missing field 'topic'"},
+    {"id": "corpus-category-not-a-string", "argv": CORPUS, "files": {"c.jsonl": jsonl(dict(DOC, category=["a"]))},
+     "needle": "c.jsonl:1: field 'category' must be a non-empty string; got an array"},
+    {"id": "corpus-s3-endpoint-unreachable", "argv": CORPUS + ["--s3-bucket", "b", "--s3-endpoint", "http://127.0.0.1:1"],
+     "files": {"c.jsonl": jsonl(DOC)}, "env": {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+                                              "AWS_DEFAULT_REGION": "us-east-1"},
+     "needle": "cannot reach S3 at http://127.0.0.1:1 to read s3://b/", "max_seconds": 30},
+    {"id": "corpus-val-fraction-too-big", "argv": CORPUS + ["--val-fraction", "0.6", "--test-fraction", "0.5"],
+     "files": {"c.jsonl": jsonl(DOC)}, "needle": "--val-fraction + --test-fraction must be below 1"},
+    {"id": "corpus-datasets-id-offline", "argv": ["prepare-corpus", "someorg/somedata", "--out", "{tmp}/corpus"],
+     "env": {"HF_HUB_OFFLINE": "1"}, "needle": "to fetch 'someorg/somedata' (HF_HUB_OFFLINE is set)",
+     "max_seconds": 15},
 
     # -- the hub (12) --------------------------------------------------------------------------------------
     {"id": "hub-tls-fails", "argv": ["train", "{recipe}"] + HUB, "env": {"HF_ENDPOINT": "{garbage_https}",
