@@ -17,24 +17,9 @@ import pytest
 from ftlab.cli import main
 from ftlab.data.corpus import Corpus, PrepareSettings, prepare_corpus, split_of, token_dtype
 from ftlab.errors import UserError
+from tests.pretrain_helpers import write_corpus_jsonl
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CATS = ["astro", "math", "bio"]
-
-
-def write_corpus_jsonl(path: Path, n: int = 60, words: int = 40) -> Path:
-    """n documents over three categories; document i repeats a few category-specific words."""
-    vocab = {"astro": "star galaxy planet orbit light", "math": "prime number proof lemma theorem",
-             "bio": "cell gene protein enzyme tissue"}
-    with path.open("w") as f:
-        for i in range(n):
-            cat = CATS[i % 3]
-            w = vocab[cat].split()
-            text = " ".join(w[(i + j) % len(w)] for j in range(words + i % 7))
-            f.write(json.dumps({"id": f"doc{i}", "category": cat, "text": text, "title": "t"}) + "\n")
-    return path
-
-
 def settings(tmp: Path, **kw) -> PrepareSettings:
     src = tmp / "in.jsonl"
     if not src.exists():
