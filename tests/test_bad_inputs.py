@@ -74,6 +74,8 @@ FULL = len(safetensors_bytes())
 TRAIN, EVAL_, QUICKSTART = ["train", "{recipe}"], ["eval", "{recipe}"], ["quickstart", "{recipe}"]
 DPO = ["train", "{recipe}", "train.method=dpo", "data.train={tmp}/p.jsonl"]  # preference pairs in p.jsonl
 PAIR = {"prompt": "What is 1 plus 2?", "chosen": "3", "rejected": "4"}
+PRETRAIN = ["train", "{recipe}", "train.method=pretrain", "pretrain.corpus={tmp}/pc", "model.tokenizer={tmp}/tok",
+            "pretrain.seq_len=4"]  # the hand-made corpus of tiny_corpus()
 CORPUS = ["prepare-corpus", "{tmp}/c.jsonl", "--out", "{tmp}/corpus", "--workers", "0"]  # documents in c.jsonl
 DOC = {"id": "1", "category": "math", "text": "A lemma on primes."}
 
@@ -87,6 +89,23 @@ def tokenizer_files(folder: str) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny_tokenizer().save_pretrained(tmp)
         return {f"{folder}/{p.name}": p.read_text() for p in Path(tmp).iterdir()}
+
+
+def tiny_corpus(tokens: list[int] | None = None, declared_tokens: int | None = None) -> dict[str, Any]:
+    """A hand-made prepared corpus in pc/ for the tests' tiny tokenizer (in tok/; ids below 17): train documents
+    'a' (math, 6 tokens) and 'b' (bio, 8 tokens), val document 'c' (math, 6 tokens)."""
+    from ftlab.data.corpus import tokenizer_hash
+    from tests.conftest import build_tiny_tokenizer
+
+    tokens = tokens or [4, 5, 6, 7, 8, 9, 4, 5, 6, 7, 8, 9, 10, 11, 6, 7, 8, 9, 10, 11]
+    docs = [("a", "math", "train", 0, 6), ("b", "bio", "train", 6, 8), ("c", "math", "val", 14, 6)]
+    index = jsonl(*({"doc": i, "id": d, "category": c, "split": s, "offset": o, "length": n, "bytes": 4 * n}
+                    for i, (d, c, s, o, n) in enumerate(docs)))
+    meta = {"format": 1, "tokenizer": "tiny", "tokenizer_sha256": tokenizer_hash(build_tiny_tokenizer()),
+            "vocab_size": 17, "dtype": "uint16", "documents": 3, "tokens": declared_tokens or len(tokens)}
+    return {"pc/tokens.bin": struct.pack(f"<{len(tokens)}H", *tokens), "pc/index.jsonl": index,
+            "pc/splits.json": {"train": [0, 1], "val": [2], "test": []}, "pc/meta.json": meta,
+            **tokenizer_files("tok"), "tok/config.json": SMALL_LLAMA}
 
 
 def setting(verb: list[str], override: str, needle: str) -> dict[str, Any]:
@@ -362,6 +381,50 @@ CASES: list[dict[str, Any]] = [
     {"id": "corpus-datasets-id-offline", "argv": ["prepare-corpus", "someorg/somedata", "--out", "{tmp}/corpus"],
      "env": {"HF_HUB_OFFLINE": "1"}, "needle": "to fetch 'someorg/somedata' (HF_HUB_OFFLINE is set)",
      "max_seconds": 15},
+
+    # -- pretraining settings (issue 14) ----------------------------------------------------------------------
+    setting(TRAIN, "train.token_budget=0", "'train.token_budget' must be >= 1 (or null: train for train.epochs); got 0"),
+    setting(TRAIN, "pretrain.seq_len=0", "'pretrain.seq_len' must be >= 1; got 0"),
+    setting(TRAIN, "pretrain.num_categories=0", "'pretrain.num_categories' must be >= 1 (or null: every category)"),
+    setting(TRAIN, "pretrain.category_seed=-1", "'pretrain.category_seed' must be >= 0"),
+    setting(TRAIN, "pretrain.min_category_docs=0", "'pretrain.min_category_docs' must be >= 1"),
+    setting(TRAIN, "pretrain.val_windows=0", "'pretrain.val_windows' must be >= 1"),
+    setting(TRAIN, "pretrain.peak_tflops=0", "'pretrain.peak_tflops' must be > 0 (or null: no MFU)"),
+    setting(TRAIN, "pretrain.spike_factor=1", "'pretrain.spike_factor' must be > 1 (or null: no spike detection)"),
+    setting(TRAIN, "pretrain.spike_window=0", "'pretrain.spike_window' must be >= 1"),
+    setting(TRAIN, "pretrain.spike_action=drop", "'pretrain.spike_action' must be one of log, skip; got 'drop'"),
+    setting(TRAIN, "pretrain.icl_early=-1", "'pretrain.icl_early' must be >= 0"),
+    setting(TRAIN, "pretrain.icl_late=0", "'pretrain.icl_late' must be >= 1"),
+    setting(TRAIN, "sweep.seeds=[0,-1]", "'sweep.seeds[1]' must be >= 0; got -1"),
+    setting(TRAIN, "sweep.num_categories=[0]", "'sweep.num_categories[0]' must be >= 1; got 0"),
+
+    # -- pretraining data (issue 14) ------------------------------------------------------------------------
+    {"id": "pretrain-category-matches-nothing", "argv": PRETRAIN + ["pretrain.categories=[physics]"],
+     "files": tiny_corpus(), "needle": "no train documents of categories ['physics'] in corpus"},
+    {"id": "pretrain-seq-len-beyond-every-document", "argv": PRETRAIN + ["pretrain.seq_len=8"], "files": tiny_corpus(),
+     "needle": "pretrain.seq_len=8 is longer than every train document of corpus"},
+    {"id": "pretrain-token-beyond-vocabulary", "argv": PRETRAIN,
+     "files": tiny_corpus(tokens=[4, 5, 6, 7, 8, 9, 4, 5, 6, 40, 8, 9, 10, 11, 6, 7, 8, 9, 10, 11]),
+     "needle": "tokens.bin: token id 40 at offset 9 (document 1 'b', category 'bio', position 3) is beyond the "
+               "model's vocabulary of"},
+    {"id": "pretrain-truncated-tokens", "argv": PRETRAIN, "files": tiny_corpus(declared_tokens=30),
+     "needle": "tokens.bin: 40 bytes, but meta.json says 30 uint16 tokens (60 bytes)"},
+    {"id": "pretrain-corpus-missing", "argv": PRETRAIN + ["pretrain.corpus={tmp}/nope"], "files": tiny_corpus(),
+     "needle": "corpus {tmp}/nope: not found; build it with: ftlab prepare-corpus"},
+    {"id": "pretrain-corpus-not-set", "argv": ["train", "{recipe}", "train.method=pretrain"],
+     "needle": "pretrain.corpus is not set"},
+    {"id": "pretrain-corpus-incomplete", "argv": PRETRAIN,
+     "files": {k: v for k, v in tiny_corpus().items() if k != "pc/meta.json"}, "needle": "pc/meta.json: missing"},
+    {"id": "pretrain-too-many-categories", "argv": PRETRAIN + ["pretrain.num_categories=3"], "files": tiny_corpus(),
+     "needle": "pretrain.num_categories=3, but only 2 categories"},
+    {"id": "pretrain-categories-and-k", "argv": PRETRAIN + ["pretrain.num_categories=1", "pretrain.categories=[bio]"],
+     "files": tiny_corpus(), "needle": "set pretrain.categories or pretrain.num_categories, not both"},
+    {"id": "pretrain-corpus-of-another-tokenizer", "argv": PRETRAIN[:-2], "files": tiny_corpus(),
+     "needle": "was tokenized with 'tiny', which is not this model's tokenizer"},
+    {"id": "pretrain-seq-len-beyond-context", "argv": PRETRAIN + ["pretrain.seq_len=4096"], "files": tiny_corpus(),
+     "needle": "'pretrain.seq_len' is 4096, beyond the model's context window of 2048"},
+    {"id": "model.preset-unknown", "argv": PRETRAIN + ["model.preset=gpt-9"],
+     "needle": "'model.preset' must be one of pythia-tiny"},
 
     # -- the hub (12) --------------------------------------------------------------------------------------
     {"id": "hub-tls-fails", "argv": ["train", "{recipe}"] + HUB, "env": {"HF_ENDPOINT": "{garbage_https}",

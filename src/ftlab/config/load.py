@@ -158,7 +158,22 @@ def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
 
     check_choices(cfg, origin)
     check_ranges(cfg, origin)
+    apply_model_preset(cfg, origin)
     return cfg
+
+
+def apply_model_preset(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "") -> None:
+    """model.preset fills model.scratch: the preset's keys, then the recipe's own scratch keys on top (so the
+    resolved config.yaml shows the whole architecture, and loading it again gives the same model)."""
+    if cfg.model.preset is None:
+        return
+    from ftlab.models.presets import PRESETS
+
+    if cfg.model.preset not in PRESETS:
+        raise UserError(f"{origin('model.preset')}'model.preset' must be one of {', '.join(PRESETS)}; "
+                        f"got {cfg.model.preset!r}")
+    own = OmegaConf.to_container(cfg.model.scratch) if cfg.model.scratch else {}
+    cfg.model.scratch = {**PRESETS[cfg.model.preset], **own}
 
 
 def check_choices(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "") -> None:

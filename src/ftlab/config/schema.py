@@ -18,6 +18,8 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 class ModelConfig:
     name: str = EMBEDDED_MODEL           # embedded name, hub id or local directory
     scratch: Optional[dict[str, Any]] = None  # build randomly initialised from a config: {model_type: llama, ...}
+    preset: Optional[str] = None         # a named scratch size (pythia-70m, llama-tiny, ...; ftlab.models.presets),
+                                         # merged under model.scratch when the recipe loads
     tokenizer: Optional[str] = None      # defaults to the model's own (embedded tokenizer for scratch models)
     adapter: Optional[str] = None        # PEFT adapter directory loaded on top of the model
     revision: Optional[str] = None
@@ -79,6 +81,8 @@ class TrainConfig:
     method: str = "sft"
     epochs: float = 1.0
     max_steps: Optional[int] = None      # optimizer steps; overrides epochs
+    token_budget: Optional[int] = None   # pretraining: predicted tokens to train on; sets the steps (wins over
+                                         # epochs; train.max_steps still wins over it)
     max_minutes: Optional[float] = None  # wall-clock budget: stop cleanly after this many minutes
     batch_size: int = 8                  # examples (or packed rows) per micro-batch
     grad_accum: int = 1
@@ -108,6 +112,35 @@ class DPOConfig:
     nll_weight: float = 0.0              # + this x the chosen response's mean token NLL ("RPO")
     reference: Optional[str] = None      # reference model (an SFT model or adapter dir); null: the initial weights
     reference_cache: Optional[str] = None  # a run dir or reference_logps.pt to reuse (when its key matches)
+
+
+@dataclass
+class PretrainConfig:
+    """train.method: pretrain (see ftlab.train.pretrain): random windows of a corpus made by `ftlab prepare-corpus`."""
+
+    corpus: Optional[str] = None         # the corpus directory (tokens.bin, index.jsonl, splits.json, meta.json)
+    seq_len: int = 128                   # tokens predicted per window (a window is seq_len + 1 tokens of one document)
+    categories: Optional[list[str]] = None  # train on these categories; null: num_categories of them, or all
+    num_categories: Optional[int] = None # K: the first K of a seeded shuffle of the eligible categories (nested in K)
+    category_seed: Optional[int] = None  # seed of that shuffle; null: the recipe's seed
+    min_category_docs: int = 1           # eligible for the K choice: at least this many usable training documents
+    train_split: str = "train"
+    val_split: str = "val"
+    val_windows: int = 256               # fixed validation windows (eval/loss, eval/bits_per_byte; in-context loss)
+    peak_tflops: Optional[float] = None  # declared peak per device for MFU (e.g. 989 for an H100/H200 in bf16)
+    spike_factor: Optional[float] = None # a loss above this x the running median of recent losses is a spike
+    spike_window: int = 50               # steps in that running median
+    spike_action: str = "log"            # log | skip (skip: no optimizer update for that step)
+    icl_early: int = 50                  # in-context-learning score = loss at icl_late - loss at icl_early
+    icl_late: int = 500                  # (Olsson et al. 2022; clamped to the window length)
+
+
+@dataclass
+class SweepConfig:
+    """`ftlab sweep`: one pretraining run per (seed, K)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0])
+    num_categories: list[int] = field(default_factory=list)   # K values (pretrain.num_categories)
 
 
 @dataclass
@@ -165,6 +198,8 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
@@ -177,10 +212,11 @@ CHOICES = {
     "lora.quantize": (None, "nf4"),
     "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
     "schedule.name": ("constant", "linear", "cosine", "cosine_with_min_lr"),
-    "train.method": ("sft", "dpo"),
+    "train.method": ("sft", "dpo", "pretrain"),
     "dpo.loss_type": ("sigmoid", "ipo", "hinge"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.nan_policy": ("stop", "skip"),
+    "pretrain.spike_action": ("log", "skip"),
     "eval.engine": ("hf", "vllm"),
     "eval.precision": ("fp32", "bf16", "fp16"),
 }
@@ -209,6 +245,7 @@ RANGES: dict[str, str] = {
     "schedule.min_lr": ">= 0",
     "train.epochs": "> 0",
     "train.max_steps": ">= 1",
+    "train.token_budget": ">= 1",
     "train.max_minutes": "> 0",
     "train.batch_size": ">= 1",
     "train.fp16_init_scale": "> 0",
@@ -222,6 +259,18 @@ RANGES: dict[str, str] = {
     "dpo.beta": "> 0",
     "dpo.label_smoothing": "[0, 0.5)",
     "dpo.nll_weight": ">= 0",
+    "pretrain.seq_len": ">= 1",
+    "pretrain.num_categories": ">= 1",
+    "pretrain.category_seed": ">= 0",
+    "pretrain.min_category_docs": ">= 1",
+    "pretrain.val_windows": ">= 1",
+    "pretrain.peak_tflops": "> 0",
+    "pretrain.spike_factor": "> 1",
+    "pretrain.spike_window": ">= 1",
+    "pretrain.icl_early": ">= 0",
+    "pretrain.icl_late": ">= 1",
+    "sweep.seeds": ">= 0",
+    "sweep.num_categories": ">= 1",
     "eval.offset": ">= 0",
     "eval.limit": ">= 1",
     "eval.shots": ">= 0",
@@ -246,6 +295,11 @@ NULL_MEANS: dict[str, str] = {
     "schedule.min_lr": "no floor",
     "train.max_steps": "train for train.epochs",
     "train.max_minutes": "no time limit",
+    "train.token_budget": "train for train.epochs",
+    "pretrain.num_categories": "every category",
+    "pretrain.category_seed": "the recipe's seed",
+    "pretrain.peak_tflops": "no MFU",
+    "pretrain.spike_factor": "no spike detection",
     "train.grad_clip": "no clipping",
     "train.eval_every": "no periodic validation",
     "train.log_generations_every": "no generation logs",

@@ -13,4 +13,8 @@ def run_training(cfg: Any) -> Any:
         from ftlab.train.dpo import run_dpo
 
         return run_dpo(cfg)
+    if cfg.train.method == "pretrain":
+        from ftlab.train.pretrain import run_pretrain
+
+        return run_pretrain(cfg)
     raise NotImplementedError(cfg.train.method)

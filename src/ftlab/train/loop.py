@@ -70,6 +70,11 @@ class Objective(Protocol):
     # Optional: `before_training(loop)` runs once on every rank, after the run directory exists and the model
     # is prepared, before a checkpoint is restored and before step 1 (DPO computes its reference
     # log-probs from the initial weights there). Errors in it mark the run failed.
+    # Optional, used by pretraining (every rank calls them, with values reduced over processes):
+    #   total_steps: int | None        the run's length when train.max_steps is unset (a token budget)
+    #   skip_update(loop, step, loss)  True: no optimizer update for this step (a loss spike)
+    #   more_metrics(loop, metrics, axis) -> dict   extra values for the "train" or "eval" row
+    #   on_nonfinite(loop, step, batch, what)       forensics before the gradients are cleared
 
 
 # -- set-up ----------------------------------------------------------------------------------------
@@ -204,7 +209,9 @@ def train(cfg: DictConfig, build_objective: Callable[[DictConfig, Any, int, int]
     model, tokenizer = prepare_model(cfg, accelerator.local_process_index)
     objective = build_objective(cfg, tokenizer, accelerator.process_index, accelerator.num_processes)
     t = cfg.train
-    total_steps = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * objective.plan.steps_per_epoch)
+    planned = getattr(objective, "total_steps", None)  # e.g. pretraining's train.token_budget
+    total_steps = (t.max_steps if t.max_steps is not None else planned if planned is not None
+                   else math.ceil(t.epochs * objective.plan.steps_per_epoch))
     resume = resolve_resume(cfg) if t.resume else []
     check_resumable(cfg, resume, objective.name, total_steps)
     # Everything a user can get wrong has been checked: only now does the run directory appear.
@@ -276,6 +283,8 @@ class Loop:
                     continue
                 tokens += stats.pop("tokens")
                 stats["tokens_per_s"] = tokens / max(time.time() - started, 1e-9)
+                if hasattr(self.objective, "more_metrics"):
+                    stats.update(self.objective.more_metrics(self, stats, "train"))
                 last = stats
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
                 if self.tracker and (self.done % t.log_every == 0 or self.done == self.total_steps):
@@ -340,6 +349,10 @@ class Loop:
         reduced = dict(zip(keys, self.sum_ranks([sums[k] for k in keys])))
         if self.any_rank(bad is not None):
             return self.nonfinite(step, bad, "loss")
+        skip_update = getattr(self.objective, "skip_update", None)
+        if skip_update and skip_update(self, step, reduced["loss"] / max(units, 1.0)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         # The norm is always computed (clipping at infinity when train.grad_clip is unset) to be logged.
@@ -383,6 +396,8 @@ class Loop:
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.t.precision == "bf16" else torch.float16)
 
     def nonfinite(self, step: int, batch: dict | None, what: str) -> None:
+        if hasattr(self.objective, "on_nonfinite"):
+            self.objective.on_nonfinite(self, step, batch, what)
         self.optimizer.zero_grad(set_to_none=True)
         path = None
         if batch is not None:
@@ -429,6 +444,8 @@ class Loop:
         total, units = self.sum_ranks([total, units])
         ev = {"loss": total / max(units, 1.0)}
         ev.update(self.accuracy())
+        if hasattr(self.objective, "more_metrics"):
+            ev.update(self.objective.more_metrics(self, ev, "eval"))
         self.model.train()
         if self.tracker:
             self.tracker.log(ev, self.done, axis="eval")

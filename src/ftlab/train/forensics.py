@@ -1,0 +1,142 @@
+"""Where a non-finite loss came from: non-finite tensors, forward hooks, and `ftlab replay RUN --step N`.
+
+The seed's NaN hunt (notes of 2024-05-09) took a dozen rounds of guessing: bad token ids? bf16? autocast?
+It ended with "the embedding weights themselves were NaN before the step's lookup". These tools answer that
+in one go:
+
+* `nonfinite_tensors(model)`: which parameters and which gradients hold a NaN/inf, in the model's parameter
+  order (embeddings first, LM head last); the training loop writes it with the bad batch
+  (`<run>/nonfinite/step_N_rankR.json`);
+* `ForwardWatch(model)`: forward hooks on every module; the first module (in execution order) whose output
+  is not finite, and whether its inputs and its own weights were finite (finite inputs and weights: the
+  value was born there; non-finite weights: it was corrupted earlier);
+* `replay(run, step)`: rebuilds step N's windows from the run's seed (they are a function of (seed, step)),
+  restores the newest checkpoint before N (or the initial weights: a scratch model is rebuilt from the seed),
+  trains up to N and runs step N with autograd anomaly detection (the backward op that first produced a NaN)
+  and the forward hooks. The replay is a run of its own under <run>/replay/, resumed like any run, so it
+  sees exactly the data and weights the original saw; it writes replay.json there.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftlab.errors import UserError
+
+log = logging.getLogger("ftlab")
+
+
+def nonfinite_tensors(model: Any) -> dict[str, Any]:
+    params, grads = [], []
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p.detach()).all()):
+            params.append(name)
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            grads.append(name)
+    return {"nonfinite_params": params, "first_nonfinite_param": params[0] if params else None,
+            "nonfinite_grads": grads, "first_nonfinite_grad": grads[0] if grads else None}
+
+
+def flat_tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in flat_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in flat_tensors(v)]
+    return []
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+class ForwardWatch:
+    """Forward hooks that record the first module whose output holds a non-finite value."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.first: dict[str, Any] | None = None
+        self.handles = [m.register_forward_hook(self._hook(name or "<model>")) for name, m in model.named_modules()]
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if self.first is not None or all_finite(flat_tensors(output)):
+                return
+            self.first = {"module": name, "type": type(module).__name__,
+                          "inputs_finite": all_finite(flat_tensors(args)),
+                          "weights_finite": all_finite(list(module.parameters(recurse=False)))}
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def replay(run_dir: str, step: int, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Rerun step `step` (1-based) of a pretraining run from the newest checkpoint before it; see the module doc."""
+    from ftlab.config import load_recipe
+    from ftlab.runs.rundir import write_json
+    from ftlab.runs.trackers import read_metrics
+    from ftlab.train import checkpoint as ck
+    from ftlab.train.loop import TrainingDiverged, train
+    from ftlab.train.pretrain import build_objective
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run}: not a run directory (no config.yaml)")
+    if step < 1:
+        raise UserError(f"--step must be >= 1 (steps are counted from 1, as logged); got {step}")
+    original = load_recipe(run / "config.yaml")
+    if original.train.method != "pretrain":
+        raise UserError(f"{run} is a {original.train.method} run; ftlab replay rebuilds pretraining batches")
+    before = [p for p in ck.complete_checkpoints(run / "checkpoints") if int(p.name[len(ck.STEP_PREFIX):]) < step]
+    start = before[-1] if before else None
+    fixed = [f"output_dir={run / 'replay'}", f"name=step_{step}", f"train.max_steps={step}", "train.save_every=null",
+             "train.save_final=false", "train.eval_every=null", "train.best_metric=null", "train.max_minutes=null",
+             "track.wandb=false", "track.tensorboard=false", f"train.resume={start if start else 'null'}"]
+    cfg = load_recipe(run / "config.yaml", fixed + list(overrides))
+    built: dict[str, Any] = {}
+
+    def build(cfg: Any, tokenizer: Any, rank: int = 0, world: int = 1) -> Any:
+        built["objective"] = build_objective(cfg, tokenizer, rank, world, replay_step=step)
+        return built["objective"]
+
+    log.info("replaying step %d of %s from %s", step, run, start or "the initial weights")
+    error: BaseException | None = None
+    try:
+        train(cfg, build)
+    except (RuntimeError, TrainingDiverged) as e:  # anomaly detection raises RuntimeError in backward
+        obj = built.get("objective")
+        if obj is None or obj.watch is None:  # not at the replayed step: a real failure
+            raise
+        error = e
+    finally:
+        torch.autograd.set_detect_anomaly(False)
+    obj = built["objective"]
+    if obj.watch is not None:
+        obj.watch.remove()
+    loop = obj.loop
+    docs, offsets = obj.sampler.windows(step - 1, obj.plan.per_step)
+    logged = {r["train_step"]: r for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r} \
+        if (run / "metrics.jsonl").is_file() else {}
+    replayed = {r["train_step"]: r for r in read_metrics(loop.run_path / "metrics.jsonl") if "train/loss" in r} \
+        if (loop.run_path / "metrics.jsonl").is_file() else {}
+    model = loop.accelerator.unwrap_model(loop.model)
+    report = {
+        "run": str(run), "step": step, "seed": cfg.seed, "started_from": str(start) if start else "initial weights",
+        "replay_run": str(loop.run_path),
+        "outcome": "finite" if error is None and step in replayed else "non-finite",
+        "loss": replayed.get(step, {}).get("train/loss"), "logged_loss": logged.get(step, {}).get("train/loss"),
+        "grad_norm": replayed.get(step, {}).get("train/grad_norm"),
+        "logged_grad_norm": logged.get(step, {}).get("train/grad_norm"),
+        "first_nonfinite_output": obj.watch.first if obj.watch else None,
+        "anomaly": " ".join(str(error).split())[:2000] if error else None,
+        **nonfinite_tensors(model),
+        "windows": [obj.sampler.show(int(d), int(o), obj.tokenizer) for d, o in zip(docs.tolist(), offsets.tolist())],
+    }
+    if loop.rank == 0:
+        write_json(loop.run_path / "replay.json", report)
+    return report
