@@ -1,10 +1,12 @@
 """Command-line verbs of from-scratch pretraining (seed 003), added to `ftlab` by `add_verbs`.
 
     ftlab prepare-corpus INPUT --out DIR [--full | --max-examples-per-split N] [--s3-bucket B ...]
+    ftlab replay RUN --step N                   # rebuild step N's batch from (seed, step), rerun it with anomaly detection
 """
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 
@@ -20,6 +22,16 @@ def cmd_prepare_corpus(args: argparse.Namespace) -> int:
                         overwrite=args.overwrite)
     meta = prepare_corpus(s)
     print(f"{args.out}: {summary_line(meta)}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from ftlab.train.forensics import replay
+
+    report = replay(args.run, args.step, overrides=args.overrides)
+    for w in report["windows"]:  # the whole text is in replay.json
+        w["text"] = w["text"][:160] + ("..." if len(w["text"]) > 160 else "")
+    print(json.dumps(report, indent=2, default=str))
     return 0
 
 
@@ -51,3 +63,14 @@ def add_verbs(sub: Any) -> None:
     pc.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL or AWS)")
     pc.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     pc.set_defaults(fn=cmd_prepare_corpus)
+
+    rp = sub.add_parser("replay", help="rebuild a pretraining step's batch from (seed, step) and rerun it from the "
+                        "last checkpoint with anomaly detection",
+                        description="rebuild step N's windows from the run's seed, show them as text, and rerun "
+                                    "the step from the newest checkpoint before it (or from initialisation) with "
+                                    "autograd anomaly detection and forward hooks that name the first module whose "
+                                    "output is not finite; writes RUN/replay/...")
+    rp.add_argument("run", help="pretraining run directory")
+    rp.add_argument("--step", type=int, required=True, help="1-based optimizer step, as logged")
+    rp.add_argument("overrides", nargs="*", help="dotted overrides for the replay, e.g. train.precision=fp32")
+    rp.set_defaults(fn=cmd_replay)
