@@ -150,11 +150,39 @@ def test_accumulation_matches_a_bigger_batch(tmp_path):
             assert a[step][f"train/{key}"] == pytest.approx(b[step][f"train/{key}"], rel=1e-5, abs=1e-6), (step, key)
 
 
-def test_all_masked_micro_batch_adds_nothing_but_touches_every_parameter(tmp_path):
+def test_prompt_computed_once_equals_two_sequences(tmp_path):
+    """The shared-prompt layout (default) gives the two-sequence layout's log-probs, losses and gradients."""
+    from ftlab.models.load import load_model_and_tokenizer
+    from ftlab.train.dpo import build_objective, sequence_logps
+
+    write_pairs(tmp_path / "pairs.jsonl", extra=[{"prompt": "What is 1 plus 2?", "chosen": "Three, since 1 plus 2 "
+                                                  "is 3 and not 4.", "rejected": "4"}])  # rows of unequal widths
+    recipe = dpo_recipe(tmp_path)
+    cfg = load_recipe(recipe)
+    model, tok = load_model_and_tokenizer(cfg.model)
+    objective = build_objective(cfg, tok)
+    got = {}
+    for share in (True, False):
+        objective.share_prompt = share
+        with torch.no_grad():
+            got[share] = sequence_logps(model, objective.batch([32, 0, 5, 7]))
+    assert got[True][0].shape == (8,) and torch.equal(got[True][1], got[False][1])
+    assert torch.allclose(got[True][0], got[False][0], rtol=1e-5, atol=1e-5)
+    common = ["train.max_steps=3", "train.grad_clip=1000", "dpo.nll_weight=0.5"]
+    a = rows(train(recipe, "name=shared", *common))
+    b = rows(train(recipe, "name=two", "dpo.share_prompt=false", *common))
+    for step in a:
+        assert a[step]["train/pairs"] == b[step]["train/pairs"]
+        for key in ("loss", "grad_norm", "rewards/margins", "nll"):
+            assert a[step][f"train/{key}"] == pytest.approx(b[step][f"train/{key}"], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared-prompt", "two-sequences"])
+def test_all_masked_micro_batch_adds_nothing_but_touches_every_parameter(tmp_path, share):
     from ftlab.models.load import load_model_and_tokenizer
     from ftlab.train.dpo import build_objective
 
-    cfg = load_recipe(dpo_recipe(tmp_path), ["dpo.nll_weight=1"])
+    cfg = load_recipe(dpo_recipe(tmp_path), ["dpo.nll_weight=1", f"dpo.share_prompt={str(share).lower()}"])
     model, tok = load_model_and_tokenizer(cfg.model)
     objective = build_objective(cfg, tok)
     objective.ref_logps = torch.randn(len(objective.pairs), 2)

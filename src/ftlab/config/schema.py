@@ -112,6 +112,7 @@ class DPOConfig:
     nll_weight: float = 0.0              # + this x the chosen response's mean token NLL ("RPO")
     reference: Optional[str] = None      # reference model (an SFT model or adapter dir); null: the initial weights
     reference_cache: Optional[str] = None  # a run dir or reference_logps.pt to reuse (when its key matches)
+    share_prompt: bool = True            # compute each pair's prompt once (sdpa attention); false: two sequences
 
 
 @dataclass

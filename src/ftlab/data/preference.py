@@ -175,6 +175,8 @@ def pair_problem(pair: dict[str, Any], bos_id: int | None, tokenizer_bos: bool, 
     if pair["problem"]:
         return pair["problem"]
     p, chosen, rejected = pair["prompt_len"], pair["chosen"], pair["rejected"]
+    if p == 0:
+        return "the prompt has no token (nothing to condition the first response token on)"
     if chosen[:p] != rejected[:p]:
         k = next(i for i, (a, b) in enumerate(zip(chosen[:p], rejected[:p])) if a != b)
         return f"chosen and rejected do not share the same prompt tokens (first difference at token {k})"
