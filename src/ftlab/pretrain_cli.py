@@ -2,6 +2,7 @@
 
     ftlab prepare-corpus INPUT --out DIR [--full | --max-examples-per-split N] [--s3-bucket B ...]
     ftlab replay RUN --step N                   # rebuild step N's batch from (seed, step), rerun it with anomaly detection
+    ftlab in-context-loss RECIPE [key=value]    # mean loss by position over validation windows -> CSV, plot, ICL score
 """
 from __future__ import annotations
 
@@ -32,6 +33,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     for w in report["windows"]:  # the whole text is in replay.json
         w["text"] = w["text"][:160] + ("..." if len(w["text"]) > 160 else "")
     print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_in_context_loss(args: argparse.Namespace) -> int:
+    from ftlab.config import load_recipe
+    from ftlab.incontext import run_in_context_loss
+
+    model = [f"model.name={args.model}", "model.preset=null", "model.scratch=null"] if args.model else []
+    cfg = load_recipe(args.recipe, model + list(args.overrides))
+    summary = run_in_context_loss(cfg)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -74,3 +86,13 @@ def add_verbs(sub: Any) -> None:
     rp.add_argument("--step", type=int, required=True, help="1-based optimizer step, as logged")
     rp.add_argument("overrides", nargs="*", help="dotted overrides for the replay, e.g. train.precision=fp32")
     rp.set_defaults(fn=cmd_replay)
+
+    ic = sub.add_parser("in-context-loss", help="mean loss by token position over validation windows of a corpus",
+                        description="loss at every position of many validation windows of the recipe's corpus "
+                                    "(pretrain.*), for any model (model.name: a run's final/, a hub id, the "
+                                    "embedded model): CSV, plot and the in-context-learning score")
+    ic.add_argument("recipe", help="recipe YAML file")
+    ic.add_argument("overrides", nargs="*", help="dotted overrides, e.g. pretrain.val_windows=1024")
+    ic.add_argument("--model", default=None, help="the model to measure instead of the recipe's (a run's final/ or "
+                    "best/, a local dir, a hub id, the embedded model): sets model.name and clears model.preset/scratch")
+    ic.set_defaults(fn=cmd_in_context_loss)
