@@ -114,3 +114,26 @@ def test_spike_skip_leaves_the_weights_alone(tmp_path, corpus):
     hist = [json.loads(line) for line in (run / "loss_history.jsonl").read_text().splitlines()]
     skipped = [h["step"] for h in hist if h["skipped"]]
     assert skipped and sorted(set(range(1, 9)) - set(skipped)) == sorted(rows(run))
+
+
+# -- the recipe on real data ---------------------------------------------------------------------------------
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not (DATA / "arxiv").is_dir(), reason="needs ../shared/data/arxiv")
+def test_arxiv_tiny_recipe_runs_on_real_abstracts(tmp_path):
+    from ftlab.data.corpus import PrepareSettings, prepare_corpus
+
+    corpus = tmp_path / "arxiv"
+    prepare_corpus(PrepareSettings(input=str(DATA / "arxiv" / "abstracts_2007_first2000.jsonl"), out=str(corpus),
+                                   workers=0, max_examples_per_split=150, val_fraction=0.1, test_fraction=0.1))
+    run = train(REPO / "recipes" / "arxiv" / "tiny.yaml", f"pretrain.corpus={corpus}", f"output_dir={tmp_path}/runs",
+                "train.max_steps=2", "train.eval_every=2", "train.save_every=null", "pretrain.num_categories=2",
+                "pretrain.min_category_docs=10").path
+    info = json.loads((run / "categories.json").read_text())
+    assert len(info["categories"]) == 2 and info["train"]["documents"] > 10
+    r = rows(run)
+    assert abs(r[1]["train/loss"] - math.log(49152)) < 1.0  # a random model: about ln(vocabulary)
+    assert 3 < r[1]["train/bytes_per_token"] < 6  # English scientific prose in a 49k BPE vocabulary
+    assert math.isfinite(rows(run, "eval")[2]["eval/bits_per_byte"])
