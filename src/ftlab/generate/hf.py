@@ -368,15 +368,23 @@ class _Prefiller:
 # --------------------------------------------------------------------------------------------
 # Token selection
 # --------------------------------------------------------------------------------------------
-def _pick_tokens(logits: torch.Tensor, rows: list[_Row], cfg: GenerationConfig) -> tuple[torch.Tensor, torch.Tensor]:
+# (logits [rows, vocab], prompt index of each row, tokens each row generated so far) -> the scores to pick
+# from (e.g. -inf where a token is not allowed). It must not change `logits` in place: log-probs stay raw.
+LogitsHook = Callable[[torch.Tensor, list[int], list[list[int]]], torch.Tensor]
+
+
+def _pick_tokens(logits: torch.Tensor, rows: list[_Row], cfg: GenerationConfig,
+                 hook: LogitsHook | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token of every row, and its raw log-probability (see `_chosen_logprobs`).
 
     Greedy argmax (as `generate(do_sample=False)`), or temperature/top-p sampling, each row drawing
-    with its own generator (on the logits' device) so its draws do not depend on the other rows."""
+    with its own generator (on the logits' device) so its draws do not depend on the other rows.
+    A `hook` (constrained decoding) changes what is picked from, never the reported log-probs."""
+    scores = logits if hook is None else hook(logits, [r.request for r in rows], [r.tokens for r in rows])
     if cfg.greedy:
-        tokens = logits.argmax(dim=-1)
+        tokens = scores.argmax(dim=-1)
     else:
-        scores = logits.float() / cfg.temperature
+        scores = scores.float() / cfg.temperature
         if cfg.top_p < 1.0:
             scores = _top_p_filter(scores, cfg.top_p)
         probs = scores.softmax(dim=-1)
@@ -432,16 +440,18 @@ class HFEngine:
 
     `refill=False` turns continuous batching off (a new group is admitted only when the batch is
     empty; finished rows are still evicted). `stop_check_every` trades a few wasted tokens per
-    stopped row for not decoding every row's text at every step.
+    stopped row for not decoding every row's text at every step. `logits_processor` (a `LogitsHook`,
+    settable between calls) reshapes every row's next-token scores, e.g. to constrain its syntax.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, refill: bool = True, share_prefix: bool = True,
-                 stop_check_every: int = 4):
+                 stop_check_every: int = 4, logits_processor: LogitsHook | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.refill = refill
         self.share_prefix = share_prefix
         self.stop_check_every = max(1, stop_check_every)
+        self.logits_processor = logits_processor
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = _pad_id(tokenizer, self.eos_ids)
         self.stats: dict[str, float] = {}
@@ -552,7 +562,7 @@ class HFEngine:
                 phase = "prefill_seconds"
             else:
                 first_new = 0
-                tokens, logprobs = _pick_tokens(batch.step(), batch.rows, cfg)
+                tokens, logprobs = _pick_tokens(batch.step(), batch.rows, cfg, self.logits_processor)
                 batch.next_tokens[: len(tokens)] = tokens
                 self.stats["decode_steps"] += 1
                 phase = "decode_seconds"
@@ -587,7 +597,7 @@ class HFEngine:
                     new_rows.append(_Row(request=request, sample=s, first_col=0, generator=rng))
                     sources.append(g)
             row_logits = last_logits.index_select(0, torch.tensor(sources, device=last_logits.device))
-            first_tokens, logprobs = _pick_tokens(row_logits, new_rows, run.cfg)
+            first_tokens, logprobs = _pick_tokens(row_logits, new_rows, run.cfg, self.logits_processor)
             batch.admit(new_rows, sources, cache, mask, first_tokens)
             firsts.append(first_tokens)
             firsts_logprobs.append(logprobs)
@@ -660,6 +670,12 @@ class HFEngine:
                           "num_return_sequences": cfg.n}
             if cfg.stop:
                 kwargs.update(stop_strings=cfg.stop, tokenizer=self.tokenizer)
+            if self.logits_processor is not None:  # rows are group x samples, in that order
+                from transformers import LogitsProcessorList
+
+                requests = [i for i in group for _ in range(1 if cfg.greedy else cfg.n)]
+                kwargs["logits_processor"] = LogitsProcessorList([_HookProcessor(self.logits_processor, requests,
+                                                                                 width)])
             # seed sampling without touching the caller's RNG (the CPU's, and the model's GPU if any)
             gpus = [device.index if device.index is not None else torch.cuda.current_device()] \
                 if device.type == "cuda" else []
@@ -688,6 +704,16 @@ class HFEngine:
         keep = {"logits_to_keep": len(tokens) + 1} if _accepts_logits_to_keep(self.model) else {}
         logits = self.model(input_ids=ids, **keep).logits[0, -len(tokens) - 1 : -1]
         return _chosen_logprobs(logits, ids[0, len(prompt):]).tolist()
+
+
+class _HookProcessor:
+    """A `LogitsHook` as a transformers logits processor, for the fallback path through `model.generate`."""
+
+    def __init__(self, hook: LogitsHook, requests: list[int], width: int):
+        self.hook, self.requests, self.width = hook, requests, width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.hook(scores, self.requests, input_ids[:, self.width:].tolist())
 
 
 def _texts_callback(on_result: ResultCallback | None) -> CompletionCallback | None:
