@@ -10,12 +10,14 @@ from ftlab.tasks.gsm8k import GSM8KTask, parse_gsm8k_response
 from ftlab.tasks.prontoqa import ProntoQATask, parse_logipt_conversation
 from ftlab.tasks.prontoqa_gen import generate_prontoqa
 from ftlab.tasks.socsci210 import SocSci210Task
+from ftlab.tasks.sokrates import SokratesTask
 
 TASKS: dict[str, type[Task]] = {
     "folio": FolioTask,
     "gsm8k": GSM8KTask,
     "prontoqa": ProntoQATask,
     "socsci210": SocSci210Task,
+    "sokrates": SokratesTask,
 }
 
 
@@ -32,6 +34,6 @@ def get_task(name: str, **options: Any) -> Task:
 
 __all__ = [
     "TASKS", "get_task", "Task", "Example",
-    "FolioTask", "GSM8KTask", "ProntoQATask", "SocSci210Task",
+    "FolioTask", "GSM8KTask", "ProntoQATask", "SocSci210Task", "SokratesTask",
     "parse_gsm8k_response", "parse_logipt_conversation", "generate_prontoqa",
 ]

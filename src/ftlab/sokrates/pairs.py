@@ -1,0 +1,96 @@
+"""Preference pairs from verified traces (the OaK loop's "prefer" stage).
+
+Per problem, the traces the verifier calls fully valid (right verdict, every step valid, ends in CONCLUDE)
+are *chosen*; the others (wrong or no verdict, or an invalid step) are *rejected*.
+
+* outcome pairs: each rejected trace against a chosen one (chosen ones taken in turn);
+* prefix pairs: a rejected trace whose first invalid step is step j >= 1, against the same trace with its
+  steps from j on replaced by those of a chosen trace that took the same actions (option and args) for
+  steps 0..j-1 - so the derived facts, and their indices, are the same - provided the spliced trace
+  verifies as fully valid. Both sides then share the text up to step j exactly, their log-probs there
+  cancel in the DPO margin, and the pair teaches the one step where they part.
+
+At most `max_per_problem` pairs of each kind per problem (None: all); identical pairs once. Pairs are
+rows for `run_dpo(cfg, pairs=...)`: {prompt, chosen, rejected} plus where they came from.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Callable
+
+from ftlab.sokrates.traces import actions, step_spans
+from ftlab.sokrates.verifier import verify_trace
+
+
+def first_invalid(record: dict[str, Any]) -> int | None:
+    return next((k for k, v in enumerate(record["step_valid"]) if not v), None)
+
+
+def splice(rejected: str, chosen: str, j: int) -> str | None:
+    """`rejected`'s first j steps, then `chosen`'s steps from j on (None when either lacks them)."""
+    r, c = step_spans(rejected), step_spans(chosen)
+    if j < 1 or len(r) < j or len(c) <= j:
+        return None
+    return rejected[:r[j - 1].end] + "\n" + chosen[c[j].start:]
+
+
+def prefix_partner(record: dict[str, Any], chosen: list[dict[str, Any]], problem: Any) -> tuple[str, int] | None:
+    """(spliced chosen text, shared steps) for a rejected trace, or None."""
+    j = first_invalid(record)
+    if j is None or j < 1:
+        return None
+    mine = actions(record["text"])[:j]
+    if None in mine:
+        return None
+    for c in chosen:
+        theirs = actions(c["text"])
+        if len(theirs) > j and theirs[:j] == mine:
+            text = splice(record["text"], c["text"], j)
+            if text is not None and verify_trace(problem, text).fully_valid:
+                return text, j
+    return None
+
+
+def build_pairs(traces: list[dict[str, Any]], problems: dict[str, Any], prompt_of: Callable[[str], str],
+                max_per_problem: int | None = 4, prefix_pairs: bool = True) -> tuple[list[dict], dict[str, Any]]:
+    """(pair rows, stats). `traces` in any order; problems keyed by id; `prompt_of(problem id)` is the prompt
+    text the DPO rows carry (what the traces were sampled from)."""
+    by_problem: dict[str, list[dict]] = {}
+    for t in sorted(traces, key=lambda t: (t["index"], t["sample"])):
+        by_problem.setdefault(t["problem"], []).append(t)
+    rows: list[dict] = []
+    stats: Counter = Counter()
+    for pid, group in by_problem.items():
+        seen_text: set[str] = set()
+        unique = [t for t in group if not (t["text"] in seen_text or seen_text.add(t["text"]))]
+        chosen = [t for t in unique if t["fully_valid"]]
+        rejected = [t for t in unique if not t["fully_valid"]]
+        stats["problems"] += 1
+        stats["problems_with_chosen"] += bool(chosen)
+        stats["problems_with_rejected"] += bool(rejected)
+        stats["problems_with_both"] += bool(chosen and rejected)
+        made: set[tuple[str, str]] = set()
+
+        def add(kind: str, chosen_text: str, r: dict, **extra: Any) -> None:
+            if (chosen_text, r["text"]) in made:
+                return
+            made.add((chosen_text, r["text"]))
+            rows.append({"prompt": prompt_of(pid), "chosen": chosen_text, "rejected": r["text"], "kind": kind,
+                         "problem": pid, "rejected_sample": r["sample"], **extra})
+            stats[f"pairs_{kind}"] += 1
+
+        if chosen:
+            for i, r in enumerate(rejected[:max_per_problem]):
+                c = chosen[i % len(chosen)]
+                add("outcome", c["text"], r, chosen_sample=c["sample"])
+        if chosen and prefix_pairs:
+            n = 0
+            for r in rejected:
+                if max_per_problem is not None and n >= max_per_problem:
+                    break
+                found = prefix_partner(r, chosen, problems[pid])
+                if found:
+                    add("prefix", found[0], r, shared_steps=found[1])
+                    n += 1
+    stats["pairs"] = len(rows)
+    return rows, dict(stats)

@@ -1,0 +1,91 @@
+"""SOKRATES option traces as a task: numbered-premise prompts, optionized proofs as targets, the step verifier
+as the checker.
+
+`data.task: sokrates` (with `task_options: {source: prontoqa}` or `{source: folio}`) reads whatever the
+source task reads (files, hub ids, PrOntoQA's `generate:N`), and turns each example into
+
+    question = render_problem(example)      (numbered premises, the claim, the step format)
+    target   = optionized_target(example)   (every Thought/Action step, ending in CONCLUDE)
+
+so SFT supervises the whole trace, not the verdict alone (the seed's first SFT trained on CONCLUDE-only
+text). Scoring runs `verify_trace`: the answer, and how many steps are valid. Problems that have no
+optionized proof (unreadable premises, FOLIO formulas that do not give the label) are left out of the
+data with one warning that counts them and names the first; they are never silently dropped.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ftlab.errors import UserError
+from ftlab.tasks.base import Example, Task
+
+log = logging.getLogger("ftlab")
+SOURCES = ("prontoqa", "folio")
+
+
+class SokratesTask(Task):
+    name = "sokrates"
+
+    def __init__(self, source: str = "prontoqa", **source_options: Any):
+        from ftlab.tasks import get_task
+
+        if source not in SOURCES:
+            raise UserError(f"sokrates: source={source!r} is not one of {', '.join(SOURCES)}")
+        self.source = source
+        self.base = get_task(source, **source_options)
+        self.required_fields = self.base.required_fields
+
+    def load_records(self, source: str, split: str | None = None, limit: int | None = None) -> list[tuple[str, dict]]:
+        return self.base.load_records(source, split, limit)
+
+    def to_example(self, record: dict, index: int) -> Example:
+        from ftlab.sokrates import (
+            optionized_target,
+            problem_from_example,
+            render_problem,
+        )
+
+        ex = self.base.to_example(record, index)
+        problem = problem_from_example(ex, self.source)
+        target = optionized_target(problem)  # OptionizeError / LogicParseError: no proof, see examples_from
+        return Example(id=ex.id, question=render_problem(problem), target=target, gold=problem.gold,
+                       meta={**{k: v for k, v in ex.meta.items() if isinstance(v, (int, str, float))},
+                             "problem": problem})
+
+    def examples_from(self, located: list[tuple[str, dict]]) -> list[Example]:
+        examples, skipped = [], []
+        for i, (where, record) in enumerate(located):
+            try:
+                examples.append(self.to_example(record, i))
+            except (KeyError, ValueError, TypeError) as e:
+                skipped.append(f"{where}: {e}")
+        if skipped:
+            log.warning("sokrates: %d of %d problems have no optionized proof and are left out (first: %s)",
+                        len(skipped), len(located), skipped[0])
+        if not examples:
+            raise UserError(f"sokrates: none of the {len(located)} problems has an optionized proof "
+                            f"(first: {skipped[0]})")
+        return examples
+
+    def instruction(self, question: str) -> str:
+        return question  # render_problem already states the format
+
+    def extract_answer(self, text: str) -> str | None:
+        from ftlab.sokrates.verifier import stated_verdict
+
+        return stated_verdict(str(text))
+
+    def score(self, output: str, example: Example) -> dict[str, Any]:
+        from ftlab.sokrates import verify_trace
+
+        report = verify_trace(example.meta["problem"], str(output))
+        return {"extracted": report.verdict, "correct": report.answer_correct, "fully_valid": report.fully_valid,
+                "steps": len(report.step_valid), "steps_valid": sum(report.step_valid)}
+
+    def aggregate(self, scores: list[dict[str, Any]], examples: list[Example]) -> dict[str, Any]:
+        metrics = super().aggregate(scores, examples)
+        steps = sum(s.get("steps", 0) for s in scores)
+        metrics["step_validity"] = sum(s.get("steps_valid", 0) for s in scores) / steps if steps else 0.0
+        metrics["fully_valid"] = sum(bool(s.get("fully_valid")) for s in scores) / len(scores) if scores else 0.0
+        return metrics
