@@ -72,6 +72,7 @@ MEMORY = ["memory", "{tmp}/m/config.json", "--seq-len", "128"]  # within its 256
 FULL = len(safetensors_bytes())
 
 TRAIN, EVAL_, QUICKSTART = ["train", "{recipe}"], ["eval", "{recipe}"], ["quickstart", "{recipe}"]
+LOOP = ["loop", "{recipe}"]
 DPO = ["train", "{recipe}", "train.method=dpo", "data.train={tmp}/p.jsonl"]  # preference pairs in p.jsonl
 PAIR = {"prompt": "What is 1 plus 2?", "chosen": "3", "rejected": "4"}
 PRETRAIN = ["train", "{recipe}", "train.method=pretrain", "pretrain.corpus={tmp}/pc", "model.tokenizer={tmp}/tok",
@@ -425,6 +426,32 @@ CASES: list[dict[str, Any]] = [
      "needle": "'pretrain.seq_len' is 4096, beyond the model's context window of 2048"},
     {"id": "model.preset-unknown", "argv": PRETRAIN + ["model.preset=gpt-9"],
      "needle": "'model.preset' must be one of pythia-tiny"},
+
+    # -- the SOKRATES loop (issue 13): settings, and a loop directory from another recipe -------------------------
+    setting(LOOP, "loop.iterations=-1", "'loop.iterations' must be >= 0; got -1"),
+    setting(LOOP, "loop.max_problems=0", "'loop.max_problems' must be >= 1 (or null: every problem)"),
+    setting(LOOP, "loop.heldout_limit=0", "'loop.heldout_limit' must be >= 1 (or null: every held-out problem)"),
+    setting(LOOP, "loop.samples=0", "'loop.samples' must be >= 1; got 0"),
+    setting(LOOP, "loop.temperature=-0.5", "'loop.temperature' must be >= 0"),
+    setting(LOOP, "loop.top_p=0", "'loop.top_p' must be in (0, 1]"),
+    setting(LOOP, "loop.max_new_tokens=0", "'loop.max_new_tokens' must be >= 1"),
+    setting(LOOP, "loop.batch_size=0", "'loop.batch_size' must be >= 1"),
+    setting(LOOP, "loop.max_pairs_per_problem=0", "'loop.max_pairs_per_problem' must be >= 1 (or null: every pair)"),
+    setting(LOOP, "loop.eval_samples=-1", "'loop.eval_samples' must be >= 0"),
+    setting(LOOP, "loop.pass_k=[1,0]", "'loop.pass_k[1]' must be >= 1; got 0"),
+    setting(LOOP, "loop.head_epochs=0", "'loop.head_epochs' must be >= 1"),
+    setting(LOOP, "loop.head_lr=0", "'loop.head_lr' must be > 0"),
+    setting(LOOP, "loop.head_holdout=1", "'loop.head_holdout' must be in (0, 1)"),
+    setting(LOOP, "loop.calibration_bins=0", "'loop.calibration_bins' must be >= 1"),
+    setting(LOOP, "loop.engine=tgi", "'loop.engine' must be one of hf, vllm; got 'tgi'"),
+    {"id": "loop-needs-the-sokrates-task", "argv": LOOP, "needle": "set data.task: sokrates (got 'generic')"},
+    {"id": "loop-pass-k-beyond-samples", "argv": LOOP + ["data.task=sokrates", "data.val=generate:2", "loop.eval_samples=2",
+                                                         "loop.pass_k=[4]"],
+     "needle": "loop.pass_k: pass@4 needs loop.eval_samples >= 4; got 2"},
+    {"id": "loop-dir-of-another-recipe", "argv": LOOP + ["data.task=sokrates", "data.train=generate:2",
+                                                         "data.val=generate:2", "loop.dir={tmp}/loopdir"],
+     "files": {"loopdir/recipe.json": {"hash": "0123456789abcdef", "flat": {"optim.lr": 1.0}}},
+     "needle": "loop directory {tmp}/loopdir was made by another recipe (recipe hash 0123456789abcdef"},
 
     # -- the hub (12) --------------------------------------------------------------------------------------
     {"id": "hub-tls-fails", "argv": ["train", "{recipe}"] + HUB, "env": {"HF_ENDPOINT": "{garbage_https}",

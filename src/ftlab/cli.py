@@ -105,6 +105,15 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loop(args: argparse.Namespace) -> int:
+    from ftlab.config import load_recipe
+    from ftlab.loops.oak import run_loop
+
+    path = run_loop(load_recipe(args.recipe, args.overrides))
+    print(path / "summary.json")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     import json
 
@@ -148,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.set_defaults(fn=cmd_infer)
     with_recipe("quickstart", "data -> eval -> SFT -> eval -> report, on a laptop CPU",
                 optional=True).set_defaults(fn=cmd_quickstart)
+    with_recipe("loop", "SOKRATES OaK loop: SFT on option traces, then sample -> verify -> pairs -> DPO -> eval "
+                        "per iteration (resumable)").set_defaults(fn=cmd_loop)
     mem = sub.add_parser("memory", help="estimate GPU memory for training a model",
                          description="estimate GPU memory: weights, gradients, optimizer states, activations")
     mem.add_argument("model", help="model name, hub id, local dir, or a config.json path")

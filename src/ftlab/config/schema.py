@@ -145,6 +145,40 @@ class SweepConfig:
 
 
 @dataclass
+class LoopConfig:
+    """`ftlab loop`: SOKRATES's OaK loop (ftlab.loops.oak). SFT on optionized traces (data.task: sokrates), then
+    per iteration: sample -> verify -> pairs -> [option head] -> DPO from the previous policy -> held-out eval."""
+
+    dir: Optional[str] = None            # the loop directory (re-running resumes it); null: <output_dir>/loop/<name>
+    iterations: int = 2                  # OaK iterations after SFT (may be raised to continue a finished loop)
+    sft: bool = True                     # stage 0: SFT on data.train from model.*; false: start from model.* as is
+    sft_overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys for the SFT stage only
+    dpo_overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys for the DPO stages (lr, epochs, beta)
+    problems: Optional[str] = None       # problems to sample on; null: data.train
+    max_problems: Optional[int] = None   # the first N of them (the seed: 1,500)
+    heldout: Optional[str] = None        # held-out problems for evaluation; null: data.val
+    heldout_limit: Optional[int] = None
+    samples: int = 8                     # traces per problem and iteration (the seed: 8, cut to 2 for time)
+    temperature: float = 0.7             # the seed: greedy decoding gave identical traces, hence no pairs
+    top_p: float = 1.0
+    max_new_tokens: int = 384
+    batch_size: int = 64                 # generation row slots (HF engine)
+    engine: str = "hf"                   # hf | vllm (GPU; falls back to hf with a warning elsewhere)
+    vllm: dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments (gpu_memory_utilization, ...)
+    constrained: bool = False            # constrained decoding of Action lines (hf engine only)
+    max_pairs_per_problem: Optional[int] = 4   # per kind (outcome, prefix); null: all
+    prefix_pairs: bool = True            # also pairs that share the steps before the first invalid one
+    gold_chosen: bool = False            # a problem without a valid sample takes its optionized gold proof as chosen
+    eval_samples: int = 4                # sampled traces per held-out problem for pass@k (0: greedy only)
+    pass_k: list[int] = field(default_factory=lambda: [1, 4])
+    option_head: bool = False            # train and calibrate a step-validity head on the sampled traces
+    head_epochs: int = 200               # full-batch logistic-regression steps
+    head_lr: float = 0.05
+    head_holdout: float = 0.2            # share of problems whose steps calibrate the head
+    calibration_bins: int = 10
+
+
+@dataclass
 class EvalConfig:
     task: Optional[str] = None           # defaults to data.task
     source: Optional[str] = None         # JSONL path or HF datasets id; defaults to data.val
@@ -204,6 +238,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     # Free-form section for job-specific settings (e.g. the quickstart's data generator and held-out sets).
     job: dict[str, Any] = field(default_factory=dict)
 
@@ -219,6 +254,7 @@ CHOICES = {
     "train.nan_policy": ("stop", "skip"),
     "pretrain.spike_action": ("log", "skip"),
     "eval.engine": ("hf", "vllm"),
+    "loop.engine": ("hf", "vllm"),
     "eval.precision": ("fp32", "bf16", "fp16"),
 }
 
@@ -288,6 +324,21 @@ RANGES: dict[str, str] = {
     "quickstart.heldout_hops": ">= 1",
     "quickstart.heldout_sizes": ">= 1",
     "quickstart.heldout_seed": ">= 0",
+    "loop.iterations": ">= 0",
+    "loop.max_problems": ">= 1",
+    "loop.heldout_limit": ">= 1",
+    "loop.samples": ">= 1",
+    "loop.temperature": ">= 0",
+    "loop.top_p": "(0, 1]",
+    "loop.max_new_tokens": ">= 1",
+    "loop.batch_size": ">= 1",
+    "loop.max_pairs_per_problem": ">= 1",
+    "loop.eval_samples": ">= 0",
+    "loop.pass_k": ">= 1",
+    "loop.head_epochs": ">= 1",
+    "loop.head_lr": "> 0",
+    "loop.head_holdout": "(0, 1)",
+    "loop.calibration_bins": ">= 1",
 }
 
 NULL_MEANS: dict[str, str] = {
@@ -306,4 +357,7 @@ NULL_MEANS: dict[str, str] = {
     "train.log_generations_every": "no generation logs",
     "train.save_every": "no intermediate checkpoints",
     "eval.limit": "every row after eval.offset",
+    "loop.max_problems": "every problem",
+    "loop.heldout_limit": "every held-out problem",
+    "loop.max_pairs_per_problem": "every pair",
 }
