@@ -354,16 +354,19 @@ def stage_files(path: Path) -> dict[str, int]:
 
 
 def test_sigkill_during_a_stage_then_rerun_recomputes_only_that_stage(tmp_path):
-    recipe = loop_recipe(tmp_path)
+    """Killed inside the DPO stage after its step-2 checkpoint: the rerun skips the 4 finished stages (their
+    files untouched), resumes DPO from that checkpoint, and finishes."""
+    recipe = loop_recipe(tmp_path, dpo_overrides={"train.max_steps": 4, "train.batch_size": 2, "train.save_every": 1,
+                                                  "train.keep_last": 5})
     loop_dir = tmp_path / "runs" / "loop" / "oak"
     proc = subprocess.Popen([sys.executable, "-m", "ftlab.cli", "loop", str(recipe)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
-    while time.time() < deadline and not (loop_dir / "iter_1" / ".dpo.tmp").exists():
+    deadline, pattern = time.time() + 300, "iter_1/.dpo.tmp/dpo/*/checkpoints/step_000002/state.json"
+    while time.time() < deadline and not list(loop_dir.glob(pattern)) and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (loop_dir / "iter_1" / ".dpo.tmp").exists(), "the loop never reached the DPO stage"
+    assert list(loop_dir.glob(pattern)), "the loop never reached DPO step 2"
     finished = ["iter_0/sft", "iter_0/eval", "iter_1/traces", "iter_1/pairs"]
     assert all((loop_dir / s / "DONE").is_file() for s in finished) and not (loop_dir / "iter_1" / "dpo").exists()
     before = stage_files(loop_dir)
@@ -378,6 +381,8 @@ def test_sigkill_during_a_stage_then_rerun_recomputes_only_that_stage(tmp_path):
     new = (loop_dir / "stages.log").read_text().splitlines()[len(log_before):]
     assert [line.split(" ", 2)[2] for line in new[:4]] == [f"{s} skipped (complete)" for s in finished]
     assert [line.split(" ", 2)[2].split(" in ")[0] for line in new[4:]] == ["iter_1/dpo computed", "iter_1/eval computed"]
+    dpo = json.loads((loop_dir / "iter_1" / "dpo" / "stage.json").read_text())
+    assert "step_00000" in dpo["summary"]["resumed_from"] and dpo["summary"]["steps"] == 4
     assert not list(loop_dir.glob("iter_*/.*.tmp")) and json.loads((loop_dir / "summary.json").read_text())["status"] == "complete"
 
 

@@ -61,7 +61,7 @@ def run_loop(cfg: DictConfig) -> Path:
         write_summary(ctx, "running")
         policy: dict[str, Any] = {}  # overrides of cfg.model; {} = the recipe's model
         if lp.sft:
-            policy = as_policy(ctx, ldir.run(0, "sft", lambda tmp: sft_stage(ctx, tmp)))
+            policy = as_policy(ctx, ldir.run(0, "sft", lambda tmp: sft_stage(ctx, tmp), keep_partial=True))
         ldir.run(0, "eval", lambda tmp: eval_stage(ctx, policy, heldout, tmp))
         write_metrics(ctx)
         for k in range(1, lp.iterations + 1):
@@ -69,7 +69,8 @@ def run_loop(cfg: DictConfig) -> Path:
             ldir.run(k, "pairs", lambda tmp: pairs_stage(ctx, train_problems, k, traces["templated"], tmp))
             if lp.option_head:
                 ldir.run(k, "head", lambda tmp: head_stage(ctx, policy, train_problems, k, tmp))
-            policy = as_policy(ctx, ldir.run(k, "dpo", lambda tmp: dpo_stage(ctx, policy, k, tmp)), policy)
+            policy = as_policy(ctx, ldir.run(k, "dpo", lambda tmp: dpo_stage(ctx, policy, k, tmp), keep_partial=True),
+                               policy)
             ldir.run(k, "eval", lambda tmp: eval_stage(ctx, policy, heldout, tmp))
             write_metrics(ctx)
     except BaseException as e:
@@ -143,8 +144,8 @@ def sft_stage(ctx: Ctx, tmp: Path) -> dict[str, Any] | None:
     from ftlab.train.sft import run_sft
 
     cfg = stage_config(ctx.cfg, "loop.sft_overrides", {
-        "train.method": "sft", "kind": "sft", "name": "sft", "output_dir": str(tmp), "train.resume": None,
-        "train.save_final": True})
+        "train.method": "sft", "kind": "sft", "name": "sft", "output_dir": str(tmp),
+        "train.resume": interrupted_run(tmp, "sft"), "train.save_final": True})
     run = run_sft(cfg)
     return {"model": _relative(ctx, run, tmp, 0, "sft"), "summary": run.summary} if run else None
 
@@ -160,7 +161,7 @@ def dpo_stage(ctx: Ctx, policy: dict[str, Any], k: int, tmp: Path) -> dict[str, 
     # that is a LoRA adapter keeps training that adapter (no second one on top), so its initial weights are
     # base + that adapter; a full model gets a fresh adapter or full training, as the recipe says.
     forced = {"train.method": "dpo", "kind": "dpo", "name": f"iter{k}", "output_dir": str(tmp),
-              "train.resume": None, "train.save_final": True, "data.train": None, "data.val": None,
+              "train.resume": interrupted_run(tmp, "dpo"), "train.save_final": True, "data.train": None, "data.val": None,
               "data.limit": None, "dpo.reference": None, "dpo.reference_cache": None,
               **{f"model.{key}": v for key, v in policy.items()}}
     if OmegaConf.merge(ctx.cfg.model, policy).adapter:
@@ -168,6 +169,18 @@ def dpo_stage(ctx: Ctx, policy: dict[str, Any], k: int, tmp: Path) -> dict[str, 
     run = run_dpo(stage_config(ctx.cfg, "loop.dpo_overrides", forced),
                   pairs=[{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
     return {"model": _relative(ctx, run, tmp, k, "dpo"), "pairs": len(rows), "summary": run.summary} if run else None
+
+
+def interrupted_run(tmp: Path, kind: str) -> str | None:
+    """The newest run an interrupted attempt of this stage left with a complete checkpoint (same recipe: the
+    loop directory's hash says so), to resume from; None: start the stage's training afresh."""
+    from ftlab.train.checkpoint import complete_checkpoints
+
+    runs = sorted((p for p in (tmp / kind).glob("*_*") if p.is_dir()), reverse=True)
+    found = next((str(run) for run in runs if complete_checkpoints(run / "checkpoints")), None)
+    if found:
+        log.info("loop: resuming the interrupted %s run %s", kind, found)
+    return found
 
 
 def _relative(ctx: Ctx, run: Any, tmp: Path, k: int, stage: str) -> str:

@@ -6,7 +6,8 @@
 
 A stage runs in `iter_<k>/.<stage>.tmp/` and is renamed into place with its DONE marker only when it has
 finished, so after a crash (SIGKILL, OOM, a preempted job) every stage directory is complete; re-running
-the loop skips those and starts the interrupted one again from scratch.
+the loop skips those and starts the interrupted one again: from scratch, or, for a training stage
+(`keep_partial`), from the last checkpoint its interrupted run saved there (`train.save_every`).
 
 With several processes, every rank runs the stage function (each on its share of the work); rank 0
 writes, renames and logs; the others wait for it and then read stage.json, so all ranks continue with the
@@ -97,9 +98,11 @@ class LoopDir:
         path = self.stage_dir(iteration, name) / "stage.json"
         return json.loads(path.read_text()) if self.done(iteration, name) else None
 
-    def run(self, iteration: int, name: str, fn: Callable[[Path], dict[str, Any] | None]) -> dict[str, Any]:
+    def run(self, iteration: int, name: str, fn: Callable[[Path], dict[str, Any] | None],
+            keep_partial: bool = False) -> dict[str, Any]:
         """The stage's result: read back when the stage is complete, else computed by `fn(temp dir)` on every
-        rank (rank 0's return value is the result) and moved into place."""
+        rank (rank 0's return value is the result) and moved into place. `keep_partial`: an interrupted
+        attempt's temp dir is kept for `fn` to resume from."""
         final = self.stage_dir(iteration, name)
         label = f"iter_{iteration}/{name}"
         if self.done(iteration, name):
@@ -108,8 +111,9 @@ class LoopDir:
             return self.result(iteration, name)  # type: ignore[return-value]
         tmp = final.parent / f".{name}.tmp"
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted attempt left
-            tmp.mkdir(parents=True)
+            if not keep_partial:
+                shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted attempt left
+            tmp.mkdir(parents=True, exist_ok=True)
         self.barrier()
         if self.rank == 0:
             log.info("loop: %s ...", label)
