@@ -69,7 +69,7 @@ def test_train_bad_input(tmp_path, capsys, monkeypatch, case, overrides, needle)
 def test_eval_unknown_task_lists_known_ones(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path)
     code, err = run_cli(["eval", str(recipe), "eval.task=nosuch", f"eval.source={tmp_path / 'train.jsonl'}"], capsys)
-    assert_one_line_error(code, err, "unknown task 'nosuch'; known tasks: folio, gsm8k, prontoqa, socsci210")
+    assert_one_line_error(code, err, "unknown task 'nosuch'; known tasks: folio, gsm8k, prontoqa, socsci210, sokrates")
 
 
 def test_subprocess_exit_code_is_2(tmp_path):

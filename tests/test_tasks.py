@@ -33,12 +33,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 # -- registry -------------------------------------------------------------------------------------
 def test_registry_names_and_unknown_task():
-    assert sorted(TASKS) == ["folio", "gsm8k", "prontoqa", "socsci210"]
+    assert sorted(TASKS) == ["folio", "gsm8k", "prontoqa", "socsci210", "sokrates"]
     for name, cls in TASKS.items():
         assert get_task(name).name == name and isinstance(get_task(name), cls)
     with pytest.raises(UserError) as e:
         get_task("x")
-    assert str(e.value) == "unknown task 'x'; known tasks: folio, gsm8k, prontoqa, socsci210"
+    assert str(e.value) == "unknown task 'x'; known tasks: folio, gsm8k, prontoqa, socsci210, sokrates"
 
 
 def test_registry_rejects_unknown_option():
@@ -84,7 +84,7 @@ def test_majority_class():
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_every_task_states_its_extraction_rule_and_survives_junk_outputs(name):
     task = get_task(name)
-    gold = {"gsm8k": "5", "prontoqa": "True", "folio": "True", "socsci210": "5"}[name]
+    gold = {"gsm8k": "5", "prontoqa": "True", "folio": "True", "socsci210": "5", "sokrates": "True"}[name]
     meta = {"study_id": "s", "condition_num": 1, "question_key": "q", "gold_value": 5, "hops": 1}
     ex = Example(id="e", question="q", target="t", gold=gold, meta=meta)
     scores = [task.score(out, ex) for out in ["", "no answer here", None, "\x00\ufffd", "5 True"]]

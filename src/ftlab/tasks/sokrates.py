@@ -8,7 +8,7 @@ source task reads (files, hub ids, PrOntoQA's `generate:N`), and turns each exam
     target   = optionized_target(example)   (every Thought/Action step, ending in CONCLUDE)
 
 so SFT supervises the whole trace, not the verdict alone (the seed's first SFT trained on CONCLUDE-only
-text). Scoring runs `verify_trace`: the answer, and how many steps are valid. Problems that have no
+text). Scoring reads the answer with the source task's rules and runs `verify_trace` for the steps. Problems that have no
 optionized proof (unreadable premises, FOLIO formulas that do not give the label) are left out of the
 data with one warning that counts them and names the first; they are never silently dropped.
 """
@@ -71,20 +71,23 @@ class SokratesTask(Task):
     def instruction(self, question: str) -> str:
         return question  # render_problem already states the format
 
+    # Answers are read as the source task reads them (strict "answer is X", else the last label word: both rules
+    # reported); the steps are checked by the verifier when the example carries its problem.
     def extract_answer(self, text: str) -> str | None:
-        from ftlab.sokrates.verifier import stated_verdict
-
-        return stated_verdict(str(text))
+        return self.base.extract_answer(text)
 
     def score(self, output: str, example: Example) -> dict[str, Any]:
         from ftlab.sokrates import verify_trace
 
-        report = verify_trace(example.meta["problem"], str(output))
-        return {"extracted": report.verdict, "correct": report.answer_correct, "fully_valid": report.fully_valid,
-                "steps": len(report.step_valid), "steps_valid": sum(report.step_valid)}
+        out = self.base.score(output, example)
+        problem = example.meta.get("problem")
+        if problem is not None:
+            report = verify_trace(problem, "" if output is None else str(output))
+            out.update(fully_valid=report.fully_valid, steps=len(report.step_valid), steps_valid=sum(report.step_valid))
+        return out
 
     def aggregate(self, scores: list[dict[str, Any]], examples: list[Example]) -> dict[str, Any]:
-        metrics = super().aggregate(scores, examples)
+        metrics = self.base.aggregate(scores, examples)
         steps = sum(s.get("steps", 0) for s in scores)
         metrics["step_validity"] = sum(s.get("steps_valid", 0) for s in scores) / steps if steps else 0.0
         metrics["fully_valid"] = sum(bool(s.get("fully_valid")) for s in scores) / len(scores) if scores else 0.0
