@@ -56,3 +56,10 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert last["train/mfu"] == pytest.approx(last["train/tokens_per_s"] * summary["model_size"]["flops_per_token"]
                                               / (2 * 1e12))
     assert json.loads((two / "categories.json").read_text()) == json.loads((one / "categories.json").read_text())
+    # one process replays a step of the two-process run: the same windows (all of both ranks), the same loss
+    from ftlab.train.forensics import replay
+
+    report = replay(str(two), 3)
+    assert report["outcome"] == "finite" and len(report["windows"]) == 8
+    assert report["loss"] == pytest.approx(report["logged_loss"], rel=1e-5)
+    assert report["grad_norm"] == pytest.approx(report["logged_grad_norm"], rel=1e-5)

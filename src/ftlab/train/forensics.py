@@ -18,7 +18,9 @@ in one go:
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +96,15 @@ def replay(run_dir: str, step: int, overrides: list[str] | tuple[str, ...] = ())
         raise UserError(f"{run} is a {original.train.method} run; ftlab replay rebuilds pretraining batches")
     before = [p for p in ck.complete_checkpoints(run / "checkpoints") if int(p.name[len(ck.STEP_PREFIX):]) < step]
     start = before[-1] if before else None
-    fixed = [f"output_dir={run / 'replay'}", f"name=step_{step}", f"train.max_steps={step}", "train.save_every=null",
+    # A step's windows are global (batch x processes x accumulation): replayed by one process, a run of several
+    # takes all their windows in each micro-batch, so the step holds the same windows in the same order.
+    world = int(json.loads((run / "summary.json").read_text()).get("world_size") or 1) \
+        if (run / "summary.json").is_file() else 1
+    here = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % here:
+        raise UserError(f"{run} ran on {world} processes; replay it on 1 process or on a divisor of {world}")
+    fixed = [f"train.batch_size={original.train.batch_size * world // here}"] if world != here else []
+    fixed += [f"output_dir={run / 'replay'}", f"name=step_{step}", f"train.max_steps={step}", "train.save_every=null",
              "train.save_final=false", "train.eval_every=null", "train.best_metric=null", "train.max_minutes=null",
              "track.wandb=false", "track.tensorboard=false", f"train.resume={start if start else 'null'}"]
     cfg = load_recipe(run / "config.yaml", fixed + list(overrides))
