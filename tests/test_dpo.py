@@ -262,6 +262,22 @@ def test_lora_reference_is_the_model_with_adapters_disabled(tmp_path, monkeypatc
     assert rows(lora)[1]["train/loss"] == pytest.approx(LOG2, abs=1e-5)
 
 
+def test_continuing_an_adapter_keeps_it_in_the_reference(tmp_path):
+    """An adapter trained further (the self-improvement loop's way: model.adapter, lora.enabled=false) is part of
+    the initial weights, so the reference keeps it: step 1 is log 2 again, and not the base model's numbers."""
+    recipe = dpo_recipe(tmp_path, lora=LORA)
+    first = train(recipe, "name=first", "train.max_steps=3", "optim.lr=1e-2")
+    adapter = first.path / "final"
+    cont = train(recipe, "name=cont", "train.max_steps=1", "lora.enabled=false", f"model.adapter={adapter}")
+    assert rows(cont)[1]["train/loss"] == pytest.approx(LOG2, abs=1e-5)
+    assert not torch.allclose(reference_of(cont), reference_of(first), atol=1e-3)
+    # model.name = an adapter directory (base + adapter loaded) with a new LoRA on top: adapters are not disabled
+    from ftlab.train.reference import starts_from_adapter
+
+    assert starts_from_adapter(load_recipe(recipe, ["model.scratch=null", f"model.name={adapter}"]))
+    assert not starts_from_adapter(load_recipe(recipe))
+
+
 def test_reference_model_from_a_path_and_the_cache(tmp_path, caplog):
     """dpo.reference: a saved model scores the pairs (not the policy); a later run with the same key reuses the
     cache; another reference or another chat template invalidates it."""
@@ -357,6 +373,15 @@ def test_a_task_builds_its_own_pairs(tmp_path):
     chosen = next(line for line in log.splitlines() if "chosen:   «" in line)
     rejected = next(line for line in log.splitlines() if "rejected: «" in line)
     assert ("The answer is True" in chosen) == ("The answer is False" in rejected)
+
+
+def test_the_tiny_recipe_builds_its_pairs(embedded_tokenizer):
+    from ftlab.train.dpo import build_objective
+
+    cfg = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "dpo" / "tiny.yaml")
+    objective = build_objective(cfg, embedded_tokenizer)
+    assert len(objective.pairs) == 48 + 16 and objective.n_train == 48 and not objective.report.dropped
+    assert cfg.lora.enabled and cfg.dpo.reference is None
 
 
 # -- the pair audit --------------------------------------------------------------------------------------------

@@ -157,11 +157,19 @@ def reference_model(cfg: DictConfig, model: Any, accelerator: Any) -> Iterator[A
                     torch.cuda.empty_cache()
         else:
             inner = accelerator.unwrap_model(model)
-            fresh_lora = cfg.lora.enabled and not cfg.model.adapter and hasattr(inner, "disable_adapter")
+            fresh_lora = (cfg.lora.enabled and not cfg.model.adapter and hasattr(inner, "disable_adapter")
+                          and len(getattr(inner, "peft_config", {})) == 1 and not starts_from_adapter(cfg))
             with torch.no_grad(), (inner.disable_adapter() if fresh_lora else contextlib.nullcontext()):
                 yield model
     finally:
         model.train(was_training)
+
+
+def starts_from_adapter(cfg: DictConfig) -> bool:
+    """model.name is an adapter directory: disabling adapters would drop it too, so the policy is the reference."""
+    from ftlab.models.load import is_adapter_dir, resolve_model_path
+
+    return not cfg.model.scratch and is_adapter_dir(resolve_model_path(cfg.model.name))
 
 
 def compute_sharded(todo: list[int], batch_size: int, rank: int, world: int,
