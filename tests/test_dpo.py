@@ -138,6 +138,16 @@ def test_dpo_run_logs_rewards_and_learns_the_preference(tmp_path):
     assert json.loads((run.path / "reference_logps.json").read_text())["computed"] == 32
 
 
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_bf16_step_1_is_exactly_log_2(tmp_path, lora):
+    """Reference pass in the first epoch's micro-batches: under bf16 autocast each pair's reference forward has
+    the shapes of its first training forward, so step 1 (policy = reference, no dropout) is log 2 to the bit."""
+    recipe = dpo_recipe(tmp_path, data={"group_by_length": True}, **({"lora": LORA} if lora else {}))
+    r = rows(train(recipe, "train.max_steps=1", "train.precision=bf16", "train.grad_accum=2"))
+    assert r[1]["train/loss"] == LOG2 or abs(r[1]["train/loss"] - LOG2) < 1e-7
+    assert r[1]["train/rewards/margins"] == 0.0
+
+
 def test_accumulation_matches_a_bigger_batch(tmp_path):
     """batch 8 x accumulation 1 and batch 2 x accumulation 4 see the same 8 pairs: same loss, rewards, gradients."""
     recipe = dpo_recipe(tmp_path, lora=LORA)

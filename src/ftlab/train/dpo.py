@@ -102,12 +102,13 @@ class DPOObjective:
 
     # -- reference log-probs, once before step 1 ------------------------------------------------------------
     def before_training(self, loop: Any) -> None:
+        say = log.info if loop.run else log.debug  # rank 0 speaks for all
         if loop.run:
             self.log_preflight()  # what will be trained, before the reference pass takes its time
         config = loop.accelerator.unwrap_model(loop.model).config
         why_not = prompt_sharing_unsupported(config, self.cfg.data.max_length)
         if self.share_prompt and why_not:
-            log.info("dpo.share_prompt: %s; chosen and rejected run as two sequences", why_not)
+            say("dpo.share_prompt: %s; chosen and rejected run as two sequences", why_not)
         self.share_prompt = self.share_prompt and not why_not
         key = ref.cache_key(self.cfg, self.tokenizer)
         digests = [ref.pair_digest(p) for p in self.pairs]
@@ -116,8 +117,8 @@ class DPOObjective:
             known.update(ref.read_cache(source, key))
         todo = [i for i, d in enumerate(digests) if d not in known]
         if todo:
-            log.info("reference log-probs: computing %d of %d pairs (%s)", len(todo), len(digests),
-                     f"reference {self.cfg.dpo.reference}" if self.cfg.dpo.reference else "the initial weights")
+            say("reference log-probs: computing %d of %d pairs (%s)", len(todo), len(digests),
+                f"reference {self.cfg.dpo.reference}" if self.cfg.dpo.reference else "the initial weights")
             with ref.reference_model(self.cfg, loop.model, loop.accelerator) as model:
                 def forward(indices: list[int]) -> torch.Tensor:
                     b = {k: v.to(loop.device) for k, v in self.batch(indices).items()}
@@ -125,12 +126,23 @@ class DPOObjective:
                         logps, _ = sequence_logps(model, b)
                     return torch.stack(logps.float().chunk(2), dim=1)[:len(indices)].cpu()
 
-                known.update({digests[i]: v for i, v in ref.compute_sharded(
-                    todo, self.cfg.train.batch_size, self.rank, self.world, forward).items()})
+                wanted = set(todo)
+                per_rank = [self.reference_batches(wanted, r) for r in range(self.world)]
+                computed = ref.compute_sharded(per_rank, self.rank, self.world, forward)
+                known.update({digests[i]: v for i, v in computed.items() if i in wanted})
         self.ref_logps = torch.tensor([known[d] for d in digests], dtype=torch.float32)
-        log.info("reference log-probs: %d reused from a cache, %d computed", len(digests) - len(todo), len(todo))
+        say("reference log-probs: %d reused from a cache, %d computed", len(digests) - len(todo), len(todo))
         if loop.rank == 0:
             ref.write_cache(loop.run_path, key, digests, self.ref_logps, len(digests) - len(todo))
+
+    def reference_batches(self, todo: set[int], rank: int) -> list[list[int]]:
+        """Rank `rank`'s micro-batches of the reference pass: its training micro-batches of the first epoch
+        that hold a pair to compute (same shapes as in training), then its share of the other pairs (validation)."""
+        first_epoch = [b[rank::self.world] for b in self.plan.epoch_batches(0)]
+        batches = [b for b in first_epoch if todo.intersection(b)]
+        rest = sorted(i for i in todo if i >= self.n_train)[rank::self.world]
+        bs = self.cfg.train.batch_size
+        return batches + [rest[i:i + bs] for i in range(0, len(rest), bs)]
 
 
 # -- the forward: two layouts of a micro-batch of B pairs ----------------------------------------------------

@@ -13,7 +13,9 @@ rejected response, with the cache key; `<run>/reference_logps.json` shows the ke
 
 A later run (`dpo.reference_cache: <run dir or file>`, or a resumed run's own directory) reuses every
 pair whose key matches and computes only the rest; a different reference or template computes all.
-The pass is split across processes (every rank runs the same number of forwards) and gathered.
+The pass runs the training pairs in the micro-batches of the first epoch, each process its own share (so
+a pair's reference forward has the same shapes as its first training forward: under bf16 autocast, other
+padding changes sequence log-probs by ~0.1, and step 1 would not start at log 2), then gathers them.
 """
 from __future__ import annotations
 
@@ -172,19 +174,17 @@ def starts_from_adapter(cfg: DictConfig) -> bool:
     return not cfg.model.scratch and is_adapter_dir(resolve_model_path(cfg.model.name))
 
 
-def compute_sharded(todo: list[int], batch_size: int, rank: int, world: int,
+def compute_sharded(per_rank: list[list[list[int]]], rank: int, world: int,
                     forward: Callable[[list[int]], torch.Tensor]) -> dict[int, tuple[float, float]]:
-    """{pair index: (chosen, rejected)} for `todo`, split across processes and gathered on every rank.
+    """{pair index: (chosen, rejected)} for the micro-batches `per_rank[rank]`, gathered on every rank.
 
-    `forward(indices)` returns a (len(indices), 2) tensor; [] must still run a forward (the rank symmetry
-    ZeRO-3 needs: every rank makes the same number of passes)."""
-    mine = todo[rank::world]
-    rounds = math.ceil(math.ceil(len(todo) / world) / batch_size)
+    `forward(indices)` returns a (len(indices), 2) tensor; every rank runs as many forwards as the busiest
+    one (an empty list still runs one: the rank symmetry ZeRO-3 needs)."""
+    mine = per_rank[rank]
     out: list[tuple[int, float, float]] = []
-    for b in range(rounds):
-        idx = mine[b * batch_size:(b + 1) * batch_size]
-        values = forward(idx).tolist()
-        out += [(i, c, r) for i, (c, r) in zip(idx, values)]
+    for b in range(max(map(len, per_rank))):
+        idx = mine[b] if b < len(mine) else []
+        out += [(i, c, r) for i, (c, r) in zip(idx, forward(idx).tolist())]
     if world > 1:
         from accelerate.utils import gather_object
 
