@@ -24,7 +24,6 @@ import gc
 import hashlib
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
