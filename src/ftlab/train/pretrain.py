@@ -187,7 +187,7 @@ class PretrainObjective:
         if bpt:
             out["bits_per_byte"] = metrics["loss"] / (math.log(2) * bpt)
         model = loop.accelerator.unwrap_model(loop.model)
-        out["param_norm"] = float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in model.parameters())))
+        out["param_norm"] = parameter_norm(model)
         if self.p.peak_tflops and self.flops:
             # tokens_per_s is the loop's global count (every process's tokens): divide by every process's peak
             out["mfu"] = metrics["tokens_per_s"] * self.flops["flops_per_token"] / (
@@ -279,6 +279,18 @@ class PretrainObjective:
         self.watch = ForwardWatch(self.loop.accelerator.unwrap_model(model) if self.loop else model)
         torch.autograd.set_detect_anomaly(True, check_nan=True)
         log.info("replay: step %d runs with anomaly detection and forward hooks", self.replay_step)
+
+
+def parameter_norm(model: Any) -> float:
+    """L2 norm of all parameters, accumulated in float64. On CPU block by block: a float64 copy of each whole
+    weight (a 49k-row embedding) cost a tiny model ~5% of its step (measured by benchmarks/bench_pretrain.py);
+    small blocks stay in cache. Elsewhere whole tensors (fewer kernel launches)."""
+    params = [p.detach() for p in model.parameters()]
+    total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    for p in params:
+        for part in p.reshape(-1).split(1 << 18) if p.device.type == "cpu" else (p,):
+            total += torch.linalg.vector_norm(part, dtype=torch.float64).square()
+    return float(total.sqrt())
 
 
 # -- building ------------------------------------------------------------------------------------------------
