@@ -69,3 +69,27 @@ def test_every_recipe_in_the_repo_validates():
     for path in recipes:
         cfg = load_recipe(path)
         assert cfg.name, path
+
+
+def test_auto_precision_follows_the_cpus_bf16_support():
+    """`auto` is resolved when the recipe loads (config.yaml records what ran): bf16 autocast only where the CPU
+    computes bf16 in hardware (its flags name AVX512-BF16 or AMX-BF16), fp32 elsewhere; decoding fp32 on a CPU."""
+    import torch
+
+    from ftlab.config.load import native_bf16
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU rule")
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("reads the CPU flags from /proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    hardware_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert native_bf16() == hardware_bf16
+    cfg = load_recipe(None, ["train.precision=auto", "eval.precision=auto"])
+    assert cfg.train.precision == ("bf16" if hardware_bf16 else "fp32")
+    assert cfg.eval.precision == "fp32"
+    assert load_recipe(None, ["train.precision=bf16"]).train.precision == "bf16"  # an explicit choice stays

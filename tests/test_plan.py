@@ -30,3 +30,22 @@ def test_the_plan_is_a_function_of_seed_and_step():
     a, b = (StepPlan(list(range(1, 21)), 4, 1, seed=3, group_by_length=True) for _ in range(2))
     assert [b.step_indices(s) for s in (7, 2, 5)] == [a.step_indices(s) for s in (7, 2, 5)]  # any order
     assert a.step_indices(0) != StepPlan(list(range(1, 21)), 4, 1, seed=4).step_indices(0)
+
+
+def test_a_step_sees_the_same_examples_however_it_is_split():
+    """Length-grouped: batch 8 x accum 1, batch 2 x accum 4 and 2 processes x batch 2 x accum 2 pick the same 8
+    examples at every step (grouping chooses a step's examples first, then cuts them into micro-batches)."""
+    lengths = [(7 * i) % 23 + 1 for i in range(37)]
+
+    def step_sets(batch: int, accum: int, world: int) -> list[set[int]]:
+        ps = [StepPlan(lengths, batch, accum, seed=5, group_by_length=True, rank=r, world=world) for r in range(world)]
+        return [{i for p in ps for mb in p.step_indices(s) for i in mb} for s in range(ps[0].steps_per_epoch)]
+
+    reference = step_sets(8, 1, 1)
+    assert len(reference) == 5 and sorted(i for s in reference for i in s) == list(range(37))
+    assert step_sets(2, 4, 1) == reference and step_sets(2, 2, 2) == reference
+    # inside a step, micro-batches are cut longest first: little padding in each
+    p = StepPlan(lengths, 2, 4, seed=5, group_by_length=True)
+    widths = [[lengths[i] for i in mb] for mb in p.step_indices(0)]
+    flat = [w for mb in widths for w in mb]
+    assert flat == sorted(flat, reverse=True)

@@ -159,7 +159,36 @@ def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
     check_choices(cfg, origin)
     check_ranges(cfg, origin)
     apply_model_preset(cfg, origin)
+    resolve_precision(cfg)
     return cfg
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 matmuls in hardware (CUDA with bf16, or a CPU with AVX512-BF16 or
+    AMX). Without it, CPU bf16 autocast is emulated: measured 4x slower than fp32 per matmul on an AVX-512 CPU
+    without BF16, while with AMX it trains ~1.8x faster than fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    return bool(cpu and (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()))
+
+
+def resolve_precision(cfg: DictConfig) -> None:
+    """`train.precision: auto` -> bf16 where the hardware has it, else fp16 on a GPU and fp32 on a CPU.
+    `eval.precision: auto` -> bf16 on a GPU with bf16, else fp32 (CPU decoding is faster in fp32 even with
+    AMX: autocast re-casts every weight at every step). Resolved here so config.yaml records what ran."""
+    import torch
+
+    for section in ("train", "eval"):
+        node = cfg.get(section)
+        if node is None or node.get("precision") != "auto":
+            continue
+        if section == "train":
+            node.precision = "bf16" if native_bf16() else ("fp16" if torch.cuda.is_available() else "fp32")
+        else:
+            node.precision = "bf16" if torch.cuda.is_available() and native_bf16() else "fp32"
 
 
 def apply_model_preset(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "") -> None:

@@ -86,7 +86,7 @@ class TrainConfig:
     max_minutes: Optional[float] = None  # wall-clock budget: stop cleanly after this many minutes
     batch_size: int = 8                  # examples (or packed rows) per micro-batch
     grad_accum: int = 1
-    precision: str = "fp32"              # fp32 | bf16 | fp16 (autocast)
+    precision: str = "fp32"              # fp32 | bf16 | fp16 (autocast) | auto (see config.load.resolve_precision)
     fp16_init_scale: float = 65536.0     # first loss scale of the fp16 gradient scaler (halved on each overflow)
     grad_clip: Optional[float] = 1.0
     gradient_checkpointing: bool = False
@@ -194,7 +194,7 @@ class EvalConfig:
     top_p: float = 1.0
     n: int = 1
     stop: list[str] = field(default_factory=list)
-    precision: str = "fp32"              # fp32 | bf16 autocast during generation
+    precision: str = "fp32"              # fp32 | bf16 autocast during generation | auto
 
 
 @dataclass
@@ -250,12 +250,12 @@ CHOICES = {
     "schedule.name": ("constant", "linear", "cosine", "cosine_with_min_lr"),
     "train.method": ("sft", "dpo", "pretrain"),
     "dpo.loss_type": ("sigmoid", "ipo", "hinge"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("fp32", "bf16", "fp16", "auto"),
     "train.nan_policy": ("stop", "skip"),
     "pretrain.spike_action": ("log", "skip"),
     "eval.engine": ("hf", "vllm"),
     "loop.engine": ("hf", "vllm"),
-    "eval.precision": ("fp32", "bf16", "fp16"),
+    "eval.precision": ("fp32", "bf16", "fp16", "auto"),
 }
 
 # Numeric ranges, checked right after a recipe loads (`ftlab.config.load.check_ranges`), before any

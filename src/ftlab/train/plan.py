@@ -3,8 +3,8 @@
 Shared by every objective (SFT, DPO, pretraining), so data order, accumulation and data parallelism
 are written once:
 
-* an epoch is a list of *global* micro-batches (`batch_size x world` example indices), shuffled or
-  length-grouped by `seed + epoch`; an optimizer step takes `grad_accum` of them;
+* an epoch is a list of optimizer steps, each `batch_size x world x grad_accum` examples, shuffled or
+  length-grouped by `seed + epoch`, cut into `grad_accum` *global* micro-batches (`batch_size x world`);
 * each process takes every `world`-th index of a global micro-batch (`b[rank::world]`);
 * every process gets exactly `grad_accum` micro-batches in every step, some possibly empty (the last
   step of an epoch, or a global micro-batch with fewer indices than processes). The objective turns
@@ -48,20 +48,33 @@ class StepPlan:
     def steps_per_epoch(self) -> int:
         return math.ceil(self.micro_per_epoch / self.grad_accum)
 
+    def epoch_steps(self, epoch: int) -> list[list[list[int]]]:
+        """Each optimizer step's global micro-batches (example indices) in one epoch, deterministic in (seed, epoch).
+
+        A step's examples are chosen first (shuffled, or length-grouped), then cut into `grad_accum` global
+        micro-batches, longest first: which examples a step sees does not depend on how it is split, so
+        batch 8 x accumulation 1, batch 2 x accumulation 4 and 2 processes x batch 2 x accumulation 2 train on
+        the same examples at every step (and give the same losses, to float rounding)."""
+        per_step = self.global_batch * self.grad_accum
+        if self.group_by_length:  # each group comes out sorted by length, longest first
+            groups = length_grouped_batches(self.lengths, per_step, seed=self.seed + epoch)
+        else:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(len(self.lengths), generator=gen).tolist()
+            groups = [order[i:i + per_step] for i in range(0, len(order), per_step)]
+        gb = self.global_batch
+        return [[g[i:i + gb] for i in range(0, len(g), gb)] for g in groups]
+
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """Global micro-batches (example indices) of one epoch, deterministic in (seed, epoch)."""
-        if self.group_by_length:
-            return length_grouped_batches(self.lengths, self.global_batch, seed=self.seed + epoch)
-        gen = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(len(self.lengths), generator=gen).tolist()
-        return [order[i:i + self.global_batch] for i in range(0, len(order), self.global_batch)]
+        """All global micro-batches of one epoch, in step order."""
+        return [b for step in self.epoch_steps(epoch) for b in step]
 
     def global_step(self, step: int) -> list[list[int]]:
         """The global micro-batches of optimizer step `step` (0-based); fewer than grad_accum at an epoch's end."""
         epoch, k = divmod(step, self.steps_per_epoch)
         if self._cache.get("epoch") != epoch:  # one epoch's plan is kept at a time
-            self._cache.update(epoch=epoch, batches=self.epoch_batches(epoch))
-        return self._cache["batches"][k * self.grad_accum:(k + 1) * self.grad_accum]
+            self._cache.update(epoch=epoch, steps=self.epoch_steps(epoch))
+        return self._cache["steps"][k]
 
     def step_indices(self, step: int) -> list[list[int]]:
         """This process's share of step `step`: exactly grad_accum lists of indices, some possibly empty."""
