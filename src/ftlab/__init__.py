@@ -6,16 +6,35 @@ The SFT building blocks (seed 002) are importable from the top level:
 
 and the DPO loss: `from ftlab import dpo_loss` (training: `ftlab.train.dpo.run_dpo`, or train.method: dpo).
 """
-from ftlab.data.sft import tokenize_prompt_and_output
-from ftlab.evaluate import log_generations
-from ftlab.losses import (compute_entropy, dpo_loss, get_response_log_probs, masked_mean, masked_normalize,
-                          sft_microbatch_train_step)
-from ftlab.tasks.gsm8k import parse_gsm8k_response
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "tokenize_prompt_and_output", "compute_entropy", "get_response_log_probs", "masked_normalize",
-    "masked_mean", "sft_microbatch_train_step", "dpo_loss", "log_generations", "parse_gsm8k_response",
-    "__version__",
-]
+# Imported on first use (PEP 562): `import ftlab` stays light, so the CLI starts fast and the corpus
+# tokenizer's worker processes do not pay for torch and transformers.
+_EXPORTS = {
+    "tokenize_prompt_and_output": "ftlab.data.sft",
+    "compute_entropy": "ftlab.losses",
+    "dpo_loss": "ftlab.losses",
+    "get_response_log_probs": "ftlab.losses",
+    "masked_mean": "ftlab.losses",
+    "masked_normalize": "ftlab.losses",
+    "sft_microbatch_train_step": "ftlab.losses",
+    "log_generations": "ftlab.evaluate",
+    "parse_gsm8k_response": "ftlab.tasks.gsm8k",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ftlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
