@@ -64,6 +64,7 @@ def heldout_sets(cfg: DictConfig, data_dir: Path) -> tuple[dict[int, Path], str]
 def evaluate_all(model: Any, tokenizer: Any, sets: dict[int, Path], cfg: DictConfig, out_dir: Path,
                  label: str) -> dict[int, dict]:
     from ftlab.evaluate import evaluate_examples
+    from ftlab.models.load import release_memory
     from ftlab.tasks import get_task
 
     task = get_task("prontoqa")
@@ -75,6 +76,7 @@ def evaluate_all(model: Any, tokenizer: Any, sets: dict[int, Path], cfg: DictCon
         rows, metrics = evaluate_examples(model, tokenizer, task, examples, cfg.eval, cfg.seed)
         write_jsonl(out_dir / f"predictions_{label}_{hops}hop.jsonl", rows)
         results[hops] = metrics
+        release_memory()  # the engine's KV slots of this set
     write_json(out_dir / f"metrics_{label}.json", {str(h): m for h, m in results.items()})
     return results
 
@@ -95,7 +97,7 @@ def method_sentence(cfg: DictConfig) -> str:
 
 
 def run_quickstart(cfg: DictConfig) -> RunDir:
-    from ftlab.models.load import load_model_and_tokenizer
+    from ftlab.models.load import load_model_and_tokenizer, release_memory
     from ftlab.train.sft import run_sft
 
     started = time.time()
@@ -110,11 +112,13 @@ def run_quickstart(cfg: DictConfig) -> RunDir:
         base, tokenizer = load_model_and_tokenizer(cfg.model)
         before = evaluate_all(base, tokenizer, sets, cfg, run.path, "base")
         del base
+        release_memory()  # each phase's peak then starts from what is alive, not from the last phase's peak
 
         sft_cfg = OmegaConf.merge(cfg, {"data": {"train": str(train_path), "task": "prontoqa"},
                                         "output_dir": str(run.path), "kind": "sft"})
         sft_run = run_sft(sft_cfg)
         run.log_to_file()  # the SFT run had taken over the log file handler
+        release_memory()
         tuned, tokenizer = load_tuned(cfg, sft_run.path / "final")
         after = evaluate_all(tuned, tokenizer, sets, cfg, run.path, "tuned")
 

@@ -351,3 +351,21 @@ def attach_adapter(model: Any, adapter_path: str, trainable: bool = False) -> An
     # For inference, fold LoRA into the base weights: generation then runs a plain model, without the
     # extra adapter matmuls in every layer (several times faster per decoded token on CPU).
     return model if trainable else model.merge_and_unload()
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the operating system between the phases of a job.
+
+    After a model, an optimizer or a KV cache is dropped, glibc keeps the freed pages in its arenas, so the
+    next phase's peak lands on top of the last one's (the quickstart reached 11 GB this way with no phase
+    above 6 GB). Collecting cycles and trimming the heap makes each phase start from what is really alive."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
