@@ -15,8 +15,8 @@ Three measurements, each ftlab's real code next to a hand-written baseline on th
    times over (copies get their own ids); without that folder, a generated corpus of the same size.
    TOKENIZERS_PARALLELISM=false everywhere (prepare-corpus's workers set it too), so a process is one core.
    Every ftlab corpus must hold exactly the plain loop's token ids, in input order (checked, not just counted).
-   A prepare-corpus call also has a fixed cost (load the tokenizer and hash it; spawn the workers, which import
-   torch and transformers to load the tokenizer): measured as the same call on the first 64 texts per worker
+   A prepare-corpus call also has a fixed cost (load the tokenizer and hash it; spawn the workers, each of which
+   rebuilds the Rust tokenizer from the main process's): measured as the same call on the first 64 texts per worker
    (one chunk each, so every worker is spawned), and reported apart ("beyond it" = the extra tokens over the
    extra wall time).
 2. Window sampling (windows/s). ftlab's `WindowSampler` (the real class) over the training split of the
@@ -503,7 +503,7 @@ def report(a: argparse.Namespace, meta: dict[str, Any], tok: dict[str, Any] | No
         L += ["", "ftlab rows are whole `prepare_corpus` calls (read, split, encode, write the corpus files); plain "
               "rows only encode texts already in memory. Small-input call: the same call on the first 64 texts per "
               "worker (64 for --workers 0), i.e. its fixed cost (tokenizer load and hash; spawning each worker, "
-              "which imports torch and transformers and loads the tokenizer); tokens/s beyond it = (tokens - its "
+              "which rebuilds the Rust tokenizer from the main process's); tokens/s beyond it = (tokens - its "
               "tokens) / (wall - its wall), the rate once the workers run.", ""]
     if win:
         n = win["windows"]
