@@ -38,7 +38,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import logging
 import os
 import platform
 import sys
@@ -52,6 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
+from benchlib import quiet_run  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 MODEL = "smollm2-135m-instruct"
 CONFIGS = ("lora-fp32", "full-fp32", "lora-bf16", "full-bf16")
@@ -246,14 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in configs:
         if c not in CONFIGS:
             p.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    logging.basicConfig(level=logging.WARNING)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger("ftlab").propagate = False
+    quiet_run(a.threads)
     try:
         from datasets.utils.logging import disable_progress_bar
 

@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import torch
 import transformers
+from benchlib import write_section  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -173,19 +174,6 @@ def load_average() -> str:
         return " / ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace only our section of the shared benchmarks file; other benchmarks' sections stay."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end + 1 :] if end >= 0 else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new.rstrip("\n") + "\n")
 
 
 def fmt_runs(values: list[float], unit: str = "") -> str:
@@ -449,7 +437,7 @@ def main() -> None:
     text = "\n".join(report.lines())
     print("\n" + text)
     if not args.no_write:
-        write_section(args.out, text)
+        write_section(args.out, SECTION, text)
         print(f"wrote {args.out}")
 
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import math
 import os
 import platform
@@ -72,6 +71,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from benchlib import quiet_run, write_section  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -546,18 +546,6 @@ def report(a: argparse.Namespace, meta: dict[str, Any], tok: dict[str, Any] | No
     return "\n".join(L).rstrip() + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace only this benchmark's section of the shared file (or append it); other sections stay."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end:] if end >= 0 else "")
-    path.write_text(new.rstrip("\n") + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -577,14 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     if skip - {"tokenize", "windows", "train"}:
         p.error(f"--skip: unknown part(s) {', '.join(sorted(skip - {'tokenize', 'windows', 'train'}))}")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    logging.basicConfig(level=logging.WARNING)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger("ftlab").propagate = False  # run logs go to each run's run.log only
+    quiet_run(a.threads)
 
     real = a.data.is_file() and not a.generated
     rows = read_rows(a.data) if real else generated_rows()
@@ -620,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         a.json.write_text(json.dumps({"meta": meta, "tokenize": tok, "windows": win, "train": tr}, indent=2,
                                      default=str))
     if not a.no_write:
-        write_section(a.out, text)
+        write_section(a.out, SECTION, text)
         print(f"wrote {SECTION!r} in {a.out}")
     return 0
 

@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import os
 import platform
 import statistics
@@ -70,6 +69,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
+from benchlib import quiet_run  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 MODEL = "smollm2-135m-instruct"
 # ../shared beside the checkout (the developer/CI machines' data folder)
@@ -362,14 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in configs:
         if c not in CONFIGS:
             p.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    logging.basicConfig(level=logging.WARNING)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger("ftlab").propagate = False  # run logs go to each run's run.log only
+    quiet_run(a.threads)
     try:
         from datasets.utils.logging import disable_progress_bar
 

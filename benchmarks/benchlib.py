@@ -1,0 +1,32 @@
+"""What every benchmark script here does the same way: quiet logging and its own section of docs/BENCHMARKS.md."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+
+def quiet_run(threads: int | None) -> None:
+    """Set torch's thread count (None: torch's choice) and silence library logs and progress bars; ftlab's run
+    logs still go to each run's run.log."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    if threads:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("ftlab").propagate = False
+
+
+def write_section(path: Path, section: str, text: str) -> None:
+    """Replace only the section headed `section` in the shared benchmarks file (or append it); others stay."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = old.find(section)
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + len(section))
+        new = old[:start] + text.rstrip("\n") + "\n" + (old[end:] if end >= 0 else "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new.rstrip("\n") + "\n")
