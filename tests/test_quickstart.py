@@ -64,7 +64,10 @@ def test_ctrl_c_or_sigterm_marks_the_run_interrupted(tmp_path, sig, code):
     cmd = [sys.executable, "-m", "ftlab.cli", "quickstart", str(REPO / "recipes" / "quickstart.yaml"),
            f"output_dir={tmp_path}", f"quickstart.heldout_dir={tmp_path / 'none'}", *SHORT,
            "eval.max_new_tokens=64"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a shell starts background jobs (a CI script's `&`, nohup) with SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler, so Ctrl-C would never reach the job
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and not list(tmp_path.glob("quickstart/2*/data/heldout_3hop.jsonl")):
         time.sleep(0.1)
