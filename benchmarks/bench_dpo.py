@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -51,7 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
-from benchlib import quiet_run  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from benchlib import parse_configs, print_report, quiet_run  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 MODEL = "smollm2-135m-instruct"
 CONFIGS = ("lora-fp32", "full-fp32", "lora-bf16", "full-bf16")
@@ -242,17 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", help="also write all measurements to this JSON file")
     a = p.parse_args(argv)
-    configs = [c.strip() for c in a.configs.split(",") if c.strip()]
-    for c in configs:
-        if c not in CONFIGS:
-            p.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
+    configs = parse_configs(p, a.configs, CONFIGS)
     quiet_run(a.threads)
-    try:
-        from datasets.utils.logging import disable_progress_bar
-
-        disable_progress_bar()
-    except ImportError:
-        pass
 
     texts, encoded = ftlab_pairs(a.steps, a.batch)
     total = sum(len(e["chosen"]) + len(e["rejected"]) for e in encoded)
@@ -291,11 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("WARNING: ftlab and TRL did not see the same pairs at every step", flush=True)
             results.append(res)
     meta["total_s"] = round(time.perf_counter() - t_all)
-    print()
-    print(markdown(results))
-    print(f"\n{meta['date']}, total {meta['total_s']} s, versions {meta['versions']}")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print_report(markdown(results), meta, results, a.json)
     return 0
 
 

@@ -69,7 +69,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch  # noqa: E402
-from benchlib import quiet_run  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from benchlib import parse_configs, print_report, quiet_run  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 MODEL = "smollm2-135m-instruct"
 # ../shared beside the checkout (the developer/CI machines' data folder)
@@ -358,17 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write all measurements to this JSON file")
     p.add_argument("--profile", metavar="DIR", help="torch.profiler op tables of step 2 of every run, into DIR")
     a = p.parse_args(argv)
-    configs = [c.strip() for c in a.configs.split(",") if c.strip()]
-    for c in configs:
-        if c not in CONFIGS:
-            p.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
+    configs = parse_configs(p, a.configs, CONFIGS)
     quiet_run(a.threads)
-    try:
-        from datasets.utils.logging import disable_progress_bar
-
-        disable_progress_bar()
-    except ImportError:
-        pass
 
     from ftlab.models.load import load_tokenizer, resolve_model_path
 
@@ -428,11 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             res["ratio"] = res["ftlab"]["tokens_per_s"] / res["trl"]["tokens_per_s"]
             results.append(res)
     meta["total_s"] = round(time.perf_counter() - t_all)
-    print()
-    print(markdown(results))
-    print(f"\n{meta['date']}, total {meta['total_s']} s, versions {meta['versions']}")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print_report(markdown(results), meta, results, a.json)
     return 0
 
 

@@ -1,8 +1,20 @@
 """What every benchmark script here does the same way: quiet logging and its own section of docs/BENCHMARKS.md."""
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 from pathlib import Path
+from typing import Any
+
+
+def parse_configs(parser: argparse.ArgumentParser, text: str, choices: tuple[str, ...]) -> list[str]:
+    """A comma list of configurations, each one of `choices` (else the usual argparse error)."""
+    configs = [c.strip() for c in text.split(",") if c.strip()]
+    for c in configs:
+        if c not in choices:
+            parser.error(f"unknown config {c!r}; choose from {', '.join(choices)}")
+    return configs
 
 
 def quiet_run(threads: int | None) -> None:
@@ -17,6 +29,12 @@ def quiet_run(threads: int | None) -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("ftlab").propagate = False
+    try:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def write_section(path: Path, section: str, text: str) -> None:
@@ -30,3 +48,12 @@ def write_section(path: Path, section: str, text: str) -> None:
         new = old[:start] + text.rstrip("\n") + "\n" + (old[end:] if end >= 0 else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new.rstrip("\n") + "\n")
+
+
+def print_report(table: str, meta: dict[str, Any], results: list[dict[str, Any]], json_path: str | None) -> None:
+    """The markdown table and the run's date, duration and versions; all measurements as JSON when asked."""
+    print()
+    print(table)
+    print(f"\n{meta['date']}, total {meta['total_s']} s, versions {meta['versions']}")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
