@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import json
 import resource
 import sys
@@ -49,11 +47,6 @@ def reset_peak() -> bool:
         return False
 
 
-def malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 @contextlib.contextmanager
 def phase(name: str, setting: str = "") -> Iterator[None]:
     """Record RSS before, the phase's peak RSS, RSS after (and after gc + malloc_trim), seconds."""
@@ -64,8 +57,9 @@ def phase(name: str, setting: str = "") -> Iterator[None]:
     seconds, r1 = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
     peak, after = status_kb("VmHWM"), status_kb("VmRSS")
     if TRIM:  # what the job would hold if freed memory went back to the OS at once
-        gc.collect()
-        malloc_trim()
+        from ftlab.models.load import release_memory
+
+        release_memory()
     row = {"phase": name, "setting": setting, "rss_before_mb": before / 1024, "peak_mb": peak / 1024,
            "rss_after_mb": after / 1024, "rss_after_trim_mb": status_kb("VmRSS") / 1024 if TRIM else None,
            "seconds": round(seconds, 1), "user_s": round(r1.ru_utime - r0.ru_utime, 1),

@@ -242,8 +242,7 @@ def prepare_corpus(s: PrepareSettings) -> dict[str, Any]:
 
     check_settings(s)
     out = Path(s.out)
-    tokenizer_path = resolve_model_path(s.tokenizer)
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(resolve_model_path(s.tokenizer))
     settings = {"source": source_identity(s), "tokenizer": {"name": s.tokenizer, "sha256": tokenizer_hash(tokenizer)},
                 "text_field": s.text_field, "category_field": s.category_field, "id_field": s.id_field,
                 "seed": s.seed, "val_fraction": s.val_fraction, "test_fraction": s.test_fraction,
