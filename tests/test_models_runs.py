@@ -95,6 +95,29 @@ def test_lora_wrapping_warns_nothing():
         apply_lora(model, LoraConfig(enabled=True), gradient_checkpointing=True)
 
 
+def test_lora_last_layers_adapts_only_the_top_layers_and_backward_stops_there():
+    """lora.last_layers=2 of 4: adapters in layers 2-3 only; a backward pass never reaches layers 0-1 (the
+    point of the option: their activations need no gradient), and more layers than the model has is a UserError."""
+    from ftlab.config.schema import LoraConfig
+    from ftlab.errors import UserError
+    from ftlab.models.adapters import apply_lora
+
+    def tiny():
+        return load_model_and_tokenizer(ModelConfig(scratch={
+            "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 2}))[0]
+    model = apply_lora(tiny(), LoraConfig(enabled=True, target_modules=["q_proj", "down_proj"], last_layers=2))
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_" in n}
+    assert adapted == {2, 3}
+    reached = []
+    for i, layer in enumerate(model.base_model.model.model.layers):
+        layer.register_full_backward_hook(lambda m, gi, go, i=i: reached.append(i))
+    model(torch.tensor([[1, 2, 3, 4]])).logits.sum().backward()
+    assert sorted(set(reached)) == [2, 3]
+    with pytest.raises(UserError, match="lora.last_layers=5 but the model has 4 layers"):
+        apply_lora(tiny(), LoraConfig(enabled=True, last_layers=5))
+
+
 @pytest.mark.slow
 def test_damaged_embedded_cache_is_converted_again(tmp_path, monkeypatch):
     """A truncated cached conversion (a killed copy, a full disk) is rebuilt, not loaded or reported."""

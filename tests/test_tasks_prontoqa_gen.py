@@ -229,6 +229,24 @@ def test_backward_proof_by_hand():
     assert backward_proof(context, "Sam is temperate.", chain[:2], "False") is None  # not a chain
 
 
+def test_closure_proof_by_hand():
+    """Breadth first from the entity's facts: gorpus and numpus are expanded before what they lead to;
+    property rules other than the queried one are not said; it stops at the concept whose rule says it."""
+    from ftlab.tasks.prontoqa import closure_proof
+
+    context = ("Every shumpus is temperate. Impuses are brimpuses. Every brimpus is not temperate. Gorpuses are dumpuses. "
+               "Numpuses are impuses. Each numpus is opaque. Numpuses are rompuses. Brimpuses are tumpuses. "
+               "Sam is a gorpus. Sam is a numpus.")
+    expected = ("Sam is a gorpus. Sam is a numpus. Gorpus: dumpus. Numpus: impus, rompus. Dumpus: nothing. "
+                "Impus: brimpus. Rompus: nothing. Brimpus: not temperate, tumpus. So Sam is not temperate, ")
+    assert closure_proof(context, "Sam is temperate.", "False") == (
+        expected + "which contradicts the claim. The answer is False.")
+    assert closure_proof(context, "Sam is not temperate.", "True") == (
+        expected + "which is the claim. The answer is True.")
+    assert closure_proof(context, "Sam is temperate.", "True") is None  # the label disagrees with the logic
+    assert closure_proof(context, "Sam is sour.", "False") is None      # nothing reachable says it
+
+
 def check_backward_proof(record: dict, target: str) -> None:
     """The backward target quotes only context sentences, climbs connected rules and agrees with the solver."""
     context_sentences = set(split_sentences(record["question"]))
@@ -274,6 +292,30 @@ def test_backward_targets_of_authors_files_are_valid_proofs():
         records = [json.loads(line) for line in path.read_text().splitlines()]
         for i, record in enumerate(records):
             check_backward_proof(record, task.to_example(record, i).target)
+
+
+@pytest.mark.parametrize("source", ["generated", "authors"])
+def test_closure_targets_reach_the_queried_property_and_agree_with_the_solver(source):
+    """Every problem gets a closure target (none falls back to the forward chain), each line's concept was
+    reached earlier, and the verdict is the independent solver's."""
+    from ftlab.tasks import get_task
+
+    if source == "authors" and not DATA.is_dir():
+        pytest.skip("needs ../shared/data/prontoqa")
+    records = (generate_prontoqa(200, hops=[1, 2, 3, 4, 5], seed=12) if source == "generated" else
+               [json.loads(line) for h in (1, 3, 5)
+                for line in (DATA / f"generator_{h}hop_test.jsonl").read_text().splitlines()[:100]])
+    task = get_task("prontoqa", proof="closure")
+    for i, record in enumerate(records):
+        target = task.to_example(record, i).target
+        entity = record["query"].split(":")[-1].split()[0]
+        reached = re.findall(rf"{entity} is an? (\w+)\.", target)
+        assert reached, target
+        for line in re.findall(r"(\w+): ([^.]+)\.", target):
+            assert line[0].lower() in reached, target
+            reached += [w for w in line[1].split(", ") if w != "nothing" and not w.startswith("not ")]
+        verdict = re.search(r"The answer is (True|False)\.$", target).group(1)
+        assert verdict == record["answer"] == solve(record["question"], record["query"])
 
 
 def test_unknown_proof_style_is_a_user_error():

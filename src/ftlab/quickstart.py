@@ -92,7 +92,8 @@ def load_tuned(cfg: DictConfig, final: Path) -> tuple[Any, Any]:
 
 def method_sentence(cfg: DictConfig) -> str:
     if cfg.lora.enabled:
-        return f"LoRA (r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets {list(cfg.lora.target_modules)})"
+        where = f", last {cfg.lora.last_layers} layers" if cfg.lora.last_layers else ""
+        return f"LoRA (r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets {list(cfg.lora.target_modules)}{where})"
     return "full fine-tuning (all weights)"
 
 
@@ -181,9 +182,13 @@ Predictions: `predictions_base_*hop.jsonl`, `predictions_tuned_*hop.jsonl`.
 
 
 def proof_sentence(cfg: DictConfig) -> str:
-    if cfg.data.task_options.get("proof") == "backward":
+    proof = cfg.data.task_options.get("proof")
+    if proof == "backward":
         return ("goal-directed proofs (`data.task_options.proof: backward`): restate the claim, find the rule "
                 "about the queried property, climb back to the entity's fact, compare with the claim.")
+    if proof == "closure":
+        return ("forward chaining, breadth first (`data.task_options.proof: closure`): from the entity's facts, "
+                "one line per concept reached, listing what the rules about it say, until the queried property.")
     return "the generator's forward chain of thought, then \"The answer is True/False.\""
 
 

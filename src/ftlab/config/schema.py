@@ -36,6 +36,8 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     quantize: Optional[str] = None       # "nf4" = QLoRA (bitsandbytes, GPU only)
+    last_layers: Optional[int] = None    # adapters on the last N transformer layers only (null: all); the
+                                         # backward pass then stops at the lowest adapted layer
 
 
 @dataclass
@@ -268,6 +270,7 @@ RANGES: dict[str, str] = {
     "lora.r": ">= 1",
     "lora.alpha": "> 0",
     "lora.dropout": "[0, 1)",
+    "lora.last_layers": ">= 1",
     "data.limit": ">= 1",
     "data.val_limit": ">= 1",
     "data.shots": ">= 0",

@@ -56,12 +56,23 @@ def apply_lora(model: Any, lora_cfg: Any, gradient_checkpointing: bool = False) 
                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=targets if targets != ["all-linear"] else "all-linear",
+                        layers_to_transform=adapted_layers(model, lora_cfg.last_layers),
                         task_type="CAUSAL_LM")
     with peft_wrapping():
         model = get_peft_model(model, config)
     if gradient_checkpointing:  # after the adapters, non-reentrant: see module docstring
         enable_gradient_checkpointing(model)
     return model
+
+
+def adapted_layers(model: Any, last_layers: int | None) -> list[int] | None:
+    """Indices of the last `last_layers` transformer layers (None: every layer gets adapters)."""
+    if last_layers is None:
+        return None
+    total = model.config.num_hidden_layers
+    if last_layers > total:
+        raise UserError(f"lora.last_layers={last_layers} but the model has {total} layers")
+    return list(range(total - last_layers, total))
 
 
 @contextmanager

@@ -32,7 +32,7 @@ from ftlab.tasks.scoring import (
 )
 
 AUTHORS_FIELDS = ("question", "query", "answer")
-PROOF_STYLES = ("forward", "backward")
+PROOF_STYLES = ("forward", "backward", "closure")
 EXTRACTION_RULE = (
     "strict: the last 'answer is True/False' (case-insensitive, optional ':' or '**'); flexible: the last "
     "standalone word 'true' or 'false' anywhere in the output. Primary (accuracy) = strict, else flexible: "
@@ -275,6 +275,54 @@ def backward_proof(context: str, statement: str, chain: list[str], gold: str) ->
     return " ".join(steps)
 
 
+def closure_proof(context: str, statement: str, gold: str) -> str | None:
+    """Forward chaining over the whole ontology from the entity's facts, breadth first, or None.
+
+    Every step looks rules up by their *subject* (the first words of a sentence), which a small model
+    can do by matching the concept and copying what follows it; no step needs to know in advance which
+    parent concept leads to the queried property. One line per concept, in the order concepts were
+    reached: its parent concepts and, when stated, the queried property; it stops at that property.
+    For "Sam is not temperate." (True):
+
+        Sam is a gorpus. Sam is a numpus. Gorpus: dumpus. Numpus: impus, rompus. Dumpus: nothing.
+        Impus: brimpus, zumpus. Rompus: nothing. Brimpus: tumpus, not temperate, sterpus.
+        So Sam is not temperate, which is the claim. The answer is True.
+    """
+    from ftlab.sokrates.logic import CONCEPT, Fact, LogicParseError, Rule, nouns, parse_premises, parse_sentence
+
+    try:
+        premises = parse_premises(context)
+        claim = parse_sentence(statement, nouns([s.strip() for s in _SENTENCE_RE.findall(context)]))
+    except LogicParseError:
+        return None
+    if not isinstance(claim, Fact):
+        return None
+    rules: dict[str, list[Rule]] = defaultdict(list)
+    for p in premises:
+        if isinstance(p, Rule):
+            rules[p.subject].append(p)
+    facts = [p for p in premises if isinstance(p, Fact) and p.entity == claim.entity and p.kind == CONCEPT]
+    reached = [f.pred for f in facts]
+    steps, found = [f"{f.text()}." for f in facts], None
+    for concept in reached:  # grows while it is read: breadth first
+        said = []
+        for rule in rules[concept]:
+            if rule.kind == CONCEPT:
+                said.append(rule.pred)
+                reached += [] if rule.pred in reached else [rule.pred]
+            elif rule.pred == claim.pred:
+                said.append(f"not {rule.pred}" if rule.negated else rule.pred)
+                found = rule
+        steps.append(f"{concept.capitalize()}: {', '.join(said) or 'nothing'}.")
+        if found:
+            break
+    if found is None or (found.negated == claim.negated) != (gold == "True"):
+        return None
+    verdict = "which is the claim" if gold == "True" else "which contradicts the claim"
+    steps.append(f"So {found.apply(claim.entity).text()}, {verdict}. The answer is {gold}.")
+    return " ".join(steps)
+
+
 def lookup_turn(context: str, prop: str) -> tuple[str, str]:
     """A retrieval drill: which context sentences mention `prop`, quoted in context order.
 
@@ -348,6 +396,8 @@ class ProntoQATask(Task):
         target = f"{reasoning}{sep}The answer is {gold}." if reasoning else f"The answer is {gold}."
         if self.proof == "backward" and fmt == "authors":
             target = backward_proof(context, statement, chain, gold) or target
+        elif self.proof == "closure" and fmt == "authors":
+            target = closure_proof(context, statement, gold) or target
         return target
 
     def __init__(self, proof: str = "forward"):
