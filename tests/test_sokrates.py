@@ -143,7 +143,8 @@ AUTHORS_ROW = {  # coconut_5hop_test.jsonl, first row (fields as in the authors'
 def test_optionizer_on_an_authors_row_by_hand():
     example = get_task("prontoqa").to_example(AUTHORS_ROW, 0)
     prompt = render_problem(example)
-    assert "Premise 0: Brimpuses are not luminous.\n" in prompt and "Premise 24: Stella is a zumpus.\n" in prompt
+    # each number after its sentence, as the thoughts cite it
+    assert prompt.startswith("Brimpuses are not luminous (premise 0).\n") and "\nStella is a zumpus (premise 24).\n" in prompt
     assert "\nClaim: Stella is not floral.\n" in prompt
     proof = optionize(example)
     assert proof.source == "gold" and proof.verdict == "False"
@@ -153,9 +154,9 @@ def test_optionizer_on_an_authors_row_by_hand():
         ("MODUS_PONENS", (24, 21)), ("MODUS_PONENS", (25, 5)), ("MODUS_PONENS", (26, 12)),
         ("MODUS_PONENS", (27, 2)), ("MODUS_PONENS", (28, 9)), ("CONCLUDE", (29,))]
     assert proof.steps[0].thought == ("Since Stella is a zumpus (premise 24) and zumpuses are gorpuses (premise 21), "
-                                      "Stella is a gorpus.")
+                                      "Stella is a gorpus (derived fact 25).")
     assert proof.steps[4].thought == ("Since Stella is a lorpus (derived fact 28) and every lorpus is floral "
-                                      "(premise 9), Stella is floral.")
+                                      "(premise 9), Stella is floral (derived fact 29).")
     target = optionized_target(example)
     assert target.splitlines()[-1] == 'Action: <Option type="CONCLUDE" args="[29]" />'
     assert "('" not in target and "True)" not in target  # no predicate-style thoughts

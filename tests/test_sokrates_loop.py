@@ -166,7 +166,7 @@ def test_sft_supervises_the_whole_option_trace(tmp_path, embedded_tokenizer):
     objective = build_objective(cfg, embedded_tokenizer)
     sample = objective.report.samples[0]
     supervised = sample[sample.index("«") + 1:sample.rindex("»")]
-    assert supervised.startswith("Thought: ") and "Premise 0:" in sample[:sample.index("«")]
+    assert supervised.startswith("Thought: ") and "(premise 0)." in sample[:sample.index("«")]
     assert supervised.count("Action: <Option") == supervised.count("Thought: ") >= 2
     assert 'type="MODUS_PONENS"' in supervised and 'type="CONCLUDE"' in supervised
     assert supervised.endswith("<|im_end|>")

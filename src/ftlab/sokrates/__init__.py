@@ -1,6 +1,6 @@
 """SOKRATES-style option traces: numbered premises, optionized gold proofs, a step verifier and solvers.
 
-* `problems`: `Problem`, `render_problem` (the prompt: "Premise 0: ...", the claim, the step format);
+* `problems`: `Problem`, `render_problem` (the prompt: "... (premise 0).", the claim, the step format);
 * `options`: the option vocabulary and the "Thought: ... / Action: <Option .../>" syntax;
 * `optionizer`: gold proofs -> steps (`optionize`, `optionized_target`);
 * `verifier`: `verify_trace` (every step checked) and the PrOntoQA / FOLIO solvers behind `ftlab verify`;

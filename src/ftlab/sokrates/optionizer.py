@@ -5,8 +5,9 @@ or LoGiPT's "Use rule2: ... Obtain a new implied fact: Nervous('Wren', True)") i
 facts, each with the rule sentence that precedes it as a hint. Every fact that is not a premise must
 follow in one step (modus ponens, or modus tollens) from a fact already known and a premise rule; the
 steps the deciding fact does not depend on are dropped, and the rest numbered (premises 0..P-1,
-derived facts P, P+1, ... in step order). A closing CONCLUDE cites the fact that is the claim (True) or
-its negation (False). When the gold chain cannot be read that way, or proves the other answer, the
+derived facts P, P+1, ... in step order; each step's thought states the number of the fact it derives,
+so a later citation copies it instead of counting steps). A closing CONCLUDE cites the fact that is the
+claim (True) or its negation (False). When the gold chain cannot be read that way, or proves the other answer, the
 solver's own shortest derivation is used instead and `Proof.source` says "solver".
 
 FOLIO has no gold proofs: its target is one CONCLUDE step citing a smallest set of premises the
@@ -160,7 +161,8 @@ def _render(problem: Problem, premises: list[Statement], claim: Fact,
         rule_text = problem.premises[d.rule].strip().rstrip(".")
         rule_text = rule_text[0].lower() + rule_text[1:]
         steps.append(make_step(f"Since {facts[d.fact].text()} ({ref(d.fact)}) and {rule_text} (premise {d.rule}), "
-                               f"{d.out.text()}.", d.option, [index[d.fact], d.rule]))
+                               f"{d.out.text()} (derived fact {len(premises) + len(steps)}).", d.option,
+                               [index[d.fact], d.rule]))
         index.setdefault(d.out.key, len(premises) + len(steps) - 1)
         facts.setdefault(d.out.key, d.out)
     goal = facts[goal_key]

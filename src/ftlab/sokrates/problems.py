@@ -6,12 +6,18 @@ chain_of_thought, answer), LoGiPT conversations and ftlab's generator output (al
 
 The prompt (`render_problem`) numbers the premises from 0, states the claim and the step format:
 
-    Premise 0: Brimpuses are not luminous.
+    Brimpuses are not luminous (premise 0).
     ...
-    Premise 24: Stella is a zumpus.
+    Stella is a zumpus (premise 24).
     Claim: Stella is not floral.
 
     Is the claim true or false? ...
+
+The number follows its sentence, as a step's thought cites it ("... and brimpuses are not luminous
+(premise 0), ..."): a model that has just written the sentence finds the number by matching what it wrote
+and copying the next token. With "Premise 0: ..." first it had to find the sentence and recall what came
+*before* it; measured after the tiny recipe's SFT on 100 generated 3-hop problems, step validity rose from
+2.5% to 14.8% with this layout (docs/BENCHMARKS.md, "SOKRATES OaK loop").
 """
 from __future__ import annotations
 
@@ -115,6 +121,6 @@ def instructions(problem: Problem) -> str:
 def render_problem(example: Any) -> str:
     """The prompt: numbered premises, the claim, the step format. `example`: a Problem or a task Example."""
     problem = as_problem(example)
-    lines = [f"Premise {i}: {p.strip()}" for i, p in enumerate(problem.premises)]
+    lines = [f"{p.strip().rstrip('.')} (premise {i})." for i, p in enumerate(problem.premises)]
     lines.append("Claim: " + " ".join(problem.claim.split()))
     return "\n".join(lines) + "\n\n" + instructions(problem)
