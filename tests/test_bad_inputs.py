@@ -150,6 +150,7 @@ CASES: list[dict[str, Any]] = [
     {"id": "lora.dropout=5", "argv": ["train", "{recipe}", "lora.enabled=true", "lora.dropout=5"],
      "needle": "'lora.dropout' must be in [0, 1); got 5.0"},
     setting(TRAIN, "lora.r=0", "'lora.r' must be >= 1"),
+    setting(TRAIN, "lora.last_layers=0", "'lora.last_layers' must be >= 1"),
     setting(TRAIN, "lora.alpha=0", "'lora.alpha' must be > 0"),
     setting(TRAIN, "data.max_length=0", "'data.max_length' must be >= 1"),
     setting(TRAIN, "data.max_bad_share=1.5", "'data.max_bad_share' must be in [0, 1]"),
