@@ -160,10 +160,10 @@ def _render(problem: Problem, premises: list[Statement], claim: Fact,
     for d in derived:
         rule_text = problem.premises[d.rule].strip().rstrip(".")
         rule_text = rule_text[0].lower() + rule_text[1:]
+        number = len(premises) + len(steps)  # the fact this step derives
         steps.append(make_step(f"Since {facts[d.fact].text()} ({ref(d.fact)}) and {rule_text} (premise {d.rule}), "
-                               f"{d.out.text()} (derived fact {len(premises) + len(steps)}).", d.option,
-                               [index[d.fact], d.rule]))
-        index.setdefault(d.out.key, len(premises) + len(steps) - 1)
+                               f"{d.out.text()} (derived fact {number}).", d.option, [index[d.fact], d.rule]))
+        index.setdefault(d.out.key, number)
         facts.setdefault(d.out.key, d.out)
     goal = facts[goal_key]
     verdict = "True" if goal.key == claim.key else "False"

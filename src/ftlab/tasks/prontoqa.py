@@ -288,11 +288,20 @@ def closure_proof(context: str, statement: str, gold: str) -> str | None:
         Impus: brimpus, zumpus. Rompus: nothing. Brimpus: tumpus, not temperate, sterpus.
         So Sam is not temperate, which is the claim. The answer is True.
     """
-    from ftlab.sokrates.logic import CONCEPT, Fact, LogicParseError, Rule, nouns, parse_premises, parse_sentence
+    from ftlab.sokrates.logic import (
+        CONCEPT,
+        Fact,
+        LogicParseError,
+        Rule,
+        nouns,
+        parse_premises,
+        parse_sentence,
+        split_sentences,
+    )
 
     try:
         premises = parse_premises(context)
-        claim = parse_sentence(statement, nouns([s.strip() for s in _SENTENCE_RE.findall(context)]))
+        claim = parse_sentence(statement, nouns(split_sentences(context)))
     except LogicParseError:
         return None
     if not isinstance(claim, Fact):
@@ -309,7 +318,8 @@ def closure_proof(context: str, statement: str, gold: str) -> str | None:
         for rule in rules[concept]:
             if rule.kind == CONCEPT:
                 said.append(rule.pred)
-                reached += [] if rule.pred in reached else [rule.pred]
+                if rule.pred not in reached:
+                    reached.append(rule.pred)
             elif rule.pred == claim.pred:
                 said.append(f"not {rule.pred}" if rule.negated else rule.pred)
                 found = rule
