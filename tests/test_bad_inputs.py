@@ -151,6 +151,12 @@ CASES: list[dict[str, Any]] = [
      "needle": "'lora.dropout' must be in [0, 1); got 5.0"},
     setting(TRAIN, "lora.r=0", "'lora.r' must be >= 1"),
     setting(TRAIN, "lora.last_layers=0", "'lora.last_layers' must be >= 1"),
+    {"id": "detach-prompt-with-packing", "argv": TRAIN + ["train.detach_prompt=true", "data.packing=true"],
+     "needle": "override 'train.detach_prompt=true': 'train.detach_prompt' cannot be combined with "
+               "'data.packing=True': packed rows hold several prompts"},
+    {"id": "detach-prompt-with-checkpointing",
+     "argv": TRAIN + ["train.detach_prompt=true", "train.gradient_checkpointing=true"],
+     "needle": "'train.detach_prompt' cannot be combined with 'train.gradient_checkpointing=True'"},
     setting(TRAIN, "lora.alpha=0", "'lora.alpha' must be > 0"),
     setting(TRAIN, "data.max_length=0", "'data.max_length' must be >= 1"),
     setting(TRAIN, "data.max_bad_share=1.5", "'data.max_bad_share' must be in [0, 1]"),

@@ -55,11 +55,13 @@ def assert_same_steps(a: dict[int, dict], b: dict[int, dict], keys=("train/loss"
         assert b[step]["train/supervised_tokens"] == a[step]["train/supervised_tokens"]
 
 
-def test_two_processes_match_one_with_an_uneven_last_batch(tmp_path):
-    """33 examples, global batch 8: the 5th step has one example, so rank 1 has nothing to do."""
+@pytest.mark.parametrize("detach", [False, True], ids=["full-gradient", "detached-prompt"])
+def test_two_processes_match_one_with_an_uneven_last_batch(tmp_path, detach):
+    """33 examples, global batch 8: the 5th step has one example, so rank 1 has nothing to do (with the
+    prompt-detached loss too: its all-masked micro-batch must still reach every gradient hook)."""
     write_addition_data(tmp_path / "train.jsonl", n=33)
     recipe = tiny_recipe(tmp_path, data={"group_by_length": False}, train={"max_steps": None, "epochs": 1})
-    common = ["train.grad_clip=1000", "schedule.name=constant"]
+    common = ["train.grad_clip=1000", "schedule.name=constant", f"train.detach_prompt={str(detach).lower()}"]
     one = single(recipe, "name=one", "train.batch_size=8", *common)
     proc = torchrun(recipe, "name=two", "train.batch_size=4", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,6 +16,7 @@ from ftlab.losses import (
     keeps_logits_by_mask,
     masked_mean,
     masked_normalize,
+    prompt_detached_log_probs,
     response_token_log_probs,
     sft_microbatch_train_step,
     token_log_probs,
@@ -381,3 +382,60 @@ def test_keeps_logits_by_mask_looks_through_wrappers(tiny_llama):
             self.module = module
 
     assert keeps_logits_by_mask(Wrapper(tiny_llama)) and keeps_logits_by_mask(Wrapper(_lora(tiny_llama)))
+
+
+# ---------------------------------------------------------------- prompt keys/values without gradient
+
+
+def _detached_and_full(model, batch):
+    args = (model, batch["input_ids"], batch["labels"], batch["response_mask"])
+    model.zero_grad(set_to_none=True)
+    detached = prompt_detached_log_probs(*args, attention_mask=batch["attention_mask"])
+    (-detached.sum()).backward()
+    detached_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    full = response_token_log_probs(*args, attention_mask=batch["attention_mask"])
+    (-full.sum()).backward()
+    full_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    return detached, detached_grads, full, full_grads
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_prompt_detached_log_probs_are_the_values_of_one_forward(tiny_llama, kind):
+    """Prompts of 1-3 tokens cut at different places, rows padded to different widths: same log-probs,
+    and the LM head runs on the supervised positions only."""
+    model = tiny_llama if kind == "full" else _lora(tiny_llama)
+    batch = pad_collate(_examples(8), pad_id=0)
+    mask = batch["response_mask"]
+    with _head_rows(model) as rows:
+        detached = prompt_detached_log_probs(model, batch["input_ids"], batch["labels"], mask,
+                                             attention_mask=batch["attention_mask"])
+    assert rows == [1 * len(mask), int(mask.sum())]  # prompt pass: one position a row; then the N supervised
+    full = response_token_log_probs(model, batch["input_ids"], batch["labels"], mask,
+                                    attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(detached, full, atol=1e-5, rtol=0)
+
+
+def test_prompt_detached_gradient_leaves_out_the_prompt_path_only(tiny_llama):
+    """Weights that cannot change a prompt's keys and values (the last layer after its K/V projections,
+    the final norm, the head) get the exact gradient; the first layer's K/V projections do not; and an
+    embedding row gets gradient only if its token occurs from the first supervised position on."""
+    examples = _examples(8)
+    for ex in examples:  # token 31 opens every prompt of 2+ tokens and occurs nowhere else
+        ids = [t if t != 31 else 30 for t in ex["input_ids"]]
+        ex["input_ids"] = [31] + ids[1:] if ex["response_mask"].index(True) > 0 else ids
+    batch = pad_collate(examples, pad_id=0)
+    _, detached, _, full = _detached_and_full(tiny_llama, batch)
+    exact = [n for n in full if n.startswith(("model.layers.1.mlp", "model.layers.1.post_attention",
+                                                "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.o_proj",
+                                                "model.norm", "lm_head"))]
+    assert len(exact) == 8
+    for name in exact:
+        torch.testing.assert_close(detached[name], full[name], atol=1e-5, rtol=0, msg=name)
+    k0 = "model.layers.0.self_attn.k_proj.weight"
+    assert (detached[k0] - full[k0]).abs().max() > 1e-4
+    after_cut = {t for ex in examples for i, t in enumerate(ex["input_ids"]) if i >= ex["response_mask"].index(True)}
+    rows_with_grad = set(detached["model.embed_tokens.weight"].abs().sum(1).nonzero().flatten().tolist())
+    assert 31 not in after_cut and rows_with_grad == after_cut
+    assert 31 in set(full["model.embed_tokens.weight"].abs().sum(1).nonzero().flatten().tolist())

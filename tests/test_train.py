@@ -60,6 +60,23 @@ def test_accumulation_matches_a_bigger_batch(tmp_path, grouped):
         assert x["train/grad_norm"] == pytest.approx(y["train/grad_norm"], rel=1e-5)
 
 
+def test_detached_prompt_steps_accumulate_exactly_and_differ_from_full_gradients(tmp_path):
+    """train.detach_prompt: the first step's loss is the full forward's (same weights); 8 x 1 and 2 x 4 agree
+    step by step; the gradient is not the full one (the prompt path is left out)."""
+    recipe = tiny_recipe(tmp_path)
+    common = ["train.max_steps=3", "data.group_by_length=true", "train.grad_clip=1000"]
+    a = train(recipe, "train.batch_size=8", "train.grad_accum=1", "train.detach_prompt=true", "name=a", *common)
+    b = train(recipe, "train.batch_size=2", "train.grad_accum=4", "train.detach_prompt=true", "name=b", *common)
+    full = train(recipe, "train.batch_size=8", "train.grad_accum=1", "name=full", *common)
+    ra, rb, rf = (read_metrics(r.path / "metrics.jsonl") for r in (a, b, full))
+    assert len(ra) == len(rb) >= 3
+    for x, y in zip(ra, rb):
+        assert x["train/loss"] == pytest.approx(y["train/loss"], rel=1e-5)
+        assert x["train/grad_norm"] == pytest.approx(y["train/grad_norm"], rel=1e-5)
+    assert ra[0]["train/loss"] == pytest.approx(rf[0]["train/loss"], rel=1e-5)
+    assert ra[0]["train/grad_norm"] != pytest.approx(rf[0]["train/grad_norm"], rel=1e-3)
+
+
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 def test_lm_head_on_supervised_positions_only_matches_full_logits(tmp_path, monkeypatch, packing):
     """The trainer's fast path (LM head on response positions only) vs full logits sliced afterwards."""

@@ -110,6 +110,67 @@ def response_token_log_probs(
     return token_log_probs(logits, labels[mask])
 
 
+def prompt_detached_log_probs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    response_mask: Tensor,
+    attention_mask: Tensor,
+) -> Tensor:
+    """`response_token_log_probs` with the prompt's keys and values computed without gradient.
+
+    Each row is cut at its first supervised position: the prompt before it runs once under
+    `no_grad` (left-padded, into a KV cache), the rest runs with gradient on top of that cache. The
+    log-probs are the same values as a single forward gives (up to float rounding), but the gradient
+    leaves out how the trainable weights change the prompt's representations, so the backward pass
+    and the saved activations cover the response tokens only. When prompts are most of each example
+    (PrOntoQA's contexts: ~190 of ~280 tokens), a step costs about 60% of a full one. It is an
+    approximation of the true gradient: measure what it costs on the task (docs/BENCHMARKS.md).
+
+    Needs right-padded rows without packing (one example per row). Returns (N,) float32 in the same
+    row-major order as `response_token_log_probs`.
+    """
+    mask = response_mask.bool()
+    lengths = attention_mask.sum(1).tolist()
+    cuts = [int(m.nonzero()[0]) if m.any() else n for m, n in zip(mask, lengths)]  # first supervised position
+    rows, device = len(lengths), input_ids.device
+    width_p = max(cuts)
+    width_r = max(1, max(n - c for n, c in zip(lengths, cuts)))
+    pad = int(input_ids[0, 0])  # any valid id: masked out
+    prompt = torch.full((rows, width_p), pad, dtype=torch.long, device=device)
+    prompt_mask = torch.zeros((rows, width_p), dtype=torch.long, device=device)
+    rest = torch.full((rows, width_r), pad, dtype=torch.long, device=device)
+    rest_mask = torch.zeros((rows, width_r), dtype=torch.long, device=device)
+    rest_labels = torch.full((rows, width_r), pad, dtype=torch.long, device=device)
+    kept = torch.zeros((rows, width_r), dtype=torch.bool, device=device)
+    for i, (n, c) in enumerate(zip(lengths, cuts)):
+        prompt[i, width_p - c:], prompt_mask[i, width_p - c:] = input_ids[i, :c], 1  # left padding
+        rest[i, :n - c], rest_mask[i, :n - c] = input_ids[i, c:n], 1                # right padding
+        rest_labels[i, :n - c], kept[i, :n - c] = labels[i, c:n], mask[i, c:n]
+    cache_arg = cache_kwarg(model)
+    with torch.no_grad():
+        cache = getattr(model(input_ids=prompt, attention_mask=prompt_mask,
+                              position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
+                              use_cache=True, logits_to_keep=1), cache_arg)
+    positions = torch.tensor(cuts, device=device).unsqueeze(1) + torch.arange(width_r, device=device)
+    kwargs: dict[str, Any] = {cache_arg: cache, "use_cache": True}
+    sliced_by_model = keeps_logits_by_mask(model)
+    if sliced_by_model:
+        kwargs["logits_to_keep"] = kept
+    logits = model(input_ids=rest, attention_mask=torch.cat([prompt_mask, rest_mask], 1),
+                   position_ids=positions, **kwargs).logits
+    if not sliced_by_model:
+        logits = logits[kept]
+    return token_log_probs(logits, rest_labels[kept])
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The forward argument and output field of the KV cache: `cache` in recent transformers (where
+    `past_key_values` is deprecated, to go in 5.40), `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def keeps_logits_by_mask(model: torch.nn.Module) -> bool:
     """Whether `model`'s forward honours a boolean `logits_to_keep` (see `response_token_log_probs`).
 

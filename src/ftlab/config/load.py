@@ -230,6 +230,7 @@ def check_ranges(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "")
         raise UserError(f"{origin('optim.betas')}'optim.betas' must be two numbers [beta1, beta2]; "
                         f"got {list(cfg.optim.betas)!r}")
     check_hops(cfg, origin)
+    check_detach_prompt(cfg, origin)
 
 
 def in_range(value: Any, spec: str) -> bool:
@@ -258,6 +259,21 @@ def check_hops(cfg: DictConfig, origin: Callable[[str], str]) -> None:
     if len(q.heldout_hops) != len(q.heldout_sizes):
         raise UserError(f"{origin('quickstart.heldout_sizes')}'quickstart.heldout_sizes' must give one size per "
                         f"entry of quickstart.heldout_hops ({len(q.heldout_hops)}); got {len(q.heldout_sizes)}")
+
+
+def check_detach_prompt(cfg: DictConfig, origin: Callable[[str], str]) -> None:
+    """`train.detach_prompt` cuts each row at its prompt: one example per row, an SFT objective, and a
+    KV cache through the layers (gradient checkpointing drops it)."""
+    if not cfg.train.detach_prompt:
+        return
+    clash = {"data.packing": cfg.data.packing and "packed rows hold several prompts",
+             "train.gradient_checkpointing": cfg.train.gradient_checkpointing
+             and "checkpointed layers drop the prompt's KV cache",
+             "train.method": cfg.train.method != "sft" and f"it applies to SFT only, not {cfg.train.method}"}
+    for key, why in clash.items():
+        if why:
+            raise UserError(f"{origin('train.detach_prompt')}'train.detach_prompt' cannot be combined with "
+                            f"'{key}={OmegaConf.select(cfg, key)}': {why}")
 
 
 def _override_of(key: str, items: list[str]) -> str:

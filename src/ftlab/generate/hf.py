@@ -70,6 +70,7 @@ from ftlab.generate.base import (
     ResultCallback,
     cut_at_stop,
 )
+from ftlab.losses import cache_kwarg
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class _Batch:
 
     def __init__(self, model: Any, slots: int, columns: int, device: torch.device):
         self.model, self.slots, self.columns, self.device = model, slots, columns, device
-        self.cache_arg = _cache_kwarg(model)
+        self.cache_arg = cache_kwarg(model)
         self.window = _Window()
         self.rows: list[_Row] = []
         self.cache: _SlotCache | None = None
@@ -302,7 +303,7 @@ class _Prefiller:
                  device: torch.device | None = None):
         self.model, self.pad_id = model, pad_id
         self.device = device if device is not None else _model_device(model)
-        self.cache_arg = _cache_kwarg(model)
+        self.cache_arg = cache_kwarg(model)
         self.max_pad_fraction, self.max_chunk_tokens = max_pad_fraction, max_chunk_tokens
         n = shared_prefix_length(encoded) if share_prefix else 0
         self.prefix = encoded[0][:n] if n >= min_prefix else []
@@ -737,13 +738,6 @@ def _repeats(encoded: list[list[int]]) -> list[int]:
 def _model_device(model: Any) -> torch.device:
     """Where the engine puts its tensors: the device of the model's (first) parameters."""
     return next(model.parameters()).device
-
-
-def _cache_kwarg(model: Any) -> str:
-    """The forward argument that takes the KV cache: `cache` in recent transformers (passing
-    `past_key_values` there warns that it goes away in 5.40), `past_key_values` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps forward(**kwargs)
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _until_eos(tokens: list[int], eos_ids: set[int]) -> list[int]:

@@ -16,7 +16,7 @@ from ftlab.data.collate import pack_examples, packed_collate, pad_collate
 from ftlab.data.sft import PreflightReport, encode_sft_turns, preflight
 from ftlab.data.sources import load_conversations
 from ftlab.errors import UserError
-from ftlab.losses import response_token_log_probs
+from ftlab.losses import prompt_detached_log_probs, response_token_log_probs
 from ftlab.runs.rundir import RunDir
 from ftlab.train.loop import train
 from ftlab.train.plan import StepPlan
@@ -35,6 +35,7 @@ class SFTObjective:
         d = cfg.data
         self.encoded, self.report, self.tokenizer = encoded, report, tokenizer
         self.packing, self.max_length, self.pad_id = d.packing, d.max_length, tokenizer.pad_token_id
+        self.detach_prompt = cfg.train.detach_prompt
         self.plan = StepPlan([len(e["input_ids"]) for e in encoded], cfg.train.batch_size, cfg.train.grad_accum,
                              cfg.seed, d.group_by_length and not d.packing, rank, world)
         self._val = val_batches(cfg, tokenizer)
@@ -56,6 +57,9 @@ class SFTObjective:
         return out
 
     def loss(self, model: Any, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.detach_prompt:
+            return -prompt_detached_log_probs(model, micro["input_ids"], micro["labels"], micro["response_mask"],
+                                              micro["attention_mask"]).sum(), {}
         return -forward_log_probs(model, micro).sum(), {}
 
     def val_batches(self) -> list[dict[str, torch.Tensor]]:
