@@ -43,6 +43,7 @@ def test_shortened_quickstart_end_to_end(tmp_path, capsys, lora):
         assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == \
             "smollm2-135m-instruct"
     assert ("LoRA (r=" in (run / "report.md").read_text()) == lora
+    assert "keys and values computed without gradient" in (run / "report.md").read_text()  # the recipe's method
     assert "report:" in out and "3-hop" in out
     assert (run / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
     report = (run / "report.md").read_text()

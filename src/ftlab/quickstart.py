@@ -91,10 +91,13 @@ def load_tuned(cfg: DictConfig, final: Path) -> tuple[Any, Any]:
 
 
 def method_sentence(cfg: DictConfig) -> str:
+    detached = (", the prompt's keys and values computed without gradient (train.detach_prompt: an approximate "
+                "gradient, see docs/BENCHMARKS.md)") if cfg.train.detach_prompt else ""
     if cfg.lora.enabled:
         where = f", last {cfg.lora.last_layers} layers" if cfg.lora.last_layers else ""
-        return f"LoRA (r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets {list(cfg.lora.target_modules)}{where})"
-    return "full fine-tuning (all weights)"
+        return (f"LoRA (r={cfg.lora.r}, alpha={cfg.lora.alpha}, targets {list(cfg.lora.target_modules)}{where})"
+                + detached)
+    return "full fine-tuning (all weights)" + detached
 
 
 def run_quickstart(cfg: DictConfig) -> RunDir:
