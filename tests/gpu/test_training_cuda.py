@@ -89,6 +89,16 @@ def test_in_training_evaluation_runs_on_the_gpu(tmp_path):
     assert evals and (run.path / "generations" / "step_000002.jsonl").is_file()
 
 
+def test_detached_prompt_training_on_cuda_has_the_full_forwards_first_loss(tmp_path):
+    """train.detach_prompt builds its prompt/response tensors and KV cache on the model's device."""
+    recipe = tiny_recipe(tmp_path, data={"group_by_length": False})
+    common = ["train.max_steps=3", "train.grad_clip=1000"]
+    detached = train_losses(train(recipe, "name=detached", "train.detach_prompt=true", *common).path)
+    full = train_losses(train(recipe, "name=full", *common).path)
+    assert len(detached) == 3 and all(map(torch.isfinite, torch.tensor(detached)))
+    assert detached[0] == pytest.approx(full[0], rel=1e-4)
+
+
 def test_deepspeed_zero2_one_gpu_matches_a_plain_big_batch(tmp_path):
     pytest.importorskip("deepspeed")
     recipe = tiny_recipe(tmp_path, data={"group_by_length": False})
