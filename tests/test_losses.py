@@ -387,18 +387,15 @@ def test_keeps_logits_by_mask_looks_through_wrappers(tiny_llama):
 # ---------------------------------------------------------------- prompt keys/values without gradient
 
 
-def _detached_and_full(model, batch):
-    args = (model, batch["input_ids"], batch["labels"], batch["response_mask"])
+def _grads_of(log_probs_fn, model, batch) -> dict[str, torch.Tensor]:
+    """Gradients of the summed NLL of the batch's supervised tokens under `log_probs_fn`."""
     model.zero_grad(set_to_none=True)
-    detached = prompt_detached_log_probs(*args, attention_mask=batch["attention_mask"])
-    (-detached.sum()).backward()
-    detached_grads = _grads(model)
+    lp = log_probs_fn(model, batch["input_ids"], batch["labels"], batch["response_mask"],
+                      attention_mask=batch["attention_mask"])
+    (-lp.sum()).backward()
+    grads = _grads(model)
     model.zero_grad(set_to_none=True)
-    full = response_token_log_probs(*args, attention_mask=batch["attention_mask"])
-    (-full.sum()).backward()
-    full_grads = _grads(model)
-    model.zero_grad(set_to_none=True)
-    return detached, detached_grads, full, full_grads
+    return grads
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
@@ -411,7 +408,7 @@ def test_prompt_detached_log_probs_are_the_values_of_one_forward(tiny_llama, kin
     with _head_rows(model) as rows:
         detached = prompt_detached_log_probs(model, batch["input_ids"], batch["labels"], mask,
                                              attention_mask=batch["attention_mask"])
-    assert rows == [1 * len(mask), int(mask.sum())]  # prompt pass: one position a row; then the N supervised
+    assert rows == [len(mask), int(mask.sum())]  # prompt pass: one position a row; then the N supervised
     full = response_token_log_probs(model, batch["input_ids"], batch["labels"], mask,
                                     attention_mask=batch["attention_mask"])
     torch.testing.assert_close(detached, full, atol=1e-5, rtol=0)
@@ -426,7 +423,8 @@ def test_prompt_detached_gradient_leaves_out_the_prompt_path_only(tiny_llama):
         ids = [t if t != 31 else 30 for t in ex["input_ids"]]
         ex["input_ids"] = [31] + ids[1:] if ex["response_mask"].index(True) > 0 else ids
     batch = pad_collate(examples, pad_id=0)
-    _, detached, _, full = _detached_and_full(tiny_llama, batch)
+    detached = _grads_of(prompt_detached_log_probs, tiny_llama, batch)
+    full = _grads_of(response_token_log_probs, tiny_llama, batch)
     exact = [n for n in full if n.startswith(("model.layers.1.mlp", "model.layers.1.post_attention",
                                                 "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.o_proj",
                                                 "model.norm", "lm_head"))]

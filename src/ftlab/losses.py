@@ -101,13 +101,15 @@ def response_token_log_probs(
         kwargs["attention_mask"] = attention_mask
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    sliced_by_model = keeps_logits_by_mask(model)
-    if sliced_by_model:
-        kwargs["logits_to_keep"] = mask
-    logits = model(input_ids=input_ids, **kwargs).logits
-    if not sliced_by_model:
-        logits = logits[mask]
-    return token_log_probs(logits, labels[mask])
+    return token_log_probs(logits_at(model, mask, input_ids=input_ids, **kwargs), labels[mask])
+
+
+def logits_at(model: torch.nn.Module, mask: Tensor, **forward_kwargs: Any) -> Tensor:
+    """The model's logits at the True positions of `mask` (N, vocab): sliced inside the model when it
+    honours a boolean `logits_to_keep`, else sliced from the full logits (same values)."""
+    if keeps_logits_by_mask(model):
+        return model(**forward_kwargs, logits_to_keep=mask).logits
+    return model(**forward_kwargs).logits[mask]
 
 
 def prompt_detached_log_probs(
@@ -124,7 +126,7 @@ def prompt_detached_log_probs(
     log-probs are the same values as a single forward gives (up to float rounding), but the gradient
     leaves out how the trainable weights change the prompt's representations, so the backward pass
     and the saved activations cover the response tokens only. When prompts are most of each example
-    (PrOntoQA's contexts: ~190 of ~280 tokens), a step costs about 60% of a full one. It is an
+    (PrOntoQA's contexts: ~190 of ~280 tokens), a step costs about two thirds of a full one. It is an
     approximation of the true gradient: measure what it costs on the task (docs/BENCHMARKS.md).
 
     Needs right-padded rows without packing (one example per row). Returns (N,) float32 in the same
@@ -153,14 +155,8 @@ def prompt_detached_log_probs(
                               position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
                               use_cache=True, logits_to_keep=1), cache_arg)
     positions = torch.tensor(cuts, device=device).unsqueeze(1) + torch.arange(width_r, device=device)
-    kwargs: dict[str, Any] = {cache_arg: cache, "use_cache": True}
-    sliced_by_model = keeps_logits_by_mask(model)
-    if sliced_by_model:
-        kwargs["logits_to_keep"] = kept
-    logits = model(input_ids=rest, attention_mask=torch.cat([prompt_mask, rest_mask], 1),
-                   position_ids=positions, **kwargs).logits
-    if not sliced_by_model:
-        logits = logits[kept]
+    logits = logits_at(model, kept, input_ids=rest, attention_mask=torch.cat([prompt_mask, rest_mask], 1),
+                       position_ids=positions, use_cache=True, **{cache_arg: cache})
     return token_log_probs(logits, rest_labels[kept])
 
 

@@ -93,7 +93,7 @@ class TrainConfig:
     grad_clip: Optional[float] = 1.0
     gradient_checkpointing: bool = False
     detach_prompt: bool = False          # SFT: prompt keys/values without gradient; backward covers responses only
-                                         # (~1.6x faster steps on long prompts, an approximate gradient; see losses.py)
+                                         # (~1.5x faster steps on long prompts, an approximate gradient; see losses.py)
     log_every: int = 1
     eval_every: Optional[int] = None     # steps between validation loss/accuracy
     log_generations_every: Optional[int] = None
