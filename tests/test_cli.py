@@ -1,5 +1,4 @@
 """Bad input ends in one line on stderr, exit code 2, and no run directory that looks finished."""
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -203,7 +203,7 @@ def test_metrics_of_a_killed_run_read_without_the_torn_last_line(tmp_path):
 
 
 def test_wandb_offline_uses_separate_step_axes(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("wandb")
     from omegaconf import OmegaConf
     from ftlab.runs.trackers import Trackers
     monkeypatch.setenv("WANDB_MODE", "offline")

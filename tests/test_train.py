@@ -1,6 +1,5 @@
 """SFT trainer on a tiny random Llama: learning, exact accumulation, resume after SIGKILL, NaN guard, exports."""
 import json
-import os
 import signal
 import subprocess
 import sys

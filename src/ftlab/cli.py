@@ -87,8 +87,6 @@ def default_quickstart_recipe() -> str:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ftlab.config import load_recipe
     from ftlab.quickstart import run_quickstart
 
