@@ -204,18 +204,20 @@ def tiny_llama():
     return AutoModelForCausalLM.from_config(cfg).float().train()
 
 
-def _examples(n: int = 8) -> list[dict]:
-    """n examples of distinct lengths (so micro-batch padding differs from full-batch padding)."""
+def _examples(n: int = 8, turns: int = 1) -> list[dict]:
+    """n examples of distinct lengths (so micro-batch padding differs from full-batch padding). With
+    `turns=2` each has a follow-up: an unsupervised question of 1-2 tokens between two supervised answers."""
     g = torch.Generator().manual_seed(1)
     out = []
     for k in range(n):
         length = 3 + (5 * k) % n + k % 3  # 3..12, varied order
         ids = torch.randint(1, 32, (length + 1,), generator=g).tolist()
         prompt_len = 1 + k % 3
-        out.append({
-            "input_ids": ids[:-1], "labels": ids[1:],
-            "response_mask": [j + 1 >= prompt_len for j in range(length)],
-        })
+        mask = [j + 1 >= prompt_len for j in range(length)]
+        if turns == 2:
+            follow_up = prompt_len + (length - prompt_len) // 2
+            mask[follow_up:follow_up + 1 + k % 2] = [False] * len(mask[follow_up:follow_up + 1 + k % 2])
+        out.append({"input_ids": ids[:-1], "labels": ids[1:], "response_mask": mask})
     return out
 
 
@@ -398,12 +400,16 @@ def _grads_of(log_probs_fn, model, batch) -> dict[str, torch.Tensor]:
     return grads
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
-def test_prompt_detached_log_probs_are_the_values_of_one_forward(tiny_llama, kind):
-    """Prompts of 1-3 tokens cut at different places, rows padded to different widths: same log-probs,
-    and the LM head runs on the supervised positions only."""
+@pytest.mark.parametrize(("kind", "turns"), [("full", 1), ("lora", 1), ("lora", 2)])
+def test_prompt_detached_log_probs_are_the_values_of_one_forward(tiny_llama, kind, turns):
+    """Prompts of 1-3 tokens cut at different places, rows padded to different widths, with or without a
+    follow-up turn (its question runs with the answers, after the cut): same log-probs, and the LM head runs
+    on the supervised positions only."""
     model = tiny_llama if kind == "full" else _lora(tiny_llama)
-    batch = pad_collate(_examples(8), pad_id=0)
+    batch = pad_collate(_examples(8, turns), pad_id=0)
+    if turns == 2:  # every row has an unsupervised gap after its first supervised token
+        lengths = batch["attention_mask"].sum(1).tolist()
+        assert all(not m[int(m.nonzero()[0]):n].all() for m, n in zip(batch["response_mask"].bool(), lengths))
     mask = batch["response_mask"]
     with _head_rows(model) as rows:
         detached = prompt_detached_log_probs(model, batch["input_ids"], batch["labels"], mask,
