@@ -21,6 +21,9 @@ import torch
 import yaml
 
 from ftlab.config import load_recipe
+from ftlab.data.preference import encode_pair, rows_to_pairs
+from ftlab.data.sft import answer_end_ids
+from ftlab.errors import UserError
 from ftlab.generate import Completion, GenerationConfig, HFEngine
 from ftlab.sokrates import parse_steps, verify_trace
 from ftlab.sokrates.constrain import OptionConstraint, tag_state
@@ -181,7 +184,8 @@ def record(text: str, sample: int, problem=WREN, index: int = 0) -> dict:
 VALID = trace(STEP1, STEP2, STEP3)
 WRONG_VERDICT = trace(STEP1, STEP2, (STEP3[0].replace("False", "True"), STEP3[1]))
 REWORDED = ("As Wren is a jompus (premise 0) and each jompus is a zumpus (premise 1), Wren is a zumpus.", MP.format(0, 1))
-BAD_SECOND = trace(REWORDED, (STEP2[0], MP.format(5, 3)), STEP3)
+BAD_SECOND_2 = (STEP2[0], MP.format(5, 3))
+BAD_SECOND = trace(REWORDED, BAD_SECOND_2, STEP3)
 BAD_FIRST = trace((STEP1[0], MP.format(1, 0)), STEP2, STEP3)
 MALFORMED = 'Thought: hmm\nAction: <Option type="NOPE" args="[1, 2]"'
 
@@ -205,6 +209,29 @@ def test_pairs_by_hand():
     assert [r["kind"] for r in capped] == ["outcome"]  # the first rejected one has no prefix partner
     none, stats = build_pairs([record(BAD_FIRST, 0)], {WREN.id: WREN}, lambda pid: "p")
     assert none == [] and stats["problems_with_chosen"] == 0
+
+
+def test_step_pairs_by_hand(embedded_tokenizer):
+    traces = [record(t, s) for s, t in enumerate([VALID, WRONG_VERDICT, BAD_SECOND, BAD_FIRST, MALFORMED, VALID])]
+    rows, stats = build_pairs(traces, {WREN.id: WREN}, lambda pid: "p", max_per_problem=10, outcome_pairs=False,
+                              prefix_pairs=False, step_pairs=True)
+    assert stats["pairs"] == stats["pairs_step"] == 4 and all(r["kind"] == "step" and r["partial"] for r in rows)
+    by_sample = {r["rejected_sample"]: r for r in rows}
+    # the first invalid step and what precedes it: WRONG_VERDICT's conclusion (step 2), BAD_SECOND's step 1 after
+    # its own reworded step 0, BAD_FIRST's and MALFORMED's step 0; the chosen side is VALID's step there
+    assert {s: r["shared_steps"] for s, r in by_sample.items()} == {1: 2, 2: 1, 3: 0, 4: 0}
+    assert by_sample[1]["chosen"] == VALID and by_sample[1]["rejected"] == WRONG_VERDICT
+    assert by_sample[2]["chosen"] == trace(REWORDED, STEP2) and by_sample[2]["rejected"] == trace(REWORDED, BAD_SECOND_2)
+    assert by_sample[3]["chosen"] == by_sample[4]["chosen"] == trace(STEP1)
+    assert by_sample[3]["rejected"] == trace((STEP1[0], MP.format(1, 0))) and by_sample[4]["rejected"] == MALFORMED
+    # the DPO rows: no end-of-turn token after a step that the answer goes on from
+    tok = embedded_tokenizer
+    whole, part = (rows_to_pairs([("w", {**by_sample[2], "partial": flag})], tok, True)[0] for flag in (False, True))
+    ends = answer_end_ids(tok, whole.terminator)
+    enc_whole, enc_part = encode_pair(whole, tok, 4096), encode_pair(part, tok, 4096)
+    assert enc_whole["chosen"][-len(ends):] == ends and enc_whole["chosen"][:-len(ends)] == enc_part["chosen"]
+    with pytest.raises(UserError, match="'partial' must be true or false"):
+        rows_to_pairs([("w:3", {**by_sample[2], "partial": "yes"})], tok, True)
 
 
 # -- metrics, by hand ------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ Rows (JSONL with `data.task: generic`, or dicts handed to `ftlab.train.dpo.run_d
 * `{"messages": [...], "chosen": ..., "rejected": ...}` (or `prompt` given as a list of messages, TRL's
   conversational form): the conversation so far, ending with a user turn; chosen and rejected are the
   next assistant turn, each a string, an assistant message, or a list holding one.
+* `"partial": true` in either form: chosen and rejected are the next part of an answer that goes on (one
+  step of a proof), so no end-of-turn token is added after them.
 
 With `data.task: <task>` the task builds the pairs itself: its target as chosen, `task.rejected_response`
 as rejected (e.g. PrOntoQA's proof with the wrong verdict).
@@ -14,7 +16,7 @@ as rejected (e.g. PrOntoQA's proof with the wrong verdict).
 Encoding: the prompt is rendered and tokenized ONCE (`prompt_ids`: no special tokens added, a BOS only
 where the tokenizer puts one in front of text) and shared by both responses, so chosen and rejected
 have exactly the same prompt tokens; each response ends with the template's end-of-turn token (EOS
-for plain text), which is supervised; only response tokens carry loss. A pair is
+for plain text; none for `partial` rows), which is supervised; only response tokens carry loss. A pair is
 `{"where", "prompt_len", "chosen", "rejected", "truncated", "problem"}` with full token id lists.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ class TextPair:
     rejected: str
     terminator: str | None     # what ends an answer (None: EOS)
     templated: bool = False    # the prompt went through the chat template
+    partial: bool = False      # the responses are part of an answer: no end-of-turn token after them
 
 
 # -- rows -> text pairs ------------------------------------------------------------------------------
@@ -70,20 +73,23 @@ def row_pair(row: dict, where: str, tokenizer: Any, chat_template: bool) -> Text
     if msgs is None and "prompt" not in row:
         raise UserError(f"{where}: missing field 'prompt' (a preference row needs {ROW_FORMS})")
     chosen, rejected = response_text(row, "chosen", where), response_text(row, "rejected", where)
+    partial = row.get("partial", False)
+    if not isinstance(partial, bool):
+        raise UserError(f"{where}: field 'partial' must be true or false; got {json_type(partial)}")
     if msgs is not None:
         msgs = check_messages(msgs, where)
         if msgs[-1]["role"] == "assistant":
             raise UserError(f"{where}: the prompt messages end with an assistant turn; they must end where the "
                             "answer goes (chosen and rejected are the next assistant turn)")
         return TextPair(where, render_chat(tokenizer, msgs, where), chosen, rejected, chat_terminator(tokenizer),
-                        templated=True)
+                        templated=True, partial=partial)
     prompt = row["prompt"]
     if not isinstance(prompt, str):
         raise UserError(f"{where}: field 'prompt' must be a string or a list of messages; got {json_type(prompt)}")
     if chat_template and getattr(tokenizer, "chat_template", None):
         rendered = render_chat(tokenizer, [{"role": "user", "content": prompt}], where)
-        return TextPair(where, rendered, chosen, rejected, chat_terminator(tokenizer), templated=True)
-    return TextPair(where, prompt, chosen, rejected, None)
+        return TextPair(where, rendered, chosen, rejected, chat_terminator(tokenizer), templated=True, partial=partial)
+    return TextPair(where, prompt, chosen, rejected, None, partial=partial)
 
 
 def rows_to_pairs(rows: Iterable[tuple[str, dict]], tokenizer: Any, chat_template: bool,
@@ -122,7 +128,7 @@ def encode_pair(tp: TextPair, tokenizer: Any, max_length: int, bos: bool | None 
     cannot be trained on (None when it can). Sequences hold at most max_length + 1 tokens (max_length
     inputs); a longer response is cut from the right (its end-of-turn token then goes too), `truncated`."""
     prompt = prompt_ids(tokenizer, tp.prompt, bos)
-    end = answer_end_ids(tokenizer, tp.terminator)
+    end = [] if tp.partial else answer_end_ids(tokenizer, tp.terminator)
     chosen, rejected = prompt + _ids(tokenizer, tp.chosen) + end, prompt + _ids(tokenizer, tp.rejected) + end
     limit = max_length + 1
     problem = None

@@ -88,7 +88,7 @@ def dpo_stage(ctx: Ctx, policy: dict[str, Any], k: int, tmp: Path) -> dict[str, 
     if OmegaConf.merge(ctx.cfg.model, policy).adapter:
         forced["lora.enabled"] = False
     run = run_dpo(stage_config(ctx.cfg, "loop.dpo_overrides", forced),
-                  pairs=[{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
+                  pairs=[{k: r[k] for k in ("prompt", "chosen", "rejected", "partial") if k in r} for r in rows])
     return {"model": _relative(ctx, run, tmp, k, "dpo"), "pairs": len(rows), "summary": run.summary} if run else None
 
 
@@ -207,8 +207,9 @@ def pairs_stage(ctx: Ctx, problems: list, k: int, templated: bool, tmp: Path) ->
         ex = by_id[pid]
         return ex.question if templated else ctx.task.render_prompt(ex, 0, None, False)
 
+    lp = ctx.loop
     rows, stats = build_pairs(records, {pid: ex.meta["problem"] for pid, ex in by_id.items()}, prompt_of,
-                              ctx.loop.max_pairs_per_problem, ctx.loop.prefix_pairs)
+                              lp.max_pairs_per_problem, lp.prefix_pairs, lp.outcome_pairs, lp.step_pairs)
     write_jsonl(tmp / "pairs.jsonl", rows)
     return {"stats": stats}
 

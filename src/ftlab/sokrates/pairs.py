@@ -9,6 +9,11 @@ are *chosen*; the others (wrong or no verdict, or an invalid step) are *rejected
   steps 0..j-1 - so the derived facts, and their indices, are the same - provided the spliced trace
   verifies as fully valid. Both sides then share the text up to step j exactly, their log-probs there
   cancel in the DPO margin, and the pair teaches the one step where they part.
+* step pairs (Step-DPO, Lai et al. 2024): a rejected trace's first invalid step j >= 0 against step j of a
+  chosen trace that took the same actions for steps 0..j-1, both after the rejected trace's own steps 0..j-1
+  and cut after step j. Unless step j is the conclusion itself, neither side reaches a verdict, so the pair
+  moves the probability of that one step, not of concluding (whole-trace pairs push down every token of the
+  rejected trace, its CONCLUDE step included). `partial` rows: no end-of-turn token follows either side.
 
 At most `max_per_problem` pairs of each kind per problem (None: all); identical pairs once. Pairs are
 rows for `run_dpo(cfg, pairs=...)`: {prompt, chosen, rejected} plus where they came from.
@@ -51,8 +56,30 @@ def prefix_partner(record: dict[str, Any], chosen: list[dict[str, Any]], problem
     return None
 
 
+def step_partner(record: dict[str, Any], chosen: list[dict[str, Any]], problem: Any) -> tuple[str, str, int] | None:
+    """(chosen text, rejected text, step j) cut after the rejected trace's first invalid step j, or None."""
+    j = first_invalid(record)
+    if j is None:
+        return None
+    mine = actions(record["text"])[:j]
+    if None in mine:
+        return None
+    text, spans = record["text"], step_spans(record["text"])
+    before = text[:spans[j - 1].end] + "\n" if j else ""
+    rejected = before + text[spans[j].start:spans[j].end]
+    for c in chosen:
+        theirs = step_spans(c["text"])
+        if len(theirs) > j and actions(c["text"])[:j] == mine:
+            candidate = before + c["text"][theirs[j].start:theirs[j].end]
+            report = verify_trace(problem, candidate)
+            if candidate != rejected and len(report.step_valid) == j + 1 and all(report.step_valid):
+                return candidate, rejected, j
+    return None
+
+
 def build_pairs(traces: list[dict[str, Any]], problems: dict[str, Any], prompt_of: Callable[[str], str],
-                max_per_problem: int | None = 4, prefix_pairs: bool = True) -> tuple[list[dict], dict[str, Any]]:
+                max_per_problem: int | None = 4, prefix_pairs: bool = True, outcome_pairs: bool = True,
+                step_pairs: bool = False) -> tuple[list[dict], dict[str, Any]]:
     """(pair rows, stats). `traces` in any order; problems keyed by id; `prompt_of(problem id)` is the prompt
     text the DPO rows carry (what the traces were sampled from)."""
     by_problem: dict[str, list[dict]] = {}
@@ -71,15 +98,16 @@ def build_pairs(traces: list[dict[str, Any]], problems: dict[str, Any], prompt_o
         stats["problems_with_both"] += bool(chosen and rejected)
         made: set[tuple[str, str]] = set()
 
-        def add(kind: str, chosen_text: str, r: dict, **extra: Any) -> None:
-            if (chosen_text, r["text"]) in made:
+        def add(kind: str, chosen_text: str, r: dict, rejected_text: str | None = None, **extra: Any) -> None:
+            rejected_text = r["text"] if rejected_text is None else rejected_text
+            if (chosen_text, rejected_text) in made:
                 return
-            made.add((chosen_text, r["text"]))
-            rows.append({"prompt": prompt_of(pid), "chosen": chosen_text, "rejected": r["text"], "kind": kind,
+            made.add((chosen_text, rejected_text))
+            rows.append({"prompt": prompt_of(pid), "chosen": chosen_text, "rejected": rejected_text, "kind": kind,
                          "problem": pid, "rejected_sample": r["sample"], **extra})
             stats[f"pairs_{kind}"] += 1
 
-        if chosen:
+        if chosen and outcome_pairs:
             for i, r in enumerate(rejected[:max_per_problem]):
                 c = chosen[i % len(chosen)]
                 add("outcome", c["text"], r, chosen_sample=c["sample"])
@@ -91,6 +119,15 @@ def build_pairs(traces: list[dict[str, Any]], problems: dict[str, Any], prompt_o
                 found = prefix_partner(r, chosen, problems[pid])
                 if found:
                     add("prefix", found[0], r, shared_steps=found[1])
+                    n += 1
+        if chosen and step_pairs:
+            n = 0
+            for r in rejected:
+                if max_per_problem is not None and n >= max_per_problem:
+                    break
+                found = step_partner(r, chosen, problems[pid])
+                if found:
+                    add("step", found[0], r, found[1], shared_steps=found[2], partial=True)
                     n += 1
     stats["pairs"] = len(rows)
     return rows, dict(stats)
