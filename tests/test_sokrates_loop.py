@@ -350,7 +350,7 @@ def test_loop_on_hand_written_traces_builds_pairs_trains_and_measures(tmp_path, 
     cut = sorted(problem_hash(ex.id) for ex in train)
     monkeypatch.setattr(HFEngine, "generate_full", scripted(train + heldout, embedded_tokenizer))
     cfg = load_recipe(loop_recipe(tmp_path, samples=4, eval_samples=4, pass_k=[1, 2], option_head=True,
-                                  head_holdout=(cut[0] + cut[1]) / 2, head_epochs=50))
+                                  head_holdout=(cut[0] + cut[1]) / 2, head_epochs=50, step_pairs=True))
     path = run_loop(cfg)
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1]
@@ -363,7 +363,10 @@ def test_loop_on_hand_written_traces_builds_pairs_trains_and_measures(tmp_path, 
         assert r["answer_calibration_n"] == 2
     last = rows[1]
     assert last["sampled_traces"] == 16 and last["sampled_fully_valid"] == 0.25
-    assert (last["pairs_outcome"], last["pairs_prefix"], last["pairs"]) == (12, 4, 16)
+    # per problem: 3 rejected samples against the valid one; the reworded one's splice; 2 step pairs (the reworded
+    # trace's step 1, the malformed step 0; the wrong verdict's step pair is its outcome pair, kept once), partial
+    # rows through DPO
+    assert (last["pairs_outcome"], last["pairs_prefix"], last["pairs_step"], last["pairs"]) == (12, 4, 8, 24)
     assert last["head_train_steps"] > 0 and last["head_heldout_steps"] > 0 and "head_ece" in last
     assert math.isfinite(last["dpo_final_loss"])
     assert (path / "metrics.png").is_file() and (path / "iter_1" / "head" / "reliability_head.png").is_file()
