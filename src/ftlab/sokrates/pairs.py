@@ -21,6 +21,8 @@ rows for `run_dpo(cfg, pairs=...)`: {prompt, chosen, rejected} plus where they c
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from itertools import islice
 from typing import Any, Callable
 
 from ftlab.sokrates.traces import actions, step_spans
@@ -77,6 +79,14 @@ def step_partner(record: dict[str, Any], chosen: list[dict[str, Any]], problem: 
     return None
 
 
+def with_partners(rejected: list[dict[str, Any]], partner: Callable[[dict], Any]) -> Iterator[tuple[dict, Any]]:
+    """(rejected trace, its partner) for each rejected trace that has one, in order."""
+    for r in rejected:
+        found = partner(r)
+        if found:
+            yield r, found
+
+
 def build_pairs(traces: list[dict[str, Any]], problems: dict[str, Any], prompt_of: Callable[[str], str],
                 max_per_problem: int | None = 4, prefix_pairs: bool = True, outcome_pairs: bool = True,
                 step_pairs: bool = False) -> tuple[list[dict], dict[str, Any]]:
@@ -111,23 +121,14 @@ def build_pairs(traces: list[dict[str, Any]], problems: dict[str, Any], prompt_o
             for i, r in enumerate(rejected[:max_per_problem]):
                 c = chosen[i % len(chosen)]
                 add("outcome", c["text"], r, chosen_sample=c["sample"])
+        problem = problems[pid]
         if chosen and prefix_pairs:
-            n = 0
-            for r in rejected:
-                if max_per_problem is not None and n >= max_per_problem:
-                    break
-                found = prefix_partner(r, chosen, problems[pid])
-                if found:
-                    add("prefix", found[0], r, shared_steps=found[1])
-                    n += 1
+            found = with_partners(rejected, lambda r: prefix_partner(r, chosen, problem))
+            for r, (text, j) in islice(found, max_per_problem):
+                add("prefix", text, r, shared_steps=j)
         if chosen and step_pairs:
-            n = 0
-            for r in rejected:
-                if max_per_problem is not None and n >= max_per_problem:
-                    break
-                found = step_partner(r, chosen, problems[pid])
-                if found:
-                    add("step", found[0], r, found[1], shared_steps=found[2], partial=True)
-                    n += 1
+            found = with_partners(rejected, lambda r: step_partner(r, chosen, problem))
+            for r, (good, bad, j) in islice(found, max_per_problem):
+                add("step", good, r, bad, shared_steps=j, partial=True)
     stats["pairs"] = len(rows)
     return rows, dict(stats)
