@@ -174,7 +174,7 @@ class LoopConfig:
     outcome_pairs: bool = True           # whole traces: each rejected one against a chosen one
     prefix_pairs: bool = True            # also pairs that share the steps before the first invalid one
     step_pairs: bool = False             # one step: the first invalid one against a chosen trace's step there,
-                                         # both cut after it (no verdict on either side; see sokrates/pairs.py)
+                                         # both cut after it (Step-DPO; see sokrates/pairs.py)
     gold_chosen: bool = False            # a problem without a valid sample takes its optionized gold proof as chosen
     eval_samples: int = 4                # sampled traces per held-out problem for pass@k (0: greedy only)
     pass_k: list[int] = field(default_factory=lambda: [1, 4])

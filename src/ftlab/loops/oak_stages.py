@@ -88,7 +88,7 @@ def dpo_stage(ctx: Ctx, policy: dict[str, Any], k: int, tmp: Path) -> dict[str, 
     if OmegaConf.merge(ctx.cfg.model, policy).adapter:
         forced["lora.enabled"] = False
     run = run_dpo(stage_config(ctx.cfg, "loop.dpo_overrides", forced),
-                  pairs=[{k: r[k] for k in ("prompt", "chosen", "rejected", "partial") if k in r} for r in rows])
+                  pairs=[{key: r[key] for key in ("prompt", "chosen", "rejected", "partial") if key in r} for r in rows])
     return {"model": _relative(ctx, run, tmp, k, "dpo"), "pairs": len(rows), "summary": run.summary} if run else None
 
 
