@@ -224,6 +224,12 @@ def test_step_pairs_by_hand(embedded_tokenizer):
     assert by_sample[2]["chosen"] == trace(REWORDED, STEP2) and by_sample[2]["rejected"] == trace(REWORDED, BAD_SECOND_2)
     assert by_sample[3]["chosen"] == by_sample[4]["chosen"] == trace(STEP1)
     assert by_sample[3]["rejected"] == trace((STEP1[0], MP.format(1, 0))) and by_sample[4]["rejected"] == MALFORMED
+    # concluding at step 1, where the valid trace goes on: no step pair (whole-trace pairs still take it)
+    premature = record(trace(STEP1, ("Wren is a zumpus (derived fact 5), which is the claim. The answer is True.",
+                                     '<Option type="CONCLUDE" args="[5]" />')), 7)
+    assert premature["step_valid"] == [True, False]
+    rows_p, stats_p = build_pairs(traces[:1] + [premature], {WREN.id: WREN}, lambda pid: "p", step_pairs=True)
+    assert stats_p.get("pairs_step", 0) == 0 and [r["kind"] for r in rows_p] == ["outcome"]
     # the DPO rows: no end-of-turn token after a step that the answer goes on from
     tok = embedded_tokenizer
     whole, part = (rows_to_pairs([("w", {**by_sample[2], "partial": flag})], tok, True)[0] for flag in (False, True))

@@ -14,6 +14,9 @@ are *chosen*; the others (wrong or no verdict, or an invalid step) are *rejected
   and cut after step j. Unless step j is the conclusion itself, neither side reaches a verdict, so the pair
   moves the probability of that one step, not of concluding (whole-trace pairs push down every token of the
   rejected trace, its CONCLUDE step included). `partial` rows: no end-of-turn token follows either side.
+  A premature conclusion (the rejected step concludes where the chosen trace goes on) makes no step pair:
+  such pairs only ever say "do not conclude here", and with six of them against one the other way the
+  tiny recipe's policy learnt not to conclude at all (docs/BENCHMARKS.md).
 
 At most `max_per_problem` pairs of each kind per problem (None: all); identical pairs once. Pairs are
 rows for `run_dpo(cfg, pairs=...)`: {prompt, chosen, rejected} plus where they came from.
@@ -63,15 +66,19 @@ def step_partner(record: dict[str, Any], chosen: list[dict[str, Any]], problem: 
     j = first_invalid(record)
     if j is None:
         return None
-    mine = actions(record["text"])[:j]
-    if None in mine:
+    mine = actions(record["text"])
+    if None in mine[:j]:
         return None
+    concludes = mine[j] is not None and mine[j][0] == "CONCLUDE"
     text, spans = record["text"], step_spans(record["text"])
     before = text[:spans[j - 1].end] + "\n" if j else ""
     rejected = before + text[spans[j].start:spans[j].end]
     for c in chosen:
         theirs = step_spans(c["text"])
-        if len(theirs) > j and actions(c["text"])[:j] == mine:
+        their_actions = actions(c["text"])
+        if len(theirs) > j and their_actions[:j] == mine[:j]:
+            if concludes and (their_actions[j] is None or their_actions[j][0] != "CONCLUDE"):
+                continue  # a premature conclusion against a step that goes on: see the module docstring
             candidate = before + c["text"][theirs[j].start:theirs[j].end]
             report = verify_trace(problem, candidate)
             if candidate != rejected and len(report.step_valid) == j + 1 and all(report.step_valid):
