@@ -213,10 +213,11 @@ def _examples(n: int = 8, turns: int = 1) -> list[dict]:
         length = 3 + (5 * k) % n + k % 3  # 3..12, varied order
         ids = torch.randint(1, 32, (length + 1,), generator=g).tolist()
         prompt_len = 1 + k % 3
-        mask = [j + 1 >= prompt_len for j in range(length)]
+        question = range(0)  # positions of the follow-up question (unsupervised)
         if turns == 2:
-            follow_up = prompt_len + (length - prompt_len) // 2
-            mask[follow_up:follow_up + 1 + k % 2] = [False] * len(mask[follow_up:follow_up + 1 + k % 2])
+            start = prompt_len + (length - prompt_len) // 2
+            question = range(start, start + 1 + k % 2)
+        mask = [j + 1 >= prompt_len and j not in question for j in range(length)]
         out.append({"input_ids": ids[:-1], "labels": ids[1:], "response_mask": mask})
     return out
 
