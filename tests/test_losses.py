@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -12,7 +13,9 @@ from ftlab.data.collate import pad_collate
 from ftlab.losses import (
     accumulation_loss,
     compute_entropy,
+    frozen_head_weight,
     get_response_log_probs,
+    head_log_probs,
     keeps_logits_by_mask,
     masked_mean,
     masked_normalize,
@@ -310,10 +313,14 @@ def test_response_token_log_probs_match_the_full_logits_path(tiny_llama, kind):
     batch = pad_collate(_examples(8), pad_id=0)  # padded: attention_mask and padding rows
     mask = batch["response_mask"]
     assert keeps_logits_by_mask(model)
+    assert (frozen_head_weight(model) is not None) == (kind == "lora")  # LoRA leaves the head frozen
     with _head_rows(model) as rows:
         fast = response_token_log_probs(model, batch["input_ids"], batch["labels"], mask,
                                         attention_mask=batch["attention_mask"])
-    assert rows == [int(mask.sum())] < [mask.numel()]  # the head ran on the supervised positions only
+    if kind == "full":
+        assert rows == [int(mask.sum())] < [mask.numel()]  # the head ran on the supervised positions only
+    else:
+        assert rows == [0]  # the head's matmul ran in head_log_probs, on the supervised positions
     full = get_response_log_probs(model, batch["input_ids"], batch["labels"],
                                   attention_mask=batch["attention_mask"])["log_probs"]
     assert fast.dtype == torch.float32 and fast.shape == (int(mask.sum()),)
@@ -366,6 +373,53 @@ def test_response_token_log_probs_keep_the_models_logit_softcapping():
     assert not torch.allclose(uncapped.gather(-1, batch["labels"][mask].unsqueeze(-1)).squeeze(-1), expected)
 
 
+def test_head_log_probs_by_hand():
+    # h = [1, 0] against W rows [0, 0] and [ln 3, 0]: z = [0, ln 3], p = [1/4, 3/4], log p(1) = ln 3 - ln 4;
+    # d log p(1) / d h = W[1] - (1/4 W[0] + 3/4 W[1]) = [ln 3 / 4, 0]. h = [0, 1]: z = [0, 0], log p(0) = -ln 2,
+    # gradient W[0] - (W[0] + W[1]) / 2 = [-ln 3 / 2, 0]. The loss weights the rows by 2 and -1.
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([[0.0, 0.0], [LN3, 0.0]])
+    out = head_log_probs(hidden, weight, torch.tensor([1, 0]))
+    torch.testing.assert_close(out, torch.tensor([LN3 - LN4, -LN2]))
+    (2 * out[0] - out[1]).backward()
+    torch.testing.assert_close(hidden.grad, torch.tensor([[2 * LN3 / 4, 0.0], [LN3 / 2, 0.0]]))
+
+
+def test_head_log_probs_chunks_give_the_one_matmul_values_and_gradients():
+    """More rows than one chunk holds (2**24 // vocab rows with a 2**20 vocabulary: 16): same as log_softmax."""
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 8, requires_grad=True)
+    weight, labels = torch.randn(2**20, 8) / 4, torch.randint(0, 2**20, (40,))
+    scale = torch.randn(40)
+    (head_log_probs(hidden, weight, labels) * scale).sum().backward()
+    fused = hidden.grad.clone()
+    hidden.grad = None
+    expected = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    (expected * scale).sum().backward()
+    torch.testing.assert_close(head_log_probs(hidden, weight, labels), expected.detach())
+    torch.testing.assert_close(fused, hidden.grad)
+
+
+def test_frozen_head_is_used_only_where_it_gives_the_models_logits():
+    """A frozen head of a softcapping model (Gemma-2 with LoRA) stays the model's own; values unchanged."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, final_logit_softcapping=0.5)
+    capped = _lora(AutoModelForCausalLM.from_config(cfg).float())
+    assert keeps_logits_by_mask(capped) and frozen_head_weight(capped) is None
+    batch = pad_collate(_examples(4), pad_id=0)
+    mask = batch["response_mask"]
+    with _head_rows(capped) as rows:
+        fast = response_token_log_probs(capped, batch["input_ids"], batch["labels"], mask,
+                                        attention_mask=batch["attention_mask"])
+    assert rows == [int(mask.sum())]
+    full = get_response_log_probs(capped, batch["input_ids"], batch["labels"],
+                                  attention_mask=batch["attention_mask"])["log_probs"]
+    torch.testing.assert_close(fast, full[mask], atol=1e-5, rtol=0)
+
+
 def test_response_token_log_probs_falls_back_to_full_logits_for_other_models():
     # TableModel knows nothing of logits_to_keep: it never gets it, and the full logits are sliced after
     model = TableModel(torch.tensor([[0.0, LN3], [0.0, 0.0]]))
@@ -412,10 +466,12 @@ def test_prompt_detached_log_probs_are_the_values_of_one_forward(tiny_llama, kin
         lengths = batch["attention_mask"].sum(1).tolist()
         assert all(not m[int(m.nonzero()[0]):n].all() for m, n in zip(batch["response_mask"].bool(), lengths))
     mask = batch["response_mask"]
+    frozen_head_weight(model)  # the once-per-model check of the head, before counting its rows
     with _head_rows(model) as rows:
         detached = prompt_detached_log_probs(model, batch["input_ids"], batch["labels"], mask,
                                              attention_mask=batch["attention_mask"])
-    assert rows == [len(mask), int(mask.sum())]  # prompt pass: one position a row; then the N supervised
+    # prompt pass: one position a row; then the N supervised (in head_log_probs when the head is frozen)
+    assert rows == [len(mask), int(mask.sum()) if kind == "full" else 0]
     full = response_token_log_probs(model, batch["input_ids"], batch["labels"], mask,
                                     attention_mask=batch["attention_mask"])
     torch.testing.assert_close(detached, full, atol=1e-5, rtol=0)
@@ -444,3 +500,39 @@ def test_prompt_detached_gradient_leaves_out_the_prompt_path_only(tiny_llama):
     rows_with_grad = set(detached["model.embed_tokens.weight"].abs().sum(1).nonzero().flatten().tolist())
     assert 31 not in after_cut and rows_with_grad == after_cut
     assert 31 in set(full["model.embed_tokens.weight"].abs().sum(1).nonzero().flatten().tolist())
+
+
+# ---------------------------------------------------------------- grouped-query attention on CPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="ftlab leaves transformers' choice where CUDA runs")
+def test_cpu_attention_takes_key_value_groups_as_they_are(tiny_llama, monkeypatch):
+    """ftlab lets torch's CPU sdpa read the grouped keys/values (no repeat per query head, which autograd
+    would save 2x over here): same log-probs and gradients on padded rows as with the repeated heads."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    import ftlab.models.load  # noqa: F401  (sets the switch on import)
+
+    repeats: list[int] = []
+    repeat_kv = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda x, n: repeats.append(n) or repeat_kv(x, n))
+    batch = pad_collate(_examples(8), pad_id=0)
+    assert tiny_llama.config.num_attention_heads == 2 * tiny_llama.config.num_key_value_heads
+    assert not batch["attention_mask"].bool().all()  # a padding mask reaches the attention
+
+    def log_probs_and_grads():
+        tiny_llama.zero_grad(set_to_none=True)
+        lp = response_token_log_probs(tiny_llama, batch["input_ids"], batch["labels"], batch["response_mask"],
+                                      attention_mask=batch["attention_mask"])
+        (-lp.sum()).backward()
+        return lp.detach(), _grads(tiny_llama)
+
+    assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+    grouped, grouped_grads = log_probs_and_grads()
+    assert repeats == []
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")
+    repeated, repeated_grads = log_probs_and_grads()
+    assert repeats == [2] * 4  # keys and values of both layers
+    torch.testing.assert_close(grouped, repeated, atol=1e-5, rtol=0)
+    _assert_same_grads(grouped_grads, repeated_grads)
+    tiny_llama.zero_grad(set_to_none=True)

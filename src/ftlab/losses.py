@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from typing import Any
 
 import torch
@@ -101,7 +102,21 @@ def response_token_log_probs(
         kwargs["attention_mask"] = attention_mask
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
-    return token_log_probs(logits_at(model, mask, input_ids=input_ids, **kwargs), labels[mask])
+    return log_probs_at(model, mask, labels[mask], input_ids=input_ids, **kwargs)
+
+
+def log_probs_at(model: torch.nn.Module, mask: Tensor, labels: Tensor, **forward_kwargs: Any) -> Tensor:
+    """log p(labels) at the True positions of `mask`: (N,) float32, `labels` already picked at the mask.
+
+    When the model's head is a frozen plain linear layer (LoRA, QLoRA) the head and the log-softmax run
+    chunk by chunk on the final hidden states (`head_log_probs`), so no (N, vocab) logits are kept for
+    backward; otherwise through the model's own head (`logits_at`). Same values either way.
+    """
+    weight = frozen_head_weight(model)
+    if weight is None:
+        return token_log_probs(logits_at(model, mask, **forward_kwargs), labels)
+    out = model(**forward_kwargs, logits_to_keep=torch.zeros_like(mask), output_hidden_states=True)
+    return head_log_probs(out.hidden_states[-1][mask], weight, labels)
 
 
 def logits_at(model: torch.nn.Module, mask: Tensor, **forward_kwargs: Any) -> Tensor:
@@ -155,9 +170,81 @@ def prompt_detached_log_probs(
                               position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
                               use_cache=True, logits_to_keep=1), cache_arg)
     positions = torch.tensor(cuts, device=device).unsqueeze(1) + torch.arange(width_r, device=device)
-    logits = logits_at(model, kept, input_ids=rest, attention_mask=torch.cat([prompt_mask, rest_mask], 1),
-                       position_ids=positions, use_cache=True, **{cache_arg: cache})
-    return token_log_probs(logits, rest_labels[kept])
+    return log_probs_at(model, kept, rest_labels[kept], input_ids=rest,
+                        attention_mask=torch.cat([prompt_mask, rest_mask], 1), position_ids=positions,
+                        use_cache=True, **{cache_arg: cache})
+
+
+class _HeadLogProbs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T) at `labels`, chunk by chunk, for a frozen `weight`.
+
+    The gradient with respect to each row of `hidden` is computed in the forward pass, while that
+    chunk's logits exist: d log p(y) / d h = W[y] - softmax(h W^T) W. Each row's log-prob depends on
+    its own row only, so backward just scales these rows by the incoming gradient. Saved for backward:
+    (N, hidden) instead of (N, vocab) logits; the matmul work is that of the ordinary forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+        rows = max(16, 2**24 // weight.shape[0])  # ~64 MB of float32 logits at a time
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], rows):
+                z = (hidden[start:start + rows].to(weight.dtype) @ weight.T).float()
+                y = labels[start:start + rows].long()
+                lse = torch.logsumexp(z, dim=-1)
+                out[start:start + rows] = z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse
+                if grad is not None:
+                    p = z.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the chunk's logits
+                    p[torch.arange(len(y), device=p.device), y] -= 1.0
+                    grad[start:start + rows] = -(p.to(weight.dtype) @ weight).float()
+        ctx.save_for_backward(grad)
+        ctx.hidden_dtype = hidden.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad_out.unsqueeze(-1) * grad).to(ctx.hidden_dtype), None, None
+
+
+def head_log_probs(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    """log_softmax(hidden @ weight.T) gathered at `labels`: (N,) float32, gradient to `hidden` only."""
+    return _HeadLogProbs.apply(hidden, weight, labels)
+
+
+_PLAIN_HEADS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def frozen_head_weight(model: torch.nn.Module) -> Tensor | None:
+    """The output layer's weight when `head_log_probs` gives the model's own log-probs, else None.
+
+    That needs a bias-free linear head that is not trained (LoRA leaves it frozen), held whole on this
+    process (not sharded by FSDP or ZeRO-3), a model that honours a boolean `logits_to_keep`, and
+    logits that are exactly the last hidden state times the weight: checked once per model on two
+    tokens, so a model that rescales or softcaps its logits (Gemma-2, Cohere, Granite) keeps its head.
+    """
+    inner = _unwrapped(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if (not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.requires_grad
+            or type(head.weight.data) is not torch.Tensor  # a DTensor or a quantized weight
+            or tuple(head.weight.shape) != (head.out_features, head.in_features)  # ZeRO-3 keeps a shard
+            or not keeps_logits_by_mask(model)):
+        return None
+    if inner not in _PLAIN_HEADS:
+        training = model.training
+        model.eval()  # no dropout: the check draws nothing from the random streams a resumed run replays
+        try:
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([[1, 2]], device=head.weight.device), use_cache=False,
+                            output_hidden_states=True)
+        finally:
+            model.train(training)
+        hidden = out.hidden_states[-1] if out.hidden_states is not None else None
+        _PLAIN_HEADS[inner] = hidden is not None and torch.allclose(
+            (hidden.to(head.weight.dtype) @ head.weight.T).float(), out.logits.float(), rtol=1e-4, atol=1e-4)
+    return head.weight if _PLAIN_HEADS[inner] else None
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
@@ -174,6 +261,14 @@ def keeps_logits_by_mask(model: torch.nn.Module) -> bool:
     text causal LM in transformers 5.2x), looking through DDP/FSDP/DeepSpeed (`.module`), torch.compile
     (`._orig_mod`) and PEFT wrappers.
     """
+    model = _unwrapped(model)
+    forward = inspect.unwrap(type(model).forward)
+    code = getattr(forward, "__code__", None)
+    return code is not None and "slice_logits_to_keep" in code.co_names and _bool_logits_to_keep_supported()
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP/FSDP/DeepSpeed (`.module`), torch.compile and PEFT wrappers."""
     for _ in range(8):  # wrappers nest a few levels at most
         if hasattr(model, "get_base_model"):  # PEFT
             model = model.get_base_model()
@@ -183,9 +278,7 @@ def keeps_logits_by_mask(model: torch.nn.Module) -> bool:
             model = model._orig_mod
         else:
             break
-    forward = inspect.unwrap(type(model).forward)
-    code = getattr(forward, "__code__", None)
-    return code is not None and "slice_logits_to_keep" in code.co_names and _bool_logits_to_keep_supported()
+    return model
 
 
 @functools.cache

@@ -35,6 +35,14 @@ EMBEDDED = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
+# Grouped-query attention with a padding mask: transformers repeats every key/value head once per query
+# head before torch's sdpa (3x the K/V of SmolLM2, all saved for backward) because CUDA's kernels would
+# fall back to the slow path with a mask; torch's CPU kernel takes the groups as they are (enable_gqa).
+# The quickstart's widest training step peaks 0.46 GB lower and runs ~5% faster with the same losses
+# (docs/BENCHMARKS.md). Set before any attention call; "0" in the environment keeps transformers' choice.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("FTLAB_CACHE", Path.home() / ".cache" / "ftlab"))
