@@ -160,16 +160,21 @@ def test_accumulation_matches_a_bigger_batch(tmp_path):
             assert a[step][f"train/{key}"] == pytest.approx(b[step][f"train/{key}"], rel=1e-5, abs=1e-6), (step, key)
 
 
-def test_prompt_computed_once_equals_two_sequences(tmp_path):
-    """The shared-prompt layout (default) gives the two-sequence layout's log-probs, losses and gradients."""
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_prompt_computed_once_equals_two_sequences(tmp_path, lora):
+    """The shared-prompt layout (default) gives the two-sequence layout's log-probs, losses and gradients;
+    with LoRA the frozen head runs in head_log_probs, where the shared prompt's last position is picked twice."""
+    from ftlab.losses import frozen_head_weight
     from ftlab.models.load import load_model_and_tokenizer
     from ftlab.train.dpo import build_objective, sequence_logps
 
     write_pairs(tmp_path / "pairs.jsonl", extra=[{"prompt": "What is 1 plus 2?", "chosen": "Three, since 1 plus 2 "
                                                   "is 3 and not 4.", "rejected": "4"}])  # rows of unequal widths
-    recipe = dpo_recipe(tmp_path)
+    recipe = dpo_recipe(tmp_path, **({"lora": LORA} if lora else {}))
     cfg = load_recipe(recipe)
     model, tok = load_model_and_tokenizer(cfg.model)
+    model.requires_grad_(not lora)
+    assert (frozen_head_weight(model) is not None) == lora
     objective = build_objective(cfg, tok)
     got = {}
     for share in (True, False):

@@ -105,8 +105,10 @@ def response_token_log_probs(
     return log_probs_at(model, mask, labels[mask], input_ids=input_ids, **kwargs)
 
 
-def log_probs_at(model: torch.nn.Module, mask: Tensor, labels: Tensor, **forward_kwargs: Any) -> Tensor:
-    """log p(labels) at the True positions of `mask`: (N,) float32, `labels` already picked at the mask.
+def log_probs_at(model: torch.nn.Module, mask: Tensor, labels: Tensor, select: Tensor | None = None,
+                 **forward_kwargs: Any) -> Tensor:
+    """log p(labels) at the True positions of `mask` (row-major), or at `select`, indices into those
+    positions (one may be picked more than once): (len(labels),) float32.
 
     When the model's head is a frozen plain linear layer (LoRA, QLoRA) the head and the log-softmax run
     chunk by chunk on the final hidden states (`head_log_probs`), so no (N, vocab) logits are kept for
@@ -114,9 +116,11 @@ def log_probs_at(model: torch.nn.Module, mask: Tensor, labels: Tensor, **forward
     """
     weight = frozen_head_weight(model)
     if weight is None:
-        return token_log_probs(logits_at(model, mask, **forward_kwargs), labels)
+        logits = logits_at(model, mask, **forward_kwargs)
+        return token_log_probs(logits if select is None else logits[select], labels)
     out = model(**forward_kwargs, logits_to_keep=torch.zeros_like(mask), output_hidden_states=True)
-    return head_log_probs(out.hidden_states[-1][mask], weight, labels)
+    hidden = out.hidden_states[-1][mask]
+    return head_log_probs(hidden if select is None else hidden[select], weight, labels)
 
 
 def logits_at(model: torch.nn.Module, mask: Tensor, **forward_kwargs: Any) -> Tensor:

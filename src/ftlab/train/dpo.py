@@ -27,7 +27,7 @@ from ftlab.data.collate import pad_collate
 from ftlab.data.preference import (PairReport, audit_pairs, encode_pair, generic_pairs, rows_to_pairs, shifted,
                                    task_pairs)
 from ftlab.errors import UserError
-from ftlab.losses import dpo_loss, logits_at, response_token_log_probs, token_log_probs
+from ftlab.losses import dpo_loss, log_probs_at, response_token_log_probs
 from ftlab.runs.rundir import RunDir
 from ftlab.train import reference as ref
 from ftlab.train.loop import train
@@ -203,8 +203,8 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
         return logps.new_zeros(mask.shape[0]).index_add(0, seq, logps), mask.sum(dim=1).float()
     keep, n = batch["keep"], 2 * batch["keep"].shape[0]
     kwargs = {"use_cache": False, "attention_mask": batch["attention_mask"], "position_ids": batch["position_ids"]}
-    logits = logits_at(model, keep, input_ids=batch["input_ids"], **kwargs)
-    logps = token_log_probs(logits[batch["gather"]], batch["targets"])
+    logps = log_probs_at(model, keep, batch["targets"], select=batch["gather"], input_ids=batch["input_ids"],
+                         **kwargs)
     counts = torch.bincount(batch["seq"], minlength=n).float()
     return logps.new_zeros(n).index_add(0, batch["seq"], logps), counts
 
