@@ -156,7 +156,8 @@ def test_toy_lora_and_qlora_bf16_by_hand():
     # (nothing before them trains)
     assert frozen_prefix_savings(arch, "lora", arch.matching(DEFAULT_TARGETS)) == 4 * 128 + 3 * 4 * 128
     assert lo.bytes_of("activations") == 8 * (2 * per_layer + 4 * 128 - 4 * 128 * 4)
-    assert lo.bytes_of("logits (loss)") == 8 * 320 * 10
+    # the frozen head: 8 supervised rows x h x 4 B of row gradients + one chunk (all 8 rows) x vocab x 8 B
+    assert lo.bytes_of("logits (loss)") == 8 * 128 * 4 + 8 * 320 * 8
 
 
 def test_logits_and_head_input_are_charged_per_supervised_token():
@@ -168,7 +169,7 @@ def test_logits_and_head_input_are_charged_per_supervised_token():
     assert part.bytes_of("logits (loss)") == 8 * 320 * 8 and all_.bytes_of("logits (loss)") == 32 * 320 * 8
     assert all_.bytes_of("activations") - part.bytes_of("activations") == (32 - 8) * 4 * 128
     lora = estimate_memory(arch, method="lora", precision="bf16", batch_size=2, seq_len=16, supervised_share=0.25)
-    assert lora.bytes_of("logits (loss)") == 8 * 320 * 10  # + the 16-bit logits under autocast
+    assert lora.bytes_of("logits (loss)") == 8 * 128 * 4 + 8 * 320 * 8  # row gradients + one chunk in flight
     with pytest.raises(UserError, match="supervised share"):
         estimate_memory(arch, supervised_share=0)
 
@@ -415,3 +416,33 @@ def test_weights_grads_and_adamw_states_equal_the_estimate_exactly(method):
     assert nbytes(states) == est.bytes_of("optimizer states")
     assert est.trainable_params == sum(p.numel() for p in trainable)
     assert math.isclose(est.total_bytes, sum(b for _, b, _ in est.rows))
+
+
+def test_a_frozen_head_saves_no_vocab_sized_tensor():
+    """With the head frozen (as under LoRA) the loss keeps each supervised row's gradient (8 rows x h fp32),
+    nothing vocab-sized: what the estimate's logits row keeps after its chunk is freed."""
+    from ftlab.losses import frozen_head_weight, response_token_log_probs
+
+    cfg = tiny_config()
+    model = real_model(cfg).train()
+    model.lm_head.weight.requires_grad_(False)
+    model.model.embed_tokens.weight.requires_grad_(False)  # tied to the head
+    assert frozen_head_weight(model) is not None
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, 12:] = True
+    params = {q.untyped_storage().data_ptr() for q in model.parameters()}  # views of the head's weight are not
+    shapes: list[tuple[int, ...]] = []                                       # activations
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        response_token_log_probs(model, ids, ids, mask).sum()
+    assert not [s for s in shapes if cfg.vocab_size in s]
+    assert (8, cfg.hidden_size) in shapes
+    est = estimate_memory(architecture(cfg), method="lora", precision="fp32", batch_size=2, seq_len=16,
+                          supervised_share=0.25)
+    assert est.bytes_of("logits (loss)") == 8 * cfg.hidden_size * 4 + 8 * cfg.vocab_size * 8

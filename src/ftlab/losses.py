@@ -190,7 +190,7 @@ class _HeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-        rows = max(16, 2**24 // weight.shape[0])  # ~64 MB of float32 logits at a time
+        rows = head_chunk_rows(weight.shape[0])
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
         with torch.autocast(hidden.device.type, enabled=False):
@@ -211,6 +211,11 @@ class _HeadLogProbs(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
         (grad,) = ctx.saved_tensors
         return (grad_out.unsqueeze(-1) * grad).to(ctx.hidden_dtype), None, None
+
+
+def head_chunk_rows(vocab: int) -> int:
+    """Rows of logits `head_log_probs` computes at a time: ~64 MB of float32 (341 rows of SmolLM2's 49,152)."""
+    return max(16, 2**24 // vocab)
 
 
 def head_log_probs(hidden: Tensor, weight: Tensor, labels: Tensor) -> Tensor:

@@ -42,7 +42,9 @@ The model behind the numbers (what ftlab's trainer does; every choice is printed
 * logits: training runs the LM head on the supervised positions only (`ftlab.losses.response_token_log_probs`
   slices the hidden states first), so logits cost per supervised token: the fp32 logits the loss keeps
   (4 B x vocab) and, in backward, their gradient (4 B); mixed precision adds the 16-bit logits (2 B). The
-  LM head's input (kept when the head trains) is per supervised token too. `supervised_share` (CLI
+  LM head's input (kept when the head trains) is per supervised token too. A frozen head (LoRA, QLoRA)
+  runs chunk by chunk instead (`ftlab.losses.head_log_probs`): 4 B x hidden per supervised token for its
+  row gradient, plus one chunk of rows x vocab x 8 B (the chunk's logits and softmax) at a time. `supervised_share` (CLI
   `--supervised-share`) is the share of tokens that carry loss: 1.0, every position, is the upper bound
   (the default); SFT on long prompts with short answers needs far less.
 * total = the sum of the rows: an upper bound of the peak (gradients fill in while activations are
@@ -59,6 +61,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ftlab.errors import UserError
+from ftlab.losses import head_chunk_rows
 
 GiB = 1024 ** 3
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -461,9 +464,15 @@ def estimate_memory(arch: Architecture, method: str = "full", optim: str = "adam
                "norm" + (", frozen first layer)" if method != "full" else ")")
                + (f" + {supervised} supervised tokens x {head_sup:.0f} B LM head input" if head_sup else ""))
     rows.append(("activations", layers, how))
-    logit_b = 8 + (2 if mixed else 0)
-    rows.append(("logits (loss)", supervised * a.vocab * logit_b,
-                 f"{supervised} supervised tokens x {a.vocab} vocab x {logit_b} B"))
+    if method == "full":
+        logit_b = 8 + (2 if mixed else 0)
+        rows.append(("logits (loss)", supervised * a.vocab * logit_b,
+                     f"{supervised} supervised tokens x {a.vocab} vocab x {logit_b} B"))
+    else:  # a frozen head: log-probs chunk by chunk, each row's gradient kept (ftlab.losses.head_log_probs)
+        chunk = min(supervised, head_chunk_rows(a.vocab))
+        rows.append(("logits (loss)", supervised * a.hidden * 4 + chunk * a.vocab * 8,
+                     f"{supervised} supervised tokens x {a.hidden} x 4 B + one chunk of {chunk} rows x "
+                     f"{a.vocab} vocab x 8 B"))
     notes.append(f"activations: {attn_implementation} attention "
                  + ("(fp32 softmax probabilities: s^2 term)" if attention_is_eager(attn_implementation)
                     else "(flash/memory-efficient kernels: no s^2 term)")
@@ -471,8 +480,11 @@ def estimate_memory(arch: Architecture, method: str = "full", optim: str = "adam
                  "as autograd saves them (Korthikanti et al. 2022 bookkeeping for a Llama block)")
     notes.append(f"logits: the LM head runs on supervised positions only ({supervised_share:g} of the tokens"
                  + (", every position: the upper bound; pass --supervised-share for SFT data" if supervised_share == 1
-                    else "") + "): fp32 logits for the loss and their gradient (8 B per supervised token x vocab)"
-                 + (", plus the 16-bit logits (2 B)" if mixed else ""))
+                    else "") + "): "
+                 + ("fp32 logits for the loss and their gradient (8 B per supervised token x vocab)"
+                    + (", plus the 16-bit logits (2 B)" if mixed else "") if method == "full" else
+                    "the frozen head's log-probs run chunk by chunk, keeping each row's fp32 gradient (4 B x hidden); "
+                    "one chunk's fp32 logits and softmax are alive at a time"))
     notes.append(f"optimizer: {_optim_note(optim)}")
     notes.append("total = sum of the rows: an upper bound of the peak (gradients fill in while activations are "
                  "freed); add the CUDA context (~0.3-1 GiB) and allocator fragmentation")
