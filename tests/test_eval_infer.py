@@ -187,3 +187,16 @@ def test_vllm_is_given_resolved_model_and_adapter_paths(tmp_path, tiny_tokenizer
     # the tokenizer alone, from the base model (the adapter directory has none)
     tok = load_eval_tokenizer(ModelConfig(name=str(adapter)), str(base), str(adapter))
     assert tok.get_vocab() == tiny_tokenizer.get_vocab()
+
+
+def test_eval_builds_the_recipes_task_with_its_options():
+    """`ftlab eval` on a SOKRATES recipe prompts as its policy was trained (data.task_options); another task
+    named with eval.task gets none of them."""
+    from ftlab.config.load import load_recipe
+    from ftlab.evaluate import eval_task
+
+    cfg = load_recipe("recipes/sokrates/tiny.yaml", ["data.task_options.backward_plan=true"])
+    task = eval_task(cfg, "sokrates")
+    assert task.backward_plan and task.source == "prontoqa"
+    assert "Premises by what they conclude" in task.load(cfg.data.val, limit=1)[0].question
+    assert not hasattr(eval_task(cfg, "prontoqa"), "backward_plan")

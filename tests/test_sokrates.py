@@ -164,6 +164,39 @@ def test_optionizer_on_an_authors_row_by_hand():
     assert verify_trace(example, target).fully_valid
 
 
+def test_backward_plan_and_conclusion_index_on_an_authors_row_by_hand():
+    task = get_task("sokrates", source="prontoqa", backward_plan=True)
+    example = task.to_example(AUTHORS_ROW, 0)
+    # the index lists each premise under what it concludes, in premise order; 'not' marks a negation
+    assert "\nfloral: dumpus (6, not), lorpus (9).\n" in example.question
+    assert "\nzumpus: Stella (24).\n" in example.question and "\ngorpus: zumpus (21).\n" in example.question
+    assert example.question.index("Stella is a zumpus (premise 24).") < example.question.index("luminous: ")
+    # by hand: rules concluding floral in premise order: 6 (dumpus; nothing concludes dumpus: a dead end), 9
+    # (lorpus); then the one rule concluding each concept back to Stella's fact 24
+    first = example.target.splitlines()[0]
+    assert first.startswith("Thought: Back from the claim: floral: dumpus (6, not); dumpus: nothing. floral: lorpus (9); "
+                            "lorpus: yumpus (2); yumpus: rompus (12); rompus: gorpus (5); gorpus: zumpus (21); "
+                            "zumpus: Stella (24). Since Stella is a zumpus (premise 24) and zumpuses are gorpuses")
+    plain = optionized_target(example.meta["problem"])
+    assert example.target.splitlines()[1:] == plain.splitlines()[1:]  # only the first thought changes
+    assert verify_trace(example.meta["problem"], example.target).fully_valid
+    assert "Premises by what they conclude" not in render_problem(example.meta["problem"])
+
+
+def test_backward_plan_verifies_on_generated_problems_and_refuses_folio():
+    from ftlab.errors import UserError
+
+    task = get_task("sokrates", source="prontoqa", backward_plan=True)
+    for i, record in enumerate(generate_prontoqa(40, [1, 2, 3, 5], seed=11)):
+        example = task.to_example(record, i)
+        assert example.target.startswith("Thought: Back from the claim: ")
+        assert verify_trace(example.meta["problem"], example.target).fully_valid
+    with pytest.raises(UserError, match="PrOntoQA problems only"):
+        get_task("sokrates", source="folio", backward_plan=True)
+    with pytest.raises(UserError, match="must be true or false"):
+        get_task("sokrates", backward_plan="yes")
+
+
 def test_optionizer_falls_back_to_the_solver():
     row = {**AUTHORS_ROW, "chain_of_thought": ["Stella is a zumpus.", "Stella is a lorpus.", "Stella is floral."]}
     proof = optionize(get_task("prontoqa").to_example(row, 0))

@@ -77,6 +77,15 @@ def autocast_for(model: Any, precision: str) -> Any:
     return torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def eval_task(cfg: DictConfig, task_name: str) -> Any:
+    """The task to evaluate with: the recipe's `data.task_options` apply when it is the recipe's own task
+    (a SOKRATES recipe's source and prompt layout are the ones its policy was trained on)."""
+    from ftlab.tasks import get_task
+
+    same = str(task_name).strip().lower() == str(cfg.data.task).strip().lower()
+    return get_task(task_name, **(cfg.data.task_options if same else {}))
+
+
 def eval_source(cfg: DictConfig) -> tuple[str, str]:
     task = cfg.eval.task or cfg.data.task
     source = cfg.eval.source or cfg.data.val
@@ -157,10 +166,8 @@ def load_for_generation(mcfg: Any, engine: str) -> tuple[Any, Any, Any]:
 
 def run_eval(cfg: DictConfig, model_name: str | None = None, adapter: str | None = None) -> tuple[RunDir, dict]:
     """Evaluate one model as the recipe's eval section says; writes a run directory under runs/eval."""
-    from ftlab.tasks import get_task
-
     task_name, source = eval_source(cfg)
-    task = get_task(task_name)
+    task = eval_task(cfg, task_name)
     examples = eval_examples(task, source, cfg.eval)
     # a model named explicitly (--compare) is that model, not the recipe's from-scratch config
     mcfg = OmegaConf.merge(cfg.model, {"name": model_name or cfg.model.name,

@@ -31,7 +31,7 @@ from ftlab.sokrates.logic import (
     parse_sentence,
 )
 from ftlab.sokrates.options import Step, format_steps, make_step
-from ftlab.sokrates.problems import Problem, as_problem, parse_prontoqa
+from ftlab.sokrates.problems import Problem, as_problem, index_entry, parse_prontoqa
 
 _LOGIPT_RULE_RE = re.compile(r"(\w+)\(\$x,\s*True\)\s*→\s*(\w+)\(\$x,\s*(True|False)\)")
 _STEP_FNS = {"MODUS_PONENS": modus_ponens, "MODUS_TOLLENS": modus_tollens}
@@ -143,9 +143,36 @@ def _needed(known: dict, goal: tuple) -> tuple[list[_Derived], tuple]:
     return order, goal
 
 
+def _backward_plan(premises: list[Statement], claim: Fact, derived: list[_Derived]) -> str | None:
+    """The search a proof of `derived` (a chain of modus ponens steps from one premise fact) makes back from
+    the claim, in the words of `conclusion_index`: the rules that conclude the claimed property, in premise
+    order, dead ends (nothing concludes their subject) said as such, then one line per concept down to the
+    entity's fact. None when the proof is not such a chain."""
+    if not derived or any(d.option != "MODUS_PONENS" for d in derived) or any(
+            d.fact != prev.out.key for prev, d in zip(derived, derived[1:])):
+        return None
+    first = next((i for i, p in enumerate(premises) if isinstance(p, Fact) and p.key == derived[0].fact), None)
+    if first is None:
+        return None
+    concluded = {p.pred for p in premises}
+
+    def entry(i: int) -> str:
+        return f"{premises[i].pred}: {index_entry(premises[i], i)}"
+
+    final = derived[-1].rule
+    parts = []
+    for i, p in enumerate(premises[:final]):
+        if isinstance(p, Rule) and p.pred == claim.pred and p.subject not in concluded:
+            parts.append(f"{entry(i)}; {p.subject}: nothing.")
+    chain = [entry(d.rule) for d in reversed(derived)] + [entry(first)]
+    parts.append("; ".join(chain) + ".")
+    return "Back from the claim: " + " ".join(parts)
+
+
 def _render(problem: Problem, premises: list[Statement], claim: Fact,
-            plan: tuple[list[_Derived], tuple]) -> tuple[list[Step], str]:
+            plan: tuple[list[_Derived], tuple], backward_plan: bool = False) -> tuple[list[Step], str]:
     derived, goal_key = plan
+    search = _backward_plan(premises, claim, derived) if backward_plan else None
     index: dict[tuple, int] = {}
     for i, p in enumerate(premises):
         if isinstance(p, Fact):
@@ -161,7 +188,8 @@ def _render(problem: Problem, premises: list[Statement], claim: Fact,
         rule_text = problem.premises[d.rule].strip().rstrip(".")
         rule_text = rule_text[0].lower() + rule_text[1:]
         number = len(premises) + len(steps)  # the fact this step derives
-        steps.append(make_step(f"Since {facts[d.fact].text()} ({ref(d.fact)}) and {rule_text} (premise {d.rule}), "
+        lead = f"{search} " if search and not steps else ""
+        steps.append(make_step(f"{lead}Since {facts[d.fact].text()} ({ref(d.fact)}) and {rule_text} (premise {d.rule}), "
                                f"{d.out.text()} (derived fact {number}).", d.option, [index[d.fact], d.rule]))
         index.setdefault(d.out.key, number)
         facts.setdefault(d.out.key, d.out)
@@ -173,7 +201,8 @@ def _render(problem: Problem, premises: list[Statement], claim: Fact,
     return steps, verdict
 
 
-def optionize_prontoqa(problem: Problem) -> Proof:
+def optionize_prontoqa(problem: Problem, backward_plan: bool = False) -> Proof:
+    """`backward_plan`: the first step's thought starts with the search back from the claim (`_backward_plan`)."""
     premises, claim = parse_prontoqa(problem)
     notes: list[str] = []
     derived, source = None, "gold"
@@ -185,25 +214,27 @@ def optionize_prontoqa(problem: Problem) -> Proof:
     else:
         notes.append("no gold chain of thought")
     if derived is not None:
-        steps, verdict = _render(problem, premises, claim, derived)
+        steps, verdict = _render(problem, premises, claim, derived, backward_plan)
         if verdict == problem.gold:
             return Proof(steps, source, verdict, notes)
         notes.append(f"the gold chain proves {verdict}, the label says {problem.gold}")
-    steps, verdict = _render(problem, premises, claim, _from_solver(premises, claim))
+    steps, verdict = _render(problem, premises, claim, _from_solver(premises, claim), backward_plan)
     return Proof(steps, "solver", verdict, notes)
 
 
-def optionize(example: Any) -> Proof:
+def optionize(example: Any, backward_plan: bool = False) -> Proof:
     """The optionized proof of a Problem or task Example (PrOntoQA or FOLIO); OptionizeError when none can
-    be written, LogicParseError when PrOntoQA premises cannot be read."""
+    be written, LogicParseError when PrOntoQA premises cannot be read. `backward_plan` (PrOntoQA): the first
+    thought starts with the search back from the claim."""
     problem = as_problem(example)
     if problem.task == "folio":
         from ftlab.sokrates.folio_solver import optionize_folio
 
         return optionize_folio(problem)
-    return optionize_prontoqa(problem)
+    return optionize_prontoqa(problem, backward_plan)
 
 
-def optionized_target(example: Any) -> str:
-    """The supervised response for `render_problem(example)`: the steps, ending in CONCLUDE."""
-    return optionize(example).text()
+def optionized_target(example: Any, backward_plan: bool = False) -> str:
+    """The supervised response for `render_problem(example, index=backward_plan)`: the steps, ending in
+    CONCLUDE."""
+    return optionize(example, backward_plan).text()

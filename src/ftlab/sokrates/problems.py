@@ -27,6 +27,7 @@ from typing import Any
 from ftlab.sokrates.logic import (
     Fact,
     LogicParseError,
+    Rule,
     Statement,
     nouns,
     parse_premises,
@@ -118,9 +119,33 @@ def instructions(problem: Problem) -> str:
             "Finish with CONCLUDE, whose thought ends \"The answer is True.\" or \"The answer is False.\"")
 
 
-def render_problem(example: Any) -> str:
-    """The prompt: numbered premises, the claim, the step format. `example`: a Problem or a task Example."""
+def conclusion_index(premises: list[Statement]) -> list[str]:
+    """The premises grouped by what they conclude, one line per predicate, in order of first appearance:
+
+        temperate: brimpus (8, not), shumpus (14).
+        numpus: yumpus (15), Sam (20).
+
+    A proof planned back from the claim then finds each premise by the *first* word of a line (the
+    predicate it needs), where the premises themselves put that word last."""
+    lines: dict[str, list[str]] = {}
+    for i, p in enumerate(premises):
+        lines.setdefault(p.pred, []).append(index_entry(p, i))
+    return [f"{pred}: {', '.join(entries)}." for pred, entries in lines.items()]
+
+
+def index_entry(premise: Statement, i: int) -> str:
+    """'brimpus (8, not)': the subject of rule i (a fact: its entity), its number, and 'not' when it concludes
+    the negation."""
+    who = premise.subject if isinstance(premise, Rule) else premise.entity
+    return f"{who} ({i}{', not' if premise.negated else ''})"
+
+
+def render_problem(example: Any, index: bool = False) -> str:
+    """The prompt: numbered premises, the claim, the step format. `example`: a Problem or a task Example.
+    `index` (PrOntoQA) adds the premises grouped by what they conclude (`conclusion_index`)."""
     problem = as_problem(example)
     lines = [f"{p.strip().rstrip('.')} (premise {i})." for i, p in enumerate(problem.premises)]
+    if index and problem.task == "prontoqa":
+        lines += ["", "Premises by what they conclude (number, and 'not' when they conclude its negation):", *conclusion_index(parse_prontoqa(problem)[0]), ""]
     lines.append("Claim: " + " ".join(problem.claim.split()))
     return "\n".join(lines) + "\n\n" + instructions(problem)

@@ -27,12 +27,16 @@ SOURCES = ("prontoqa", "folio")
 class SokratesTask(Task):
     name = "sokrates"
 
-    def __init__(self, source: str = "prontoqa", **source_options: Any):
+    def __init__(self, source: str = "prontoqa", backward_plan: bool = False, **source_options: Any):
         from ftlab.tasks import get_task
 
         if source not in SOURCES:
             raise UserError(f"sokrates: source={source!r} is not one of {', '.join(SOURCES)}")
-        self.source = source
+        if backward_plan not in (True, False):
+            raise UserError(f"sokrates: backward_plan={backward_plan!r} must be true or false")
+        if backward_plan and source != "prontoqa":
+            raise UserError("sokrates: backward_plan applies to PrOntoQA problems only (source: prontoqa)")
+        self.source, self.backward_plan = source, backward_plan
         self.base = get_task(source, **source_options)
         self.required_fields = self.base.required_fields
 
@@ -48,8 +52,9 @@ class SokratesTask(Task):
 
         ex = self.base.to_example(record, index)
         problem = problem_from_example(ex, self.source)
-        target = optionized_target(problem)  # OptionizeError / LogicParseError: no proof, see examples_from
-        return Example(id=ex.id, question=render_problem(problem), target=target, gold=problem.gold,
+        # OptionizeError / LogicParseError: no proof, see examples_from
+        target = optionized_target(problem, self.backward_plan)
+        return Example(id=ex.id, question=render_problem(problem, index=self.backward_plan), target=target, gold=problem.gold,
                        meta={**{k: v for k, v in ex.meta.items() if isinstance(v, (int, str, float))},
                              "problem": problem})
 
