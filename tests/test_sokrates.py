@@ -174,11 +174,18 @@ def test_backward_plan_and_conclusion_index_on_an_authors_row_by_hand():
     # by hand: rules concluding floral in premise order: 6 (dumpus; nothing concludes dumpus: a dead end), 9
     # (lorpus); then the one rule concluding each concept back to Stella's fact 24
     first = example.target.splitlines()[0]
-    assert first.startswith("Thought: Back from the claim: floral: dumpus (6, not); dumpus: nothing. floral: lorpus (9); "
-                            "lorpus: yumpus (2); yumpus: rompus (12); rompus: gorpus (5); gorpus: zumpus (21); "
-                            "zumpus: Stella (24). Since Stella is a zumpus (premise 24) and zumpuses are gorpuses")
-    plain = optionized_target(example.meta["problem"])
-    assert example.target.splitlines()[1:] == plain.splitlines()[1:]  # only the first thought changes
+    assert first.startswith(
+        "Thought: Back from the claim: floral: dumpus (6, not); dumpus: nothing. floral: lorpus (9), each lorpus is "
+        "floral (premise 9); lorpus: yumpus (2), each yumpus is a lorpus (premise 2); yumpus: rompus (12), each rompus "
+        "is a yumpus (premise 12); rompus: gorpus (5), each gorpus is a rompus (premise 5); gorpus: zumpus (21), each "
+        "zumpus is a gorpus (premise 21); zumpus: Stella (24), Stella is a zumpus (premise 24). Since Stella is a "
+        "zumpus (premise 24) and each zumpus is a gorpus (premise 21), Stella is a gorpus (derived fact 25).")
+    # the steps cite each rule as the plan spells it; their actions are the plain proof's
+    plain = optionize(example.meta["problem"])
+    assert [s.action for s in optionize(example.meta["problem"], backward_plan=True).steps] == [
+        s.action for s in plain.steps]
+    assert example.target.splitlines()[2] == ("Thought: Since Stella is a gorpus (derived fact 25) and each gorpus is "
+                                              "a rompus (premise 5), Stella is a rompus (derived fact 26).")
     assert verify_trace(example.meta["problem"], example.target).fully_valid
     assert "Premises by what they conclude" not in render_problem(example.meta["problem"])
 

@@ -59,6 +59,10 @@ class Rule:
     def apply(self, entity: str) -> Fact:
         return Fact(entity, self.pred, self.negated, self.kind)
 
+    def text(self) -> str:
+        """'each jompus is a wumpus' / 'each jompus is not nervous' (one wording for both of PrOntoQA's)."""
+        return Fact("each " + self.subject, self.pred, self.negated, self.kind).text()
+
 
 Statement = Fact | Rule
 

@@ -146,8 +146,10 @@ def _needed(known: dict, goal: tuple) -> tuple[list[_Derived], tuple]:
 def _backward_plan(premises: list[Statement], claim: Fact, derived: list[_Derived]) -> str | None:
     """The search a proof of `derived` (a chain of modus ponens steps from one premise fact) makes back from
     the claim, in the words of `conclusion_index`: the rules that conclude the claimed property, in premise
-    order, dead ends (nothing concludes their subject) said as such, then one line per concept down to the
-    entity's fact. None when the proof is not such a chain."""
+    order, dead ends (nothing concludes their subject) said as such, then one entry per concept down to the
+    entity's fact. Each entry also spells the premise as the forward steps cite it ("each wumpus is a dumpus
+    (premise 14)"): a step then finds its rule by the concept it stands at, the first words of that phrase,
+    instead of reading the plan backwards. None when the proof is not such a chain."""
     if not derived or any(d.option != "MODUS_PONENS" for d in derived) or any(
             d.fact != prev.out.key for prev, d in zip(derived, derived[1:])):
         return None
@@ -156,14 +158,15 @@ def _backward_plan(premises: list[Statement], claim: Fact, derived: list[_Derive
         return None
     concluded = {p.pred for p in premises}
 
-    def entry(i: int) -> str:
-        return f"{premises[i].pred}: {index_entry(premises[i], i)}"
+    def entry(i: int, spelled: bool = True) -> str:
+        said = f", {premises[i].text()} (premise {i})" if spelled else ""
+        return f"{premises[i].pred}: {index_entry(premises[i], i)}{said}"
 
     final = derived[-1].rule
     parts = []
     for i, p in enumerate(premises[:final]):
         if isinstance(p, Rule) and p.pred == claim.pred and p.subject not in concluded:
-            parts.append(f"{entry(i)}; {p.subject}: nothing.")
+            parts.append(f"{entry(i, spelled=False)}; {p.subject}: nothing.")
     chain = [entry(d.rule) for d in reversed(derived)] + [entry(first)]
     parts.append("; ".join(chain) + ".")
     return "Back from the claim: " + " ".join(parts)
@@ -186,7 +189,7 @@ def _render(problem: Problem, premises: list[Statement], claim: Fact,
     steps = []
     for d in derived:
         rule_text = problem.premises[d.rule].strip().rstrip(".")
-        rule_text = rule_text[0].lower() + rule_text[1:]
+        rule_text = premises[d.rule].text() if search else rule_text[0].lower() + rule_text[1:]
         number = len(premises) + len(steps)  # the fact this step derives
         lead = f"{search} " if search and not steps else ""
         steps.append(make_step(f"{lead}Since {facts[d.fact].text()} ({ref(d.fact)}) and {rule_text} (premise {d.rule}), "
