@@ -186,6 +186,10 @@ def test_backward_plan_and_conclusion_index_on_an_authors_row_by_hand():
         s.action for s in plain.steps]
     assert example.target.splitlines()[2] == ("Thought: Since Stella is a gorpus (derived fact 25) and each gorpus is "
                                               "a rompus (premise 5), Stella is a rompus (derived fact 26).")
+    # the claim beside the derived fact, then the verdict
+    assert example.target.splitlines()[-2] == ("Thought: Stella is floral (derived fact 29); the claim says Stella is "
+                                               "not floral: the opposite, so the answer is False.")
+    assert task.extract_answer(example.target) == "False"
     assert verify_trace(example.meta["problem"], example.target).fully_valid
     assert "Premises by what they conclude" not in render_problem(example.meta["problem"])
 

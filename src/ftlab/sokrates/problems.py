@@ -18,6 +18,10 @@ The number follows its sentence, as a step's thought cites it ("... and brimpuse
 and copying the next token. With "Premise 0: ..." first it had to find the sentence and recall what came
 *before* it; measured after the tiny recipe's SFT on 100 generated 3-hop problems, step validity rose from
 2.5% to 14.8% with this layout (docs/BENCHMARKS.md, "SOKRATES OaK loop").
+
+`render_problem(example, index=True)` (the task option `backward_plan`) adds the premises grouped by what they
+conclude (`conclusion_index`), so a proof planned back from the claim looks each premise up by a line's first
+word instead of a sentence's last.
 """
 from __future__ import annotations
 
