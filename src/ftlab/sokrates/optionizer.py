@@ -199,9 +199,9 @@ def _render(problem: Problem, premises: list[Statement], claim: Fact,
     goal = facts[goal_key]
     verdict = "True" if goal.key == claim.key else "False"
     if search:
-        # the claim written next to the derived fact before the verdict: the policy that followed its plan
-        # to the right fact still picked "is the claim" or "contradicts" at chance (39 of 79 such outputs
-        # on the authors' 3-hop rows 101-300), before it had both sentences side by side
+        # the claim written beside the derived fact before the verdict: with "which is the claim" /
+        # "which contradicts" the policy had to choose before writing the claim, and after following its plan
+        # to the right fact it chose at chance (39 of 79 such outputs right on the authors' 3-hop rows 101-300)
         how = f"; the claim says {claim.text()}: {'the same' if verdict == 'True' else 'the opposite'}, so the"
     else:
         how = ", which is the claim. The" if verdict == "True" else f", which contradicts the claim that {claim.text()}. The"

@@ -150,6 +150,7 @@ def render_problem(example: Any, index: bool = False) -> str:
     problem = as_problem(example)
     lines = [f"{p.strip().rstrip('.')} (premise {i})." for i, p in enumerate(problem.premises)]
     if index and problem.task == "prontoqa":
-        lines += ["", "Premises by what they conclude (number, and 'not' when they conclude its negation):", *conclusion_index(parse_prontoqa(problem)[0]), ""]
+        lines += ["", "Premises by what they conclude (number, and 'not' when they conclude its negation):",
+                  *conclusion_index(parse_prontoqa(problem)[0]), ""]
     lines.append("Claim: " + " ".join(problem.claim.split()))
     return "\n".join(lines) + "\n\n" + instructions(problem)

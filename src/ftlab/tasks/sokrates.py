@@ -9,7 +9,8 @@ source task reads (files, hub ids, PrOntoQA's `generate:N`), and turns each exam
 
 so SFT supervises the whole trace, not the verdict alone (the seed's first SFT trained on CONCLUDE-only
 text). `backward_plan: true` (PrOntoQA) renders with the conclusion index and starts each proof with its
-search back from the claim (`render_problem(..., index=True)`, `optionized_target(..., backward_plan=True)`). Scoring reads the answer with the source task's rules and runs `verify_trace` for the steps. Problems that have no
+search back from the claim (`render_problem(..., index=True)`, `optionized_target(..., backward_plan=True)`).
+Scoring reads the answer with the source task's rules and runs `verify_trace` for the steps. Problems that have no
 optionized proof (unreadable premises, FOLIO formulas that do not give the label) are left out of the
 data with one warning that counts them and names the first; they are never silently dropped.
 """
