@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from ftlab.sokrates.logic import (
@@ -151,7 +152,7 @@ def _backward_plan(premises: list[Statement], claim: Fact, derived: list[_Derive
     (premise 14)"): a step then finds its rule by the concept it stands at, the first words of that phrase,
     instead of reading the plan backwards. None when the proof is not such a chain."""
     if not derived or any(d.option != "MODUS_PONENS" for d in derived) or any(
-            d.fact != prev.out.key for prev, d in zip(derived, derived[1:])):
+            d.fact != prev.out.key for prev, d in pairwise(derived)):
         return None
     first = next((i for i, p in enumerate(premises) if isinstance(p, Fact) and p.key == derived[0].fact), None)
     if first is None:
