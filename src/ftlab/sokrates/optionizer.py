@@ -189,8 +189,11 @@ def _render(problem: Problem, premises: list[Statement], claim: Fact,
 
     steps = []
     for d in derived:
-        rule_text = problem.premises[d.rule].strip().rstrip(".")
-        rule_text = premises[d.rule].text() if search else rule_text[0].lower() + rule_text[1:]
+        if search:  # one wording, as the plan spelled it
+            rule_text = premises[d.rule].text()
+        else:
+            sentence = problem.premises[d.rule].strip().rstrip(".")
+            rule_text = sentence[0].lower() + sentence[1:]
         number = len(premises) + len(steps)  # the fact this step derives
         lead = f"{search} " if search and not steps else ""
         steps.append(make_step(f"{lead}Since {facts[d.fact].text()} ({ref(d.fact)}) and {rule_text} (premise {d.rule}), "
@@ -205,7 +208,8 @@ def _render(problem: Problem, premises: list[Statement], claim: Fact,
         # to the right fact it chose at chance (39 of 79 such outputs right on the authors' 3-hop rows 101-300)
         how = f"; the claim says {claim.text()}: {'the same' if verdict == 'True' else 'the opposite'}, so the"
     else:
-        how = ", which is the claim. The" if verdict == "True" else f", which contradicts the claim that {claim.text()}. The"
+        how = (", which is the claim. The" if verdict == "True"
+               else f", which contradicts the claim that {claim.text()}. The")
     steps.append(make_step(f"{goal.text()} ({ref(goal.key)}){how} answer is {verdict}.",
                            "CONCLUDE", [index[goal.key]]))
     return steps, verdict

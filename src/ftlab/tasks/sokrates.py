@@ -56,7 +56,8 @@ class SokratesTask(Task):
         problem = problem_from_example(ex, self.source)
         # OptionizeError / LogicParseError: no proof, see examples_from
         target = optionized_target(problem, self.backward_plan)
-        return Example(id=ex.id, question=render_problem(problem, index=self.backward_plan), target=target, gold=problem.gold,
+        return Example(id=ex.id, question=render_problem(problem, index=self.backward_plan), target=target,
+                       gold=problem.gold,
                        meta={**{k: v for k, v in ex.meta.items() if isinstance(v, (int, str, float))},
                              "problem": problem})
 
