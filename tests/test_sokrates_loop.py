@@ -293,8 +293,17 @@ def test_option_head_features_sit_at_action_ends_and_the_head_learns(tiny_model,
     assert [s for s, _ in positions] == [0, 1, 2]
     for _, t in positions:
         assert tok.decode(rec["token_ids"][:t + 1]).endswith("/>")
-    x, y, owners = H.collect_features(tiny_model, tok, {WREN.id: [1, 2, 3]}, [rec])
-    assert x.shape == (3, TINY_SCRATCH["hidden_size"]) and y.tolist() == [1.0, 0.0, 0.0] and owners == [WREN.id] * 3
+    other = {**record(VALID, 1), "token_ids": tok(VALID, add_special_tokens=False)["input_ids"]}
+    prompt = [1, 2, 3]
+    x, y, owners = H.collect_features(tiny_model, tok, {WREN.id: prompt}, [rec, other])
+    assert x.shape == (6, TINY_SCRATCH["hidden_size"]) and owners == [WREN.id] * 6
+    assert y.tolist() == [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    # the prompt run once for both samples: the same hidden states as each whole sequence run on its own
+    with torch.no_grad():
+        whole = [tiny_model(input_ids=torch.tensor([prompt + r["token_ids"]]), output_hidden_states=True)
+                 .hidden_states[-1][0] for r in (rec, other)]
+    expected = [whole[i][len(prompt) + t] for i, r in enumerate((rec, other)) for _, t in H.action_positions(r, tok)]
+    torch.testing.assert_close(x, torch.stack(expected), atol=1e-4, rtol=1e-4)
     gen = torch.Generator().manual_seed(0)  # separable features: the head must get them right
     feats = torch.randn(200, 8, generator=gen)
     labels = (feats[:, 0] + 0.5 * feats[:, 1] > 0).float()

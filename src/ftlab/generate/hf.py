@@ -310,7 +310,7 @@ class _Prefiller:
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.positions = 0  # token positions run through the model (pads included): the prefill cost
         # Only the last position's logits are needed (saves a [tokens x vocab] matmul), as in generate.
-        self.last_logits_only = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        self.last_logits_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
 
     def chunks(self, prompts: list[list[int]]) -> list[list[int]]:
         """Split prompt indices into consecutive chunks with little padding (few chunks when sorted)."""
@@ -702,7 +702,7 @@ class HFEngine:
         if not tokens:
             return []
         ids = torch.tensor([prompt + tokens], device=device)
-        keep = {"logits_to_keep": len(tokens) + 1} if _accepts_logits_to_keep(self.model) else {}
+        keep = {"logits_to_keep": len(tokens) + 1} if accepts_logits_to_keep(self.model) else {}
         logits = self.model(input_ids=ids, **keep).logits[0, -len(tokens) - 1 : -1]
         return _chosen_logprobs(logits, ids[0, len(prompt):]).tolist()
 
@@ -765,7 +765,7 @@ def _pad_id(tokenizer: Any, eos_ids: set[int]) -> int:
     return min(eos_ids) if eos_ids else 0
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
+def accepts_logits_to_keep(model: Any) -> bool:
     supports = getattr(model, "_supports_logits_to_keep", None)
     if callable(supports):
         return bool(supports())

@@ -39,27 +39,39 @@ def action_positions(record: dict[str, Any], tokenizer: Any) -> list[tuple[int, 
 
 
 @torch.no_grad()
-def collect_features(model: Any, tokenizer: Any, prompt_ids: dict[str, list[int]], records: list[dict[str, Any]],
-                     batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(hidden states [N, H], labels [N], problem id of each row) over the records' Action lines."""
+def collect_features(model: Any, tokenizer: Any, prompt_ids: dict[str, list[int]],
+                     records: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(hidden states [N, H], labels [N], problem id of each row) over the records' Action lines.
+
+    The samples of one problem share its prompt (about two thirds of each sequence): the prompt runs once and
+    its keys and values are repeated for the samples' continuations, run together as one batch."""
+    from ftlab.generate.hf import accepts_logits_to_keep
+    from ftlab.losses import cache_kwarg
+
     device = next(model.parameters()).device
-    items = [(r, action_positions(r, tokenizer)) for r in records]
-    items = [(r, pos) for r, pos in items if pos]
+    only_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # the logits are not used
+    cache_arg = cache_kwarg(model)  # `cache` or, in older transformers, `past_key_values`
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    by_problem: dict[str, list[tuple[dict[str, Any], list[tuple[int, int]]]]] = {}
+    for r in records:
+        if positions := action_positions(r, tokenizer):
+            by_problem.setdefault(r["problem"], []).append((r, positions))
     feats, labels, owners = [], [], []
-    for b in range(0, len(items), batch_size):
-        chunk = items[b:b + batch_size]
-        seqs = [prompt_ids[r["problem"]] + list(r["token_ids"]) for r, _ in chunk]
+    for problem, items in by_problem.items():
+        prompt = torch.tensor([prompt_ids[problem]], device=device)
+        cache = getattr(model(input_ids=prompt, use_cache=True, **only_last), cache_arg)
+        cache.batch_repeat_interleave(len(items))
+        seqs = [list(r["token_ids"]) for r, _ in items]
         width = max(len(s) for s in seqs)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].float()
-        for row, (r, positions) in enumerate(chunk):
-            offset = len(prompt_ids[r["problem"]])
+        mask = torch.tensor([[1] * (prompt.shape[1] + len(s)) + [0] * (width - len(s)) for s in seqs], device=device)
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **{cache_arg: cache},
+                       **only_last).hidden_states[-1].float()
+        for row, (r, positions) in enumerate(items):
             for step, t in positions:
-                feats.append(hidden[row, offset + t].cpu())
+                feats.append(hidden[row, t].cpu())
                 labels.append(float(r["step_valid"][step]))
-                owners.append(r["problem"])
+                owners.append(problem)
     if not feats:
         return torch.zeros(0, 0), torch.zeros(0), []
     return torch.stack(feats), torch.tensor(labels), owners
