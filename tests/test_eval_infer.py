@@ -195,7 +195,7 @@ def test_eval_builds_the_recipes_task_with_its_options():
     from ftlab.config.load import load_recipe
     from ftlab.evaluate import eval_task
 
-    cfg = load_recipe("recipes/sokrates/tiny.yaml", ["data.task_options.backward_plan=true"])
+    cfg = load_recipe("recipes/sokrates/tiny.yaml")
     task = eval_task(cfg, "sokrates")
     assert task.backward_plan and task.source == "prontoqa"
     assert "Premises by what they conclude" in task.load(cfg.data.val, limit=1)[0].question
