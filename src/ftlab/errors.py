@@ -26,6 +26,12 @@ def not_utf8(path: object, raw: bytes, e: UnicodeDecodeError, first_line: int = 
                      "save the file as UTF-8")
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, stripped (library messages run over several
+    lines, e.g. OmegaConf's `full_key`/`object_type` lines); the exception's type name when it has none."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a Slurm time limit, preemption, `kill`): handled like Ctrl-C, exit code 143.
 

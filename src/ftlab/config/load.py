@@ -20,7 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ftlab.config.schema import CHOICES, NULL_MEANS, RANGES, Recipe
-from ftlab.errors import UserError, not_utf8
+from ftlab.errors import UserError, first_line, not_utf8
 
 
 def read_yaml(path: Path) -> dict:
@@ -93,7 +93,7 @@ def _as_config(data: dict, path: Path) -> DictConfig:
     try:
         return OmegaConf.create(data)
     except OmegaConfBaseException as e:
-        raise UserError(f"{path}: bad value for '{_full_key(e)}': {_first_line(e)}") from None
+        raise UserError(f"{path}: bad value for '{_full_key(e)}': {first_line(e)}") from None
 
 
 def valid_keys(cls: Any = Recipe, prefix: str = "") -> list[str]:
@@ -125,7 +125,7 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as e:
-        raise UserError(f"bad override: {str(e).splitlines()[0]}") from None
+        raise UserError(f"bad override: {first_line(e)}") from None
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> DictConfig:
@@ -147,11 +147,11 @@ def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
             raise UserError(f"{where or _override_of(key, items)}unknown key '{key}'{closest_key(key)}") from None
         except ValidationError as e:
             key = _full_key(e)
-            raise UserError(f"{where or _override_of(key, items)}wrong type for '{key}': {_first_line(e)}") from None
+            raise UserError(f"{where or _override_of(key, items)}wrong type for '{key}': {first_line(e)}") from None
     try:
         OmegaConf.resolve(cfg)  # interpolations such as ${train.batch_size}
     except OmegaConfBaseException as e:
-        raise UserError(f"{_where(path)}cannot resolve '{_full_key(e)}': {_first_line(e)}") from None
+        raise UserError(f"{_where(path)}cannot resolve '{_full_key(e)}': {first_line(e)}") from None
 
     def origin(key: str) -> str:
         return _override_of(key, items) if OmegaConf.select(override_layer, key) is not None else _where(path)
@@ -288,11 +288,6 @@ def _override_of(key: str, items: list[str]) -> str:
 def _full_key(e: OmegaConfBaseException) -> str:
     full = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
     return str(full)
-
-
-def _first_line(e: Exception) -> str:
-    msg = getattr(e, "msg", None) or str(e)
-    return str(msg).splitlines()[0]
 
 
 def _where(path: Any) -> str:

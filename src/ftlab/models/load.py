@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ftlab.config.schema import EMBEDDED_MODEL
-from ftlab.errors import UserError
+from ftlab.errors import UserError, first_line
 
 log = logging.getLogger("ftlab")
 
@@ -215,11 +215,6 @@ def config_errors() -> tuple[type[Exception], ...]:
     except ImportError:  # huggingface_hub before strict dataclasses
         return (ValueError, TypeError, KeyError)
     return (ValueError, TypeError, KeyError, StrictDataclassError)
-
-
-def first_line(e: BaseException) -> str:
-    """The first non-empty line of an exception's message (library messages run over several lines)."""
-    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
 
 
 def adapter_base(adapter_path: str) -> str:
