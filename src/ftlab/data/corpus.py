@@ -252,7 +252,7 @@ def prepare_corpus(s: PrepareSettings) -> dict[str, Any]:
         from ftlab.data.s3 import S3Store
 
         store = S3Store(s.s3_bucket, s.s3_prefix, s.s3_endpoint)
-        meta = store.fetch_corpus(settings, out, overwrite=s.overwrite)
+        meta = fetch_from_s3(store, settings, out)
         if meta is not None:
             return meta
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -265,8 +265,45 @@ def prepare_corpus(s: PrepareSettings) -> dict[str, Any]:
         raise
     log.info("corpus written to %s: %s", out, summary_line(meta))
     if store is not None:
-        store.upload_corpus(out)
+        store.upload(out, FILES)  # meta.json last
+        log.info("corpus uploaded to %s", store.where())
     return meta
+
+
+def fetch_from_s3(store: Any, settings: dict[str, Any], out: Path) -> dict[str, Any] | None:
+    """Download a complete corpus with these settings from `store` (an `ftlab.data.s3.S3Store`) into `out`
+    (temp dir, then rename); None when the store has none at its prefix."""
+    meta = store.remote_meta()
+    if meta is None:
+        log.info("no corpus at %s: preparing it here (uploaded when done)", store.where())
+        return None
+    differs = first_difference(meta.get("settings", {}), settings)
+    if differs:
+        raise UserError(f"{store.where()} holds a corpus prepared with other settings ({differs}); use another "
+                        "--s3-prefix, or remove it there")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        store.download([name for name in FILES if name != "meta.json"], tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        Corpus.open(tmp)  # sizes agree with meta.json, or one line says what is wrong
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("corpus downloaded from %s to %s", store.where(), out)
+    return meta
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """'key: A != B' for the first setting that differs (nested dicts walked), or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{prefix.rstrip('.')}: {a!r} there, {b!r} here"
 
 
 def publish(tmp: Path, out: Path) -> None:

@@ -7,20 +7,19 @@ a complete one. A corpus is only downloaded when its settings (source file hash,
 seed, split fractions, limit) are those asked for; another one at the same prefix is an error, not a silent
 mix. The endpoint is configurable (`--s3-endpoint`, else AWS_ENDPOINT_URL / the AWS default); credentials
 come from the usual AWS environment or files. Network problems are one line naming the endpoint.
+
+This module only reads meta.json and moves named files (`S3Store`); what makes them a corpus (which files,
+in which order, the settings check, verifying and publishing a download) is in `ftlab.data.corpus`
+(`fetch_from_s3`, `prepare_corpus`), so the dependency goes one way: corpus -> s3.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ftlab.errors import UserError
-
-log = logging.getLogger("ftlab")
 
 
 class S3Store:
@@ -72,51 +71,12 @@ class S3Store:
         except ValueError:
             raise UserError(f"{self.where('meta.json')}: not valid JSON") from None
 
-    def fetch_corpus(self, settings: dict[str, Any], out: Path, overwrite: bool = False) -> dict[str, Any] | None:
-        """Download a complete corpus with these settings into `out` (temp dir, then rename); None when S3 has
-        none at the prefix."""
-        from ftlab.data.corpus import FILES, publish
+    def download(self, names: tuple[str, ...] | list[str], into: Path) -> None:
+        """Download the objects `names` under the prefix into the directory `into`, in that order."""
+        for name in names:
+            self._call("download", self.client.download_file, self.bucket, self.key(name), str(into / name))
 
-        meta = self.remote_meta()
-        if meta is None:
-            log.info("no corpus at %s: preparing it here (uploaded when done)", self.where())
-            return None
-        differs = first_difference(meta.get("settings", {}), settings)
-        if differs:
-            raise UserError(f"{self.where()} holds a corpus prepared with other settings ({differs}); use another "
-                            "--s3-prefix, or remove it there")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            for name in FILES:
-                if name == "meta.json":
-                    continue
-                self._call("download", self.client.download_file, self.bucket, self.key(name), str(tmp / name))
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            from ftlab.data.corpus import Corpus
-
-            Corpus.open(tmp)  # sizes agree with meta.json, or one line says what is wrong
-            publish(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        log.info("corpus downloaded from %s to %s", self.where(), out)
-        return meta
-
-    def upload_corpus(self, path: Path) -> None:
-        from ftlab.data.corpus import FILES
-
-        for name in FILES:  # meta.json last
+    def upload(self, path: Path, names: tuple[str, ...] | list[str]) -> None:
+        """Upload the files `names` of the directory `path` under the prefix, in that order."""
+        for name in names:
             self._call("upload", self.client.upload_file, str(path / name), self.bucket, self.key(name))
-        log.info("corpus uploaded to %s", self.where())
-
-
-def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    """'key: A != B' for the first setting that differs (nested dicts walked), or None."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-            if d:
-                return d
-        return None
-    return None if a == b else f"{prefix.rstrip('.')}: {a!r} there, {b!r} here"

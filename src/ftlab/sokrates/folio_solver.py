@@ -14,6 +14,9 @@ No unique-names assumption is made (FOL semantics: two names may denote one thin
 
 z3-solver is an optional dependency (`pip install ftlab[sokrates]`); without it FOLIO checks stop
 with one line.
+
+FOLIO's target proof (`optionizer.optionize_folio`) and the check of a trace's steps
+(`verifier.verify_folio_steps`) are built on this module, which imports neither of them.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ import re
 from typing import Any
 
 from ftlab.errors import UserError
-from ftlab.sokrates.options import Step, make_step
 
 TIMEOUT_MS = 10_000
 _SYMBOLS = {"(": "(", ")": ")", ",": ",", "¬": "not", "∧": "and", "^": "and", "∨": "or", "⊕": "xor",
@@ -267,32 +269,6 @@ def minimal_support(problem, verdict: str) -> list[int]:
     return keep
 
 
-def optionize_folio(problem):
-    """One CONCLUDE step citing the premises the gold label follows from (none for Uncertain)."""
-    from ftlab.sokrates.optionizer import OptionizeError, Proof
-
-    try:
-        label = solve_folio(problem)
-    except FolError as e:
-        raise OptionizeError(f"FOL not usable: {e}") from None
-    if label != problem.gold:
-        raise OptionizeError(f"z3 says {label}, the label says {problem.gold}")
-    if label != "Uncertain" and not problem.fol_aligned:
-        raise OptionizeError(f"{len(problem.premises)} premises but {len(problem.premises_fol)} formulas: "
-                             "premises cannot be cited by index")
-    if label == "Uncertain":
-        thought = "Neither the conclusion nor its negation follows from the premises. The answer is Uncertain."
-        return Proof([make_step(thought, "CONCLUDE", [])], "solver", label)
-    support = minimal_support(problem, label)
-    names = [str(i) for i in support]
-    cited = (f"premises {', '.join(names[:-1])} and {names[-1]} together" if len(names) > 1
-             else f"premise {names[0]}" if names else "no premise")
-    says = "imply the conclusion" if label == "True" else "imply that the conclusion is false"
-    thought = f"{cited[0].upper()}{cited[1:]} {says if len(names) > 1 else says.replace('imply', 'implies')}. " \
-              f"The answer is {label}."
-    return Proof([make_step(thought, "CONCLUDE", support)], "solver", label)
-
-
 def check_conclude(problem, args: tuple[int, ...], verdict: str) -> None:
     """ValueError with the reason when CONCLUDE(args) with this verdict is not right."""
     enc, premises, conclusion = _encode(problem)
@@ -315,28 +291,3 @@ def check_conclude(problem, args: tuple[int, ...], verdict: str) -> None:
     if _sat(z3, cited + [goal]) != "unsat":
         what = "imply the conclusion" if verdict == "True" else "refute the conclusion"
         raise ValueError(f"premises {list(args)} do not {what}")
-
-
-def verify_folio_steps(problem, steps: list[Step], report) -> None:
-    from ftlab.sokrates.verifier import stated_verdict
-
-    concluded = False
-    for step in steps:
-        reason = step.error
-        if reason is None and concluded:
-            reason = "step after CONCLUDE"
-        if reason is None and step.action.option != "CONCLUDE":
-            reason = f"{step.action.option} is not checkable on FOLIO (no formula for a derived fact); use CONCLUDE"
-        if reason is None:
-            concluded = True
-            report.verdict = stated_verdict(step.thought)
-            try:
-                if report.verdict is None:
-                    raise ValueError("the CONCLUDE thought gives no verdict ('The answer is True/False/Uncertain.')")
-                check_conclude(problem, step.action.args, report.verdict)
-            except (ValueError, FolError) as e:
-                reason = str(e)
-        report.step_valid.append(reason is None)
-        report.reasons.append(reason)
-    if not concluded:
-        report.errors.append("no CONCLUDE step")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
+from ftlab.sokrates.folio_solver import FolError, minimal_support, solve_folio
 from ftlab.sokrates.logic import (
     Fact,
     Rule,
@@ -236,14 +237,36 @@ def optionize_prontoqa(problem: Problem, backward_plan: bool = False) -> Proof:
     return Proof(steps, "solver", verdict, notes)
 
 
+def optionize_folio(problem: Problem) -> Proof:
+    """One CONCLUDE step citing the premises the gold label follows from (none for Uncertain)."""
+    try:
+        label = solve_folio(problem)
+    except FolError as e:
+        raise OptionizeError(f"FOL not usable: {e}") from None
+    if label != problem.gold:
+        raise OptionizeError(f"z3 says {label}, the label says {problem.gold}")
+    if label != "Uncertain" and not problem.fol_aligned:
+        raise OptionizeError(f"{len(problem.premises)} premises but {len(problem.premises_fol)} formulas: "
+                             "premises cannot be cited by index")
+    if label == "Uncertain":
+        thought = "Neither the conclusion nor its negation follows from the premises. The answer is Uncertain."
+        return Proof([make_step(thought, "CONCLUDE", [])], "solver", label)
+    support = minimal_support(problem, label)
+    names = [str(i) for i in support]
+    cited = (f"premises {', '.join(names[:-1])} and {names[-1]} together" if len(names) > 1
+             else f"premise {names[0]}" if names else "no premise")
+    says = "imply the conclusion" if label == "True" else "imply that the conclusion is false"
+    thought = f"{cited[0].upper()}{cited[1:]} {says if len(names) > 1 else says.replace('imply', 'implies')}. " \
+              f"The answer is {label}."
+    return Proof([make_step(thought, "CONCLUDE", support)], "solver", label)
+
+
 def optionize(example: Any, backward_plan: bool = False) -> Proof:
     """The optionized proof of a Problem or task Example (PrOntoQA or FOLIO); OptionizeError when none can
     be written, LogicParseError when PrOntoQA premises cannot be read. `backward_plan` (PrOntoQA): the first
     thought starts with the search back from the claim."""
     problem = as_problem(example)
     if problem.task == "folio":
-        from ftlab.sokrates.folio_solver import optionize_folio
-
         return optionize_folio(problem)
     return optionize_prontoqa(problem, backward_plan)
 

@@ -18,6 +18,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ftlab.sokrates.folio_solver import FolError, check_conclude, solve_folio
 from ftlab.sokrates.logic import (
     Fact,
     LogicParseError,
@@ -145,6 +146,30 @@ def _verify_prontoqa(problem: Problem, steps: list[Step], report: TraceReport) -
         report.errors.append("no CONCLUDE step")
 
 
+def verify_folio_steps(problem: Problem, steps: list[Step], report: TraceReport) -> None:
+    """FOLIO: only CONCLUDE is checkable; its cited premises and verdict are checked with z3."""
+    concluded = False
+    for step in steps:
+        reason = step.error
+        if reason is None and concluded:
+            reason = "step after CONCLUDE"
+        if reason is None and step.action.option != "CONCLUDE":
+            reason = f"{step.action.option} is not checkable on FOLIO (no formula for a derived fact); use CONCLUDE"
+        if reason is None:
+            concluded = True
+            report.verdict = stated_verdict(step.thought)
+            try:
+                if report.verdict is None:
+                    raise ValueError("the CONCLUDE thought gives no verdict ('The answer is True/False/Uncertain.')")
+                check_conclude(problem, step.action.args, report.verdict)
+            except (ValueError, FolError) as e:
+                reason = str(e)
+        report.step_valid.append(reason is None)
+        report.reasons.append(reason)
+    if not concluded:
+        report.errors.append("no CONCLUDE step")
+
+
 def verify_trace(problem: Any, text: str) -> TraceReport:
     """Check every step of a model trace against the problem's premises (see the module docstring).
     Never raises on the trace's text; LogicParseError / FolError when the *problem* cannot be read."""
@@ -154,8 +179,6 @@ def verify_trace(problem: Any, text: str) -> TraceReport:
     if not steps:
         report.errors.append("no Thought/Action steps")
     if problem.task == "folio":
-        from ftlab.sokrates.folio_solver import verify_folio_steps
-
         verify_folio_steps(problem, steps, report)
     else:
         _verify_prontoqa(problem, steps, report)
@@ -169,8 +192,6 @@ def solve_problem(problem: Any) -> str:
     'Unknown' (FOLIO: 'Uncertain') / 'Inconsistent'. LogicParseError / FolError when unreadable."""
     problem = as_problem(problem)
     if problem.task == "folio":
-        from ftlab.sokrates.folio_solver import solve_folio
-
         return solve_folio(problem)
     premises, claim = parse_prontoqa(problem)
     return solve(premises, claim)

@@ -5,7 +5,7 @@ It ended with "the embedding weights themselves were NaN before the step's looku
 in one go:
 
 * `nonfinite_tensors(model)`: which parameters and which gradients hold a NaN/inf, in the model's parameter
-  order (embeddings first, LM head last); the training loop writes it with the bad batch
+  order (embeddings first, LM head last); the pretraining objective writes it with the bad batch
   (`<run>/nonfinite/step_N_rankR.json`);
 * `ForwardWatch(model)`: forward hooks on every module; the first module (in execution order) whose output
   is not finite, and whether its inputs and its own weights were finite (finite inputs and weights: the
@@ -15,6 +15,10 @@ in one go:
   trains up to N and runs step N with autograd anomaly detection (the backward op that first produced a NaN)
   and the forward hooks. The replay is a run of its own under <run>/replay/, resumed like any run, so it
   sees exactly the data and weights the original saw; it writes replay.json there.
+
+`nonfinite_tensors` and `ForwardWatch` live in `train/pretrain.py`, whose objective uses them at every
+non-finite step and at the replayed step; this module holds `replay`, which imports what it needs from there,
+so the dependency goes one way (forensics -> pretrain).
 """
 from __future__ import annotations
 
@@ -31,52 +35,6 @@ from ftlab.errors import UserError
 log = logging.getLogger("ftlab")
 
 
-def nonfinite_tensors(model: Any) -> dict[str, Any]:
-    params, grads = [], []
-    for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p.detach()).all()):
-            params.append(name)
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-            grads.append(name)
-    return {"nonfinite_params": params, "first_nonfinite_param": params[0] if params else None,
-            "nonfinite_grads": grads, "first_nonfinite_grad": grads[0] if grads else None}
-
-
-def flat_tensors(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in flat_tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in flat_tensors(v)]
-    return []
-
-
-def all_finite(tensors: list[torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
-
-
-class ForwardWatch:
-    """Forward hooks that record the first module whose output holds a non-finite value."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.first: dict[str, Any] | None = None
-        self.handles = [m.register_forward_hook(self._hook(name or "<model>")) for name, m in model.named_modules()]
-
-    def _hook(self, name: str) -> Any:
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            if self.first is not None or all_finite(flat_tensors(output)):
-                return
-            self.first = {"module": name, "type": type(module).__name__,
-                          "inputs_finite": all_finite(flat_tensors(args)),
-                          "weights_finite": all_finite(list(module.parameters(recurse=False)))}
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def replay(run_dir: str, step: int, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Rerun step `step` (1-based) of a pretraining run from the newest checkpoint before it; see the module doc."""
     from ftlab.config import load_recipe
@@ -84,7 +42,7 @@ def replay(run_dir: str, step: int, overrides: list[str] | tuple[str, ...] = ())
     from ftlab.runs.trackers import read_metrics
     from ftlab.train import checkpoint as ck
     from ftlab.train.loop import TrainingDiverged, train
-    from ftlab.train.pretrain import build_objective
+    from ftlab.train.pretrain import build_objective, nonfinite_tensors
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():

@@ -239,8 +239,6 @@ class PretrainObjective:
 
     def on_nonfinite(self, loop: Any, step: int, batch: dict[str, torch.Tensor] | None, what: str) -> None:
         """Before the loop clears the gradients: the bad micro-batch as text and the non-finite tensors."""
-        from ftlab.train.forensics import nonfinite_tensors
-
         if batch is None:
             return
         model = loop.accelerator.unwrap_model(loop.model)
@@ -274,8 +272,6 @@ class PretrainObjective:
         """`ftlab replay`: at the replayed step, autograd anomaly detection and forward hooks (once)."""
         if self.watch is not None:
             return
-        from ftlab.train.forensics import ForwardWatch
-
         self.watch = ForwardWatch(self.loop.accelerator.unwrap_model(model) if self.loop else model)
         torch.autograd.set_detect_anomaly(True, check_nan=True)
         log.info("replay: step %d runs with anomaly detection and forward hooks", self.replay_step)
@@ -291,6 +287,54 @@ def parameter_norm(model: Any) -> float:
         for part in p.reshape(-1).split(1 << 18) if p.device.type == "cpu" else (p,):
             total += torch.linalg.vector_norm(part, dtype=torch.float64).square()
     return float(total.sqrt())
+
+
+# -- non-finite forensics: `on_nonfinite` and `arm_replay` above; `ftlab replay` in train/forensics.py -------
+def nonfinite_tensors(model: Any) -> dict[str, Any]:
+    """Which parameters and which gradients hold a NaN/inf, in the model's parameter order."""
+    params, grads = [], []
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p.detach()).all()):
+            params.append(name)
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            grads.append(name)
+    return {"nonfinite_params": params, "first_nonfinite_param": params[0] if params else None,
+            "nonfinite_grads": grads, "first_nonfinite_grad": grads[0] if grads else None}
+
+
+def flat_tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in flat_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in flat_tensors(v)]
+    return []
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+class ForwardWatch:
+    """Forward hooks that record the first module whose output holds a non-finite value."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.first: dict[str, Any] | None = None
+        self.handles = [m.register_forward_hook(self._hook(name or "<model>")) for name, m in model.named_modules()]
+
+    def _hook(self, name: str) -> Any:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if self.first is not None or all_finite(flat_tensors(output)):
+                return
+            self.first = {"module": name, "type": type(module).__name__,
+                          "inputs_finite": all_finite(flat_tensors(args)),
+                          "weights_finite": all_finite(list(module.parameters(recurse=False)))}
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 # -- building ------------------------------------------------------------------------------------------------
