@@ -181,6 +181,23 @@ def test_sft_microbatch_train_step_normalize_constant():
     torch.testing.assert_close(lp.grad, -0.25 * LP_MASK.float())
 
 
+def test_per_example_rule_differs_from_the_loops_by_a_factor_that_changes_per_step():
+    """Both rules weigh a step's supervised tokens alike; `sft_microbatch_train_step` divides by rows x
+    accumulation steps x normalize_constant, the loop's rule (`accumulation_loss`) by the step's supervised
+    tokens: the ratio is the step's supervised tokens per row, which changes from step to step."""
+    for mask, tokens in ((LP_MASK, 4), (torch.ones(2, 3, dtype=torch.bool), 6)):
+        per_token = torch.tensor(LP, requires_grad=True)
+        accumulation_loss(per_token, mask, n_tokens_in_step=tokens).backward()
+        per_example = torch.tensor(LP, requires_grad=True)
+        sft_microbatch_train_step(per_example, mask, gradient_accumulation_steps=1)
+        torch.testing.assert_close(per_example.grad, per_token.grad * tokens / 2)  # 2 rows
+        per_example.grad = None  # equal when normalize_constant is that step's tokens per row
+        sft_microbatch_train_step(per_example, mask, gradient_accumulation_steps=1, normalize_constant=tokens / 2)
+        torch.testing.assert_close(per_example.grad, per_token.grad)
+
+
+
+
 def test_accumulation_loss_by_hand():
     lp = torch.tensor(LP, requires_grad=True)
     # 4 tokens here but 7 in the whole optimizer step: 14 / 7 = 2; grad = -1/7 on supervised positions

@@ -337,10 +337,20 @@ def sft_microbatch_train_step(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-example-normalised SFT loss for one micro-batch; calls `loss.backward()` itself.
 
+    A public building block of the CS336-style SFT API (`from ftlab import sft_microbatch_train_step`);
+    the training loop (`ftlab.train.loop`) does not use it, and its normalisation is not the loop's:
+
     loss = -sum(log_probs * mask) / normalize_constant / batch_size / gradient_accumulation_steps,
-    with batch_size = policy_log_probs.shape[0]. Dividing by the accumulation steps makes the
-    accumulated gradient equal to the gradient of the mean over the whole optimizer step (when all
-    micro-batches have the same size). Gradients *accumulate* into existing `.grad` (never zeroed).
+    with batch_size = policy_log_probs.shape[0] (rows, however many supervised tokens each has): the
+    mean over examples of each example's *summed* token loss. The loop divides each micro-batch's summed
+    loss by the supervised tokens of the whole optimizer step over all processes (see
+    `accumulation_loss`): a mean over tokens. Both weigh a step's supervised tokens alike, but their
+    ratio is the step's supervised tokens per row / normalize_constant, which changes from step to step
+    (here a step of longer answers gets a proportionally larger gradient); they agree only when
+    normalize_constant is that number. Dividing by the accumulation steps makes the accumulated
+    gradient that of the mean over the optimizer step's examples when all micro-batches have the same
+    number of rows (and, under DDP, which averages gradients, on every process). Gradients
+    *accumulate* into existing `.grad` (never zeroed).
 
     Returns (scaled loss, metadata) where metadata holds detached tensors: `unscaled_loss` (the
     micro-batch loss before dividing by the accumulation steps) and `num_response_tokens`.
@@ -367,8 +377,14 @@ def accumulation_loss(log_probs: Tensor, response_mask: Tensor, n_tokens_in_step
     the step, independent of how examples are split into micro-batches or padded. (Averaging
     per-micro-batch means instead over-weights tokens in micro-batches with few tokens.)
 
-    Under data parallelism n_tokens_in_step must be the all-reduced global count, and the loss be
-    multiplied by the world size, because DDP averages gradients across ranks.
+    This is the loop's rule for one process, as a standalone function; the loop does not call it. Its
+    objectives return the summed loss of a micro-batch (SFT: -sum of the supervised tokens' log-probs,
+    computed on those positions only), and `ftlab.train.loop` multiplies that by
+    world_size / (supervised tokens of the step summed over all processes), because DDP averages
+    gradients across ranks. Here, under data parallelism, n_tokens_in_step must likewise be the
+    all-reduced global count and the loss be multiplied by the world size. Kept as a building block
+    (public in `ftlab.losses`, not re-exported by `ftlab`) and as the reference the tests check the
+    trainer's token-normalised loss against.
     """
     if isinstance(n_tokens_in_step, int) and n_tokens_in_step < 1:
         raise ValueError(f"n_tokens_in_step must be >= 1, got {n_tokens_in_step}")
