@@ -11,12 +11,12 @@ import torch
 
 from ftlab.data.collate import pad_collate
 from ftlab.losses import (
+    accepts_logits_to_keep,
     accumulation_loss,
     compute_entropy,
     frozen_head_weight,
     get_response_log_probs,
     head_log_probs,
-    keeps_logits_by_mask,
     masked_mean,
     masked_normalize,
     prompt_detached_log_probs,
@@ -196,8 +196,6 @@ def test_per_example_rule_differs_from_the_loops_by_a_factor_that_changes_per_st
         torch.testing.assert_close(per_example.grad, per_token.grad)
 
 
-
-
 def test_accumulation_loss_by_hand():
     lp = torch.tensor(LP, requires_grad=True)
     # 4 tokens here but 7 in the whole optimizer step: 14 / 7 = 2; grad = -1/7 on supervised positions
@@ -329,7 +327,7 @@ def test_response_token_log_probs_match_the_full_logits_path(tiny_llama, kind):
     model = tiny_llama if kind == "full" else _lora(tiny_llama)
     batch = pad_collate(_examples(8), pad_id=0)  # padded: attention_mask and padding rows
     mask = batch["response_mask"]
-    assert keeps_logits_by_mask(model)
+    assert accepts_logits_to_keep(model, mask=True)
     assert (frozen_head_weight(model) is not None) == (kind == "lora")  # LoRA leaves the head frozen
     with _head_rows(model) as rows:
         fast = response_token_log_probs(model, batch["input_ids"], batch["labels"], mask,
@@ -425,7 +423,7 @@ def test_frozen_head_is_used_only_where_it_gives_the_models_logits():
     cfg = Gemma2Config(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8,
                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, final_logit_softcapping=0.5)
     capped = _lora(AutoModelForCausalLM.from_config(cfg).float())
-    assert keeps_logits_by_mask(capped) and frozen_head_weight(capped) is None
+    assert accepts_logits_to_keep(capped, mask=True) and frozen_head_weight(capped) is None
     batch = pad_collate(_examples(4), pad_id=0)
     mask = batch["response_mask"]
     with _head_rows(capped) as rows:
@@ -440,7 +438,8 @@ def test_frozen_head_is_used_only_where_it_gives_the_models_logits():
 def test_response_token_log_probs_falls_back_to_full_logits_for_other_models():
     # TableModel knows nothing of logits_to_keep: it never gets it, and the full logits are sliced after
     model = TableModel(torch.tensor([[0.0, LN3], [0.0, 0.0]]))
-    assert not keeps_logits_by_mask(model)
+    assert not accepts_logits_to_keep(model, mask=True)
+    assert accepts_logits_to_keep(model)  # an int may be passed (**kwargs), which says nothing of a mask
     input_ids = torch.tensor([[0, 1, 0]])
     labels = torch.tensor([[1, 0, 0]])
     mask = torch.tensor([[True, False, True]])
@@ -449,13 +448,27 @@ def test_response_token_log_probs_falls_back_to_full_logits_for_other_models():
     assert "logits_to_keep" not in model.seen_kwargs and model.seen_kwargs["use_cache"] is False
 
 
-def test_keeps_logits_by_mask_looks_through_wrappers(tiny_llama):
+def test_logits_to_keep_mask_probe_looks_through_wrappers(tiny_llama):
     class Wrapper(torch.nn.Module):  # like DDP / DeepSpeed: the model is `.module`
         def __init__(self, module):
             super().__init__()
             self.module = module
 
-    assert keeps_logits_by_mask(Wrapper(tiny_llama)) and keeps_logits_by_mask(Wrapper(_lora(tiny_llama)))
+    assert accepts_logits_to_keep(Wrapper(tiny_llama), mask=True)
+    assert accepts_logits_to_keep(Wrapper(_lora(tiny_llama)), mask=True)
+
+
+def test_logits_to_keep_int_probe():
+    class Plain(torch.nn.Module):  # a forward with neither the argument nor **kwargs
+        def forward(self, input_ids):
+            return input_ids
+
+    class Named(torch.nn.Module):
+        def forward(self, input_ids, logits_to_keep=0):
+            return input_ids
+
+    assert not accepts_logits_to_keep(Plain()) and accepts_logits_to_keep(Named())
+    assert not accepts_logits_to_keep(Named(), mask=True)  # takes the argument, slices nothing by a mask
 
 
 # ---------------------------------------------------------------- prompt keys/values without gradient

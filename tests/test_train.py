@@ -84,11 +84,18 @@ def test_lm_head_on_supervised_positions_only_matches_full_logits(tmp_path, monk
     recipe = tiny_recipe(tmp_path)
     common = ["train.max_steps=1", "train.grad_clip=1000", f"data.packing={str(packing).lower()}",
               f"data.val={tmp_path / 'train.jsonl'}", "data.val_limit=8", "train.eval_every=1"]
-    used, check = [], losses.keeps_logits_by_mask
-    monkeypatch.setattr(losses, "keeps_logits_by_mask", lambda model: used.append(check(model)) or used[-1])
+    used, check = [], losses.accepts_logits_to_keep
+
+    def probe(model, mask=False):
+        if not mask:
+            return check(model)
+        used.append(check(model, mask=True))
+        return used[-1]
+
+    monkeypatch.setattr(losses, "accepts_logits_to_keep", probe)
     fast = read_metrics(train(recipe, "name=fast", *common).path / "metrics.jsonl")
     assert used and all(used)
-    monkeypatch.setattr(losses, "keeps_logits_by_mask", lambda model: False)
+    monkeypatch.setattr(losses, "accepts_logits_to_keep", lambda model, mask=False: not mask and check(model))
     full = read_metrics(train(recipe, "name=full", *common).path / "metrics.jsonl")
     for key in ("train/loss", "train/grad_norm", "eval/loss"):
         a, b = (next(r[key] for r in rows if key in r) for rows in (fast, full))

@@ -126,7 +126,7 @@ def log_probs_at(model: torch.nn.Module, mask: Tensor, labels: Tensor, select: T
 def logits_at(model: torch.nn.Module, mask: Tensor, **forward_kwargs: Any) -> Tensor:
     """The model's logits at the True positions of `mask` (N, vocab): sliced inside the model when it
     honours a boolean `logits_to_keep`, else sliced from the full logits (same values)."""
-    if keeps_logits_by_mask(model):
+    if accepts_logits_to_keep(model, mask=True):
         return model(**forward_kwargs, logits_to_keep=mask).logits
     return model(**forward_kwargs).logits[mask]
 
@@ -239,7 +239,7 @@ def frozen_head_weight(model: torch.nn.Module) -> Tensor | None:
     if (not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.requires_grad
             or type(head.weight.data) is not torch.Tensor  # a DTensor or a quantized weight
             or tuple(head.weight.shape) != (head.out_features, head.in_features)  # ZeRO-3 keeps a shard
-            or not keeps_logits_by_mask(model)):
+            or not accepts_logits_to_keep(model, mask=True)):
         return None
     if inner not in _PLAIN_HEADS:
         training = model.training
@@ -263,17 +263,34 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def keeps_logits_by_mask(model: torch.nn.Module) -> bool:
-    """Whether `model`'s forward honours a boolean `logits_to_keep` (see `response_token_log_probs`).
+def accepts_logits_to_keep(model: Any, *, mask: bool = False) -> bool:
+    """Whether `model`'s forward may be given `logits_to_keep`: the one probe of that feature.
 
-    True when the underlying transformers model's forward slices through `slice_logits_to_keep` (every
-    text causal LM in transformers 5.2x), looking through DDP/FSDP/DeepSpeed (`.module`), torch.compile
-    (`._orig_mod`) and PEFT wrappers.
+    Callers need one of two different things, so the parameter picks which is checked:
+
+    * `mask=False` - an int (`logits_to_keep=k`: the last k positions; generation's prefill and scoring).
+      True when the forward names the argument or takes `**kwargs` (or the model says so through
+      `_supports_logits_to_keep()`). A forward that takes `**kwargs` but ignores it returns every
+      position's logits, which is harmless there: those callers slice the last positions themselves.
+    * `mask=True` - a boolean (B, T) mask (`logits_at`, `response_token_log_probs`, `frozen_head_weight`),
+      whose callers rely on getting only the N kept positions back. True only when the underlying
+      transformers model's forward slices through `slice_logits_to_keep` (every text causal LM in
+      transformers 5.2x) and this transformers' helper takes a mask; looks through DDP/FSDP/DeepSpeed
+      (`.module`), torch.compile (`._orig_mod`) and PEFT wrappers.
+
+    The two differ on purpose: a forward that takes the int may not honour a mask, and handing a mask to
+    one that does not would give (B, T, vocab) logits where (N, vocab) are expected, or fail.
     """
-    model = _unwrapped(model)
-    forward = inspect.unwrap(type(model).forward)
-    code = getattr(forward, "__code__", None)
-    return code is not None and "slice_logits_to_keep" in code.co_names and _bool_logits_to_keep_supported()
+    if mask:
+        inner = _unwrapped(model)
+        forward = inspect.unwrap(type(inner).forward)
+        code = getattr(forward, "__code__", None)
+        return code is not None and "slice_logits_to_keep" in code.co_names and _bool_logits_to_keep_supported()
+    supports = getattr(model, "_supports_logits_to_keep", None)
+    if callable(supports):
+        return bool(supports())
+    params = inspect.signature(model.forward).parameters
+    return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:

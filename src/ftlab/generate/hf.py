@@ -50,7 +50,6 @@ token (`ftlab.data.sft.stop_token_ids`), the token SFT teaches the model to end 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import time
 from collections import deque
@@ -70,7 +69,7 @@ from ftlab.generate.base import (
     ResultCallback,
     cut_at_stop,
 )
-from ftlab.losses import cache_kwarg
+from ftlab.losses import accepts_logits_to_keep, cache_kwarg
 
 logger = logging.getLogger(__name__)
 
@@ -763,14 +762,6 @@ def _pad_id(tokenizer: Any, eos_ids: set[int]) -> int:
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
     return min(eos_ids) if eos_ids else 0
-
-
-def accepts_logits_to_keep(model: Any) -> bool:
-    supports = getattr(model, "_supports_logits_to_keep", None)
-    if callable(supports):
-        return bool(supports())
-    params = inspect.signature(model.forward).parameters
-    return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _progress_bar(total: int, enabled: bool):

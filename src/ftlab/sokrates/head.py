@@ -45,8 +45,7 @@ def collect_features(model: Any, tokenizer: Any, prompt_ids: dict[str, list[int]
 
     The samples of one problem share its prompt (about two thirds of each sequence): the prompt runs once and
     its keys and values are repeated for the samples' continuations, run together as one batch."""
-    from ftlab.generate.hf import accepts_logits_to_keep
-    from ftlab.losses import cache_kwarg
+    from ftlab.losses import accepts_logits_to_keep, cache_kwarg
 
     device = next(model.parameters()).device
     only_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}  # the logits are not used
