@@ -125,12 +125,23 @@ def stop_token_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def _pad_id(tokenizer: Any) -> int:
-    """The id used for right padding; falls back to EOS (padding is masked out, so any id works)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
+def padding_id(tokenizer: Any, stop_ids: set[int] | None = None) -> int:
+    """The id that fills padding positions (they are masked out, so any valid id works): the tokenizer's
+    pad token when it has one.
+
+    Without one, the fallback depends on the caller:
+
+    * `stop_ids=None` (SFT batches): the tokenizer's EOS; a UserError when it has none either;
+    * `stop_ids` given (generation, `ftlab.generate.hf`: the ids a row stops on): the smallest of them,
+      else 0; never an error, since a prompt needs no padding of its own.
+    """
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if stop_ids is not None:
+        return min(stop_ids) if stop_ids else 0
+    if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
-    return int(pad)
+    return int(tokenizer.eos_token_id)
 
 
 def tokenize_prompt_and_output(
@@ -147,12 +158,12 @@ def tokenize_prompt_and_output(
     """
     if len(prompt_strs) != len(output_strs):
         raise ValueError(f"{len(prompt_strs)} prompts but {len(output_strs)} outputs")
-    pad_id = _pad_id(tokenizer)
+    pad = padding_id(tokenizer)
     prompts = [_ids(tokenizer, p) for p in prompt_strs]
     outputs = [_ids(tokenizer, o) for o in output_strs]
     max_len = max(len(p) + len(o) for p, o in zip(prompts, outputs))
 
-    full = torch.full((len(prompts), max_len), pad_id, dtype=torch.long)
+    full = torch.full((len(prompts), max_len), pad, dtype=torch.long)
     is_output = torch.zeros((len(prompts), max_len), dtype=torch.bool)
     for row, (p, o) in enumerate(zip(prompts, outputs)):
         full[row, : len(p) + len(o)] = torch.tensor(p + o, dtype=torch.long)

@@ -60,7 +60,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ftlab.data.sft import adds_bos, prompt_ids, stop_token_ids
+from ftlab.data.sft import adds_bos, padding_id, prompt_ids, stop_token_ids
 from ftlab.errors import UserError
 from ftlab.generate.base import (
     Completion,
@@ -453,7 +453,7 @@ class HFEngine:
         self.stop_check_every = max(1, stop_check_every)
         self.logits_processor = logits_processor
         self.eos_ids = _eos_ids(model, tokenizer)
-        self.pad_id = _pad_id(tokenizer, self.eos_ids)
+        self.pad_id = padding_id(tokenizer, self.eos_ids)
         self.stats: dict[str, float] = {}
         self._plain_cache: bool | None = None
         self._adds_bos = adds_bos(tokenizer)
@@ -756,12 +756,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
         eos = tokenizer.eos_token_id
     ids = set() if eos is None else {int(e) for e in eos} if isinstance(eos, (list, tuple)) else {int(eos)}
     return ids | stop_token_ids(tokenizer)
-
-
-def _pad_id(tokenizer: Any, eos_ids: set[int]) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    return min(eos_ids) if eos_ids else 0
 
 
 def _progress_bar(total: int, enabled: bool):
