@@ -16,8 +16,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ftlab.errors import UserError
-from ftlab.generate import GenerationConfig, HFEngine, hf, make_engine
+from ftlab.generate import GenerationConfig, HFEngine, make_engine
 from ftlab.generate.base import cut_at_stop
+from ftlab.generate.batch import Batch
+from ftlab.generate.prefill import Prefiller, shared_prefix_length
 
 WORDS = [f"w{i}" for i in range(60)]
 PAD, EOS = 0, 1
@@ -118,8 +120,8 @@ def test_window_moves_keep_tokens_identical(model, tokenizer, prompts, monkeypat
     """Newcomers longer than the running window make it move right; many steps in few slots make it
     wrap back to column 0. Neither may change a token."""
     moves: list[int] = []
-    shift = hf._Batch._shift
-    monkeypatch.setattr(hf._Batch, "_shift", lambda self, delta: (moves.append(delta), shift(self, delta))[1])
+    shift = Batch._shift
+    monkeypatch.setattr(Batch, "_shift", lambda self, delta: (moves.append(delta), shift(self, delta))[1])
     monkeypatch.setattr(HFEngine, "_admission_order", staticmethod(short_long_interleaved))
     cfg = GenerationConfig(max_new_tokens=30, batch_size=4)
     got = [s[0] for s in HFEngine(model, tokenizer).generate_tokens(prompts, cfg, progress=False)]
@@ -231,11 +233,11 @@ def test_make_engine_vllm_falls_back_on_cpu(model, tokenizer, caplog):
 
 
 def test_prefill_chunks_and_shared_prefix():
-    assert hf.shared_prefix_length([[1, 2, 3], [1, 2, 4]]) == 2
-    assert hf.shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # every prompt keeps >= 1 token of its own
-    assert hf.shared_prefix_length([[1, 2, 3]]) == 0
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 4]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # every prompt keeps >= 1 token of its own
+    assert shared_prefix_length([[1, 2, 3]]) == 0
     lengths = [40, 39, 38, 10, 9, 1]
-    prefiller = hf._Prefiller.__new__(hf._Prefiller)
+    prefiller = Prefiller.__new__(Prefiller)
     prefiller.max_pad_fraction, prefiller.max_chunk_tokens = 0.1, 4096
     assert prefiller.chunks([[0] * n for n in lengths]) == [[0, 1, 2], [3, 4], [5]]
 
