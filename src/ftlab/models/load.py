@@ -17,9 +17,11 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -79,6 +81,22 @@ def embedded_model_dir(name: str) -> Path:
         raise UserError(f"cannot write the model cache {target.parent} ({e.strerror or e}); "
                         "set FTLAB_CACHE to a writable directory") from None
     log.info("converting embedded %s from GGUF (one time, ~20 s) into %s", name, target)
+    with progress_bars_only_on_a_terminal():
+        try:
+            convert_gguf(gguf, tmp)
+        except OSError as e:  # a full disk: leave no half-written cache behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"cannot write the model cache {target.parent} ({e.strerror or e}); "
+                            "free space or set FTLAB_CACHE elsewhere") from None
+    if target.exists():  # a concurrent conversion finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half cache
+    return target
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """A GGUF file as a plain (de-quantized, float32) HF model directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -91,18 +109,32 @@ def embedded_model_dir(name: str) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@contextmanager
+def progress_bars_only_on_a_terminal() -> Iterator[None]:
+    """transformers' own bars (de-quantizing, writing shards) where a person watches; in a log or a pipe they
+    are noise around ftlab's one line, so they are off while this block runs."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    if sys.stderr.isatty():
+        yield
+        return
+    # The GGUF reader uses tqdm directly, outside transformers' progress-bar switch.
+    was_enabled, gguf_tqdm = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    except OSError as e:  # a full disk: leave no half-written cache behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write the model cache {target.parent} ({e.strerror or e}); "
-                        "free space or set FTLAB_CACHE elsewhere") from None
-    if target.exists():  # a concurrent conversion finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half cache
-    return target
+        yield
+    finally:
+        gguf_utils.tqdm = gguf_tqdm
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 # -- resolution ------------------------------------------------------------------------------------
