@@ -183,6 +183,12 @@ CASES: list[dict[str, Any]] = [
      "needle": "{tmp}/r.yaml: 'train.log_every' must be >= 1; got 0"},
     {"id": "max_length-beyond-context-window", "argv": ["train", "{recipe}", "data.max_length=4096"],
      "needle": "'data.max_length' is 4096, beyond the model's context window of 2048 tokens"},
+    setting(TRAIN, "train.batch_size=[1,", "override 'train.batch_size=[1,': the value is not valid YAML"),
+    setting(TRAIN, "train.best_metric=eval/bleu", "'train.best_metric' must be one of eval/accuracy"),
+    {"id": "full-finetune-of-bf16-weights", "argv": ["train", "{recipe}", "model.dtype=bf16"],
+     "needle": "trainable weights in bf16 (model.dtype=bf16): AdamW would update them without fp32 master weights"},
+    {"id": "fp16-autocast-on-fp16-weights", "argv": ["train", "{recipe}", "model.dtype=fp16", "train.precision=fp16"],
+     "needle": "train.precision=fp16 with trainable fp16 weights (model.dtype=fp16): the gradient scaler cannot"},
 
     # -- ftlab memory ------------------------------------------------------------------------------------
     {"id": "memory-lora-dropout=5", "argv": MEMORY + ["--method", "lora", "--lora-dropout", "5"],
@@ -611,3 +617,16 @@ def test_corpus_covers_every_numeric_setting() -> None:
     text = " ".join(" ".join(c["argv"]) + " " + c["needle"] for c in CASES)
     missing = [k for k in RANGES if f"'{k}" not in text and f"{k}=" not in text]
     assert not missing, f"no bad-input case for: {missing}"
+
+
+def test_first_use_of_the_embedded_model_adds_log_lines_only(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
+    """From an empty cache the embedded model is converted first: transformers' progress bars (de-quantizing,
+    writing shards) came between the log lines and the one error line when stderr is not a terminal."""
+    monkeypatch.setenv("FTLAB_CACHE", str(tmp_path / "cache"))
+    code = main(["train", str(tiny_recipe(tmp_path)), "data.max_length=4096"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ftlab: error:")]
+    assert code == 2 and len(errors) == 1 and "beyond the model's context window" in errors[0], err
+    assert any("converting embedded" in line for line in lines), err
+    assert all(LOG_LINE.match(line) for line in lines if line not in errors), err

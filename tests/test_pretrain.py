@@ -67,7 +67,7 @@ def test_pretraining_learns_with_a_token_budget_and_logs_everything(tmp_path, co
     # bits per byte = nats per token / ln 2 / bytes per token; MFU = tokens/s x FLOPs per token / peak
     assert last["train/bits_per_byte"] == pytest.approx(last["train/loss"] / math.log(2) / last["train/bytes_per_token"])
     summary = json.loads((run / "summary.json").read_text())
-    assert last["train/mfu"] == pytest.approx(last["train/tokens_per_s"] * summary["model_size"]["flops_per_token"] / 1e12)
+    assert last["train/mfu"] == pytest.approx(last["train/step_tokens_per_s"] * summary["model_size"]["flops_per_token"] / 1e12)
     assert sorted(eval_rows) == [5, 10, 11] and "eval/bits_per_byte" in eval_rows[11]
     assert summary["best"]["metric"] == "eval/loss" and (run / "best" / "model.safetensors").is_file()
     assert [p.name for p in sorted((run / "checkpoints").glob("step_*"))] == ["step_000004", "step_000008"]

@@ -53,7 +53,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     summary = json.loads((two / "summary.json").read_text())
     assert summary["world_size"] == 2
     last = b[4]  # MFU: the loop's global tokens/s against both processes' peak
-    assert last["train/mfu"] == pytest.approx(last["train/tokens_per_s"] * summary["model_size"]["flops_per_token"]
+    assert last["train/mfu"] == pytest.approx(last["train/step_tokens_per_s"] * summary["model_size"]["flops_per_token"]
                                               / (2 * 1e12))
     assert json.loads((two / "categories.json").read_text()) == json.loads((one / "categories.json").read_text())
     # one process replays a step of the two-process run: the same windows (all of both ranks), the same loss

@@ -158,7 +158,8 @@ def write_report(cfg: DictConfig, run: RunDir, sft_run: RunDir, before: dict, af
 Model: `{cfg.model.name}`, {method_sentence(cfg)},
 trained on {cfg.quickstart.train_examples} ftlab-generated PrOntoQA problems ({list(cfg.quickstart.train_hops)} hops),
 {sft_summary.get('steps')} optimizer steps, batch {cfg.train.batch_size} x accumulation {cfg.train.grad_accum},
-lr {cfg.optim.lr}, precision {cfg.train.precision}, {sft_summary.get('tokens_per_s', 0):.0f} training tokens/s.
+lr {cfg.optim.lr}, precision {cfg.train.precision}, {sft_summary.get('step_tokens_per_s') or 0:.0f} training tokens/s
+(the steps alone; {sft_summary.get('tokens_per_s') or 0:.0f} by wall clock, evaluation and checkpoints included).
 
 Training targets: {proof_sentence(cfg)}
 

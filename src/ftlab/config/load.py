@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from ftlab.config.schema import CHOICES, NULL_MEANS, RANGES, Recipe
+from ftlab.config.schema import CHOICES, METRIC_DIRECTIONS, NULL_MEANS, RANGES, Recipe, metric_direction
 from ftlab.errors import UserError, first_line, not_utf8
 
 
@@ -126,6 +126,18 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
         return OmegaConf.from_dotlist(items)
     except OmegaConfBaseException as e:
         raise UserError(f"bad override: {first_line(e)}") from None
+    except yaml.YAMLError as e:  # a value that is not YAML, e.g. an unclosed list: name the override
+        bad = next((o for o in items if not _parses_as_yaml(o.split("=", 1)[1])), ", ".join(items))
+        problem = getattr(e, "problem", None) or first_line(e)
+        raise UserError(f"override {bad!r}: the value is not valid YAML ({problem})") from None
+
+
+def _parses_as_yaml(text: str) -> bool:
+    try:
+        yaml.safe_load(text)
+        return True
+    except yaml.YAMLError:
+        return False
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> DictConfig:
@@ -158,6 +170,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
 
     check_choices(cfg, origin)
     check_ranges(cfg, origin)
+    check_best_metric(cfg, origin)
     apply_model_preset(cfg, origin)
     resolve_precision(cfg)
     return cfg
@@ -231,6 +244,15 @@ def check_ranges(cfg: DictConfig, origin: Callable[[str], str] = lambda key: "")
                         f"got {list(cfg.optim.betas)!r}")
     check_hops(cfg, origin)
     check_detach_prompt(cfg, origin)
+
+
+def check_best_metric(cfg: DictConfig, origin: Callable[[str], str]) -> None:
+    """A best/ checkpoint kept by a metric whose direction is unknown could keep the worst one: refuse it."""
+    name = cfg.train.best_metric
+    if name is not None and metric_direction(name) is None:
+        known = ", ".join(f"eval/{k}" for k in METRIC_DIRECTIONS)
+        raise UserError(f"{origin('train.best_metric')}'train.best_metric' must be one of {known} (or a variant "
+                        f"such as eval/accuracy_strict); got {name!r}")
 
 
 def in_range(value: Any, spec: str) -> bool:

@@ -99,7 +99,8 @@ class TrainConfig:
     log_generations_every: Optional[int] = None
     save_every: Optional[int] = None
     keep_last: int = 2
-    best_metric: Optional[str] = None    # e.g. eval/loss (lower is better) or eval/accuracy
+    best_metric: Optional[str] = None    # keep best/ by this eval metric, e.g. eval/loss or eval/accuracy
+                                         # (its direction: METRIC_DIRECTIONS)
     nan_policy: str = "stop"             # stop | skip
     resume: Optional[str] = None         # run directory or checkpoint directory; "latest" for the newest run
     save_merged: bool = False            # also export LoRA merged into the base weights
@@ -348,6 +349,24 @@ RANGES: dict[str, str] = {
     "loop.head_holdout": "(0, 1)",
     "loop.calibration_bins": ">= 1",
 }
+
+# Which way each evaluation metric improves, for train.best_metric. Matched on the name after "eval/" by
+# prefix, so eval/accuracy_strict is an accuracy and eval/bits_per_byte (pretraining's headline) goes down.
+METRIC_DIRECTIONS: dict[str, str] = {
+    "accuracy": "higher", "parse_rate": "higher",
+    "loss": "lower", "bits_per_byte": "lower", "perplexity": "lower", "ece": "lower", "mae": "lower",
+    "wasserstein": "lower",
+}
+
+
+def metric_direction(name: str) -> str | None:
+    """"higher" or "lower" is better for this metric (with or without "eval/"); None for an unknown one."""
+    key = name.removeprefix("eval/")
+    for prefix, direction in METRIC_DIRECTIONS.items():
+        if key == prefix or key.startswith(prefix + "_"):
+            return direction
+    return None
+
 
 NULL_MEANS: dict[str, str] = {
     "data.limit": "every training example",

@@ -53,6 +53,22 @@ def save_model(model: Any, tokenizer: Any, path: Path, state_dict: dict | None =
         tokenizer.save_pretrained(path)
 
 
+def save_merged_from_adapter(model_cfg: Any, adapter_dir: Path, out: Path, dtype: str = "bf16") -> None:
+    """The saved adapter folded into a fresh, unquantized copy of its base (in `dtype`), written to `out`.
+
+    QLoRA needs this: its training base is 4-bit, and merging into it re-quantizes each merged weight, so most
+    of the adapter's small update is rounded away. bf16 by default: an fp32 copy of a 14B base needs 56 GB."""
+    from omegaconf import OmegaConf
+
+    from ftlab.models.load import adapter_base_path, is_adapter_dir, load_model_and_tokenizer, resolve_model_path
+
+    name = resolve_model_path(model_cfg.name)
+    base = {"adapter": None, "dtype": dtype, "name": str(adapter_base_path(name)) if is_adapter_dir(name) else name}
+    # loaded for inference, the adapter comes back folded into the base (`attach_adapter`)
+    merged, tokenizer = load_model_and_tokenizer(OmegaConf.merge(model_cfg, base), adapter=str(adapter_dir))
+    save_model(merged, tokenizer, out)
+
+
 def temp_dir(ckpt_dir: Path, step: int) -> Path:
     return ckpt_dir / f".tmp_{STEP_PREFIX}{step:06d}"
 

@@ -31,6 +31,7 @@ from ftlab.losses import dpo_loss, log_probs_at, response_token_log_probs
 from ftlab.runs.rundir import RunDir
 from ftlab.train import reference as ref
 from ftlab.train.loop import train
+from ftlab.train.objective import Objective
 from ftlab.train.plan import StepPlan
 
 log = logging.getLogger("ftlab")
@@ -39,7 +40,7 @@ LOGGED = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accu
           "logps/rejected", "nll")
 
 
-class DPOObjective:
+class DPOObjective(Objective):
     name = "dpo"
     units_name = "pairs"
 

@@ -75,7 +75,7 @@ def replay(run_dir: str, step: int, overrides: list[str] | tuple[str, ...] = ())
     log.info("replaying step %d of %s from %s", step, run, start or "the initial weights")
     error: BaseException | None = None
     try:
-        train(cfg, build)
+        train(cfg, build, keep_model=True)
     except (RuntimeError, TrainingDiverged) as e:  # anomaly detection raises RuntimeError in backward
         obj = built.get("objective")
         if obj is None or obj.watch is None:  # not at the replayed step: a real failure

@@ -19,26 +19,27 @@ What the loop owns, so each method gets it once and tested once:
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import signal
 import time
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ftlab.config.schema import metric_direction
 from ftlab.errors import Terminated, UserError
 from ftlab.runs.rundir import RunDir
 from ftlab.runs.trackers import Trackers
 from ftlab.train import checkpoint as ck
+from ftlab.train.objective import Objective
 from ftlab.train.optim import build_optimizer, build_scheduler
-from ftlab.train.plan import StepPlan
+from ftlab.train.setup import (check_resumable, check_trainable_dtype, is_deepspeed, make_accelerator,
+                               model_identity, prepare_model, resolve_resume)
 
 log = logging.getLogger("ftlab")
 
@@ -47,169 +48,20 @@ class TrainingDiverged(UserError):
     """Non-finite loss, gradients or weights: reported as one line (usually lr/eps/precision)."""
 
 
-class Objective(Protocol):
-    """What a training method supplies. Micro-batches are dicts of tensors with two scalar entries
-    the loop reads: `units` (loss units: supervised tokens, pairs, ...) and `n_real_tokens` (throughput)."""
-
-    name: str
-    units_name: str           # what a loss unit is, as logged: "supervised_tokens", "pairs", ...
-    plan: StepPlan
-
-    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """Micro-batch of these examples; [] gives an all-masked micro-batch with units == 0."""
-
-    def loss(self, model: Any, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss summed over the micro-batch's units, other per-unit sums to log as averages)."""
-
-    def val_batches(self) -> list[dict[str, torch.Tensor]]:
-        """Validation micro-batches for `eval/loss` (may be empty)."""
-
-    def log_preflight(self) -> None:
-        """Log what will be trained (decoded samples with the supervised spans marked)."""
-
-    # Optional: `before_training(loop)` runs once on every rank, after the run directory exists and the model
-    # is prepared, before a checkpoint is restored and before step 1 (DPO computes its reference
-    # log-probs from the initial weights there). Errors in it mark the run failed.
-    # Optional, used by pretraining (every rank calls them, with values reduced over processes):
-    #   total_steps: int | None        the run's length when train.max_steps is unset (a token budget)
-    #   skip_update(loop, step, loss)  True: no optimizer update for this step (a loss spike)
-    #   more_metrics(loop, metrics, axis) -> dict   extra values for the "train" or "eval" row
-    #   on_nonfinite(loop, step, batch, what)       forensics before the gradients are cleared
-
-
-# -- set-up ----------------------------------------------------------------------------------------
-def make_accelerator(cfg: DictConfig) -> Any:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
-
-    # accelerate keeps one global state per process; a second run in one process (the quickstart,
-    # notebooks, tests) may use another precision. The process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    t = cfg.train
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    # Autocast and the fp16 scaler are the loop's own (see `autocast`), except under DeepSpeed, which
-    # casts the model itself and must know the precision from accelerate.
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision] if deepspeed else "no"
-    check_launch(deepspeed)
-    accelerator = Accelerator(mixed_precision=precision, cpu=not (torch.cuda.is_available() or deepspeed),
-                              gradient_accumulation_steps=t.grad_accum if deepspeed else 1)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        # Without a dataloader in prepare(), "auto" batch sizes cannot be resolved: say them. The engine
-        # accumulates exactly grad_accum micro-batches (the plan gives every rank that many), and ftlab's
-        # train.grad_clip is the only clipping (a second one in the DeepSpeed config would also apply).
-        ds["train_micro_batch_size_per_gpu"] = t.batch_size
-        ds["gradient_accumulation_steps"] = t.grad_accum
-        ds["gradient_clipping"] = float(t.grad_clip or 0.0)
-        if t.nan_policy == "skip":
-            raise UserError("train.nan_policy=skip is not possible under DeepSpeed (its engine steps inside "
-                            "backward, before the loop can skip); use train.nan_policy=stop")
-    return accelerator
-
-
-def check_launch(deepspeed: bool) -> None:
-    """Launches that would silently run as something else: refuse them with one line."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        # Not wired (sharded checkpoints, state-dict gathering) and without CUDA accelerate would quietly
-        # run plain DDP instead: refuse rather than pretend.
-        raise UserError("FSDP launches are not supported by ftlab's training loop; shard with DeepSpeed ZeRO "
-                        "(accelerate launch --config_file launch/zero2.yaml ...)")
-    if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Measured: on CPU, accelerate forms no process group under DeepSpeed; each process sees a world of one.
-        raise UserError("DeepSpeed with several processes needs CUDA GPUs (on CPU accelerate forms no process "
-                        "group); on CPU use one DeepSpeed process, or torchrun for data parallelism")
-
-
-def is_deepspeed(accelerator: Any) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def prepare_model(cfg: DictConfig, local_rank: int = 0) -> tuple[Any, Any]:
-    """Load the model as the recipe says: full, LoRA, or QLoRA (4-bit NF4 base on this process's GPU)."""
-    from ftlab.models.adapters import (apply_lora, enable_gradient_checkpointing, quantization_config,
-                                       trainable_summary)
-    from ftlab.models.load import EMBEDDED, check_context_window, load_model_and_tokenizer
-
-    if cfg.lora.quantize and not cfg.lora.enabled:
-        raise UserError("lora.quantize is set but lora.enabled is false (QLoRA = quantized base + LoRA)")
-    quant = quantization_config(cfg.lora)  # fails early with one line where QLoRA cannot run
-    # A quantized model is placed at load time (bitsandbytes cannot be moved afterwards): one whole
-    # copy per process on its own GPU, never device_map="auto", which would shard it across the GPUs
-    # that the other DDP ranks are using.
-    placement = {"quantization_config": quant, "device_map": {"": local_rank}} if quant else {}
-    model, tokenizer = load_model_and_tokenizer(cfg.model, trainable_adapter=True, **placement)
-    check_context_window(model, cfg.data.max_length)
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
-        if cfg.model.name in EMBEDDED and not cfg.model.scratch:  # name the embedded base, not this cache path
-            for peft_cfg in model.peft_config.values():
-                peft_cfg.base_model_name_or_path = cfg.model.name
-    elif cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    log.info("trainable parameters: %s", trainable_summary(model))
-    return model, tokenizer
-
-
-def model_identity(cfg: DictConfig) -> str:
-    """What a checkpoint must have been trained from to be resumed by this recipe."""
-    if cfg.model.scratch:
-        return "scratch:" + json.dumps(OmegaConf.to_container(cfg.model.scratch), sort_keys=True)
-    return cfg.model.name + (f"+{cfg.model.adapter}" if cfg.model.adapter else "")
-
-
-def resolve_resume(cfg: DictConfig) -> list[Path]:
-    """Complete checkpoints to resume from, newest first (the loop falls back along this list).
-
-    `latest` means the newest run of this kind that has a complete checkpoint: a failed attempt at
-    resuming creates a newer run without one, and must not hide the real checkpoint.
-    """
-    if cfg.train.resume == "latest":
-        runs = sorted((p for p in (Path(cfg.output_dir) / cfg.kind).glob("*_*") if p.is_dir()), reverse=True)
-        for run in runs:
-            found = ck.complete_checkpoints(run / "checkpoints")
-            if found:
-                return found[::-1]
-        raise UserError(f"train.resume=latest: no run under {Path(cfg.output_dir) / cfg.kind} has a complete "
-                        "checkpoint")
-    path = Path(cfg.train.resume)
-    if (path / "state.json").is_file():
-        return [path]
-    found = ck.complete_checkpoints(path / "checkpoints")
-    if not found:
-        raise UserError(f"train.resume: no complete checkpoint under {cfg.train.resume!r}")
-    return found[::-1]
-
-
-def check_resumable(cfg: DictConfig, candidates: list[Path], objective: str, total_steps: int) -> None:
-    """Refuse, before anything is written, a checkpoint of another model or method, or past the end."""
-    want = model_identity(cfg)
-    for path in candidates:
-        state = ck.read_state(path)
-        if state is None:  # damaged: the loop falls back past it when loading
-            continue
-        if state.get("model") not in (None, want):
-            raise UserError(f"checkpoint {path} was trained from {state['model']!r}, this recipe trains {want!r}")
-        if state.get("objective") not in (None, objective):
-            raise UserError(f"checkpoint {path} is a {state['objective']} run, this recipe trains {objective}")
-        if int(state["step"]) > total_steps:
-            raise UserError(f"train.max_steps={total_steps} is below the checkpoint's step {state['step']} "
-                            f"({path}); raise train.max_steps or resume from an earlier checkpoint")
-
-
 # -- the loop --------------------------------------------------------------------------------------
-def train(cfg: DictConfig, build_objective: Callable[[DictConfig, Any, int, int], Objective]) -> RunDir | None:
-    """Train as the recipe says; returns the finished run directory (None on ranks other than 0)."""
+def train(cfg: DictConfig, build_objective: Callable[[DictConfig, Any, int, int], Objective],
+          keep_model: bool = False) -> RunDir | None:
+    """Train as the recipe says; returns the finished run directory (None on ranks other than 0). The model and
+    optimizer are given back at the end, unless `keep_model` (`ftlab replay` inspects the model afterwards)."""
     from accelerate.utils import broadcast_object_list, set_seed
 
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     model, tokenizer = prepare_model(cfg, accelerator.local_process_index)
+    check_trainable_dtype(cfg, model, is_deepspeed(accelerator))
     objective = build_objective(cfg, tokenizer, accelerator.process_index, accelerator.num_processes)
     t = cfg.train
-    planned = getattr(objective, "total_steps", None)  # e.g. pretraining's train.token_budget
+    planned = objective.total_steps  # e.g. pretraining's train.token_budget
     total_steps = (t.max_steps if t.max_steps is not None else planned if planned is not None
                    else math.ceil(t.epochs * objective.plan.steps_per_epoch))
     resume = resolve_resume(cfg) if t.resume else []
@@ -221,8 +73,7 @@ def train(cfg: DictConfig, build_objective: Callable[[DictConfig, Any, int, int]
         broadcast_object_list(path)
     loop = Loop(cfg, accelerator, model, tokenizer, objective, run, Path(path[0]), total_steps)
     try:
-        if hasattr(objective, "before_training"):  # optional hook, see Objective.before_training
-            objective.before_training(loop)
+        objective.before_training(loop)
         summary = loop.fit(resume)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated)
         if run:
@@ -232,6 +83,9 @@ def train(cfg: DictConfig, build_objective: Callable[[DictConfig, Any, int, int]
         if run:
             run.finish("failed", error=f"{type(e).__name__}: {e}")
         raise
+    finally:
+        if not keep_model:
+            loop.release()
     if run:
         run.finish("complete", **summary)
         log.info("run complete: %s", run.path)
@@ -248,6 +102,7 @@ class Loop:
         self.run, self.run_path, self.total_steps = run, run_path, total_steps
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.deepspeed = is_deepspeed(accelerator)
+        self.zero3 = self.deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
         # Empty micro-batches only matter when several processes (or DeepSpeed's accumulation counter)
         # must see the same number of passes; alone, they are skipped (they add exactly nothing).
         self.symmetric = self.world > 1 or self.deepspeed
@@ -269,26 +124,31 @@ class Loop:
             self.done, self.best = self.restore(resume)
         self.log_start()
         self.model.train()
-        started, tokens, last, saved = time.time(), 0, {}, self.done
+        started, last, saved = time.time(), {}, self.done
+        tokens, step_seconds = 0, 0.0  # counted over applied steps only: the steps' own throughput
         bar = tqdm(total=self.total_steps, initial=self.done, desc="train", disable=self.rank != 0)
         previous = signal.signal(signal.SIGTERM, self.on_sigterm) if _main_thread() else None
         try:
             while self.done < self.total_steps:
+                began = time.time()
                 stats = self.step(self.done)
                 self.done += 1
                 bar.update(1)
                 stop = self.any_rank(self.terminate,
                                      bool(t.max_minutes and (time.time() - started) / 60 > t.max_minutes))
-                if stats is None:  # a non-finite step skipped (nan_policy=skip)
-                    continue
-                tokens += stats.pop("tokens")
-                stats["tokens_per_s"] = tokens / max(time.time() - started, 1e-9)
-                if hasattr(self.objective, "more_metrics"):
+                if stats is not None:  # None: no update (a non-finite step under nan_policy=skip, a loss spike)
+                    tokens += stats.pop("tokens")
+                    step_seconds += time.time() - began
+                    # wall-clock throughput includes evaluation, generation and checkpoints; the steps' own does not
+                    stats["tokens_per_s"] = tokens / max(time.time() - started, 1e-9)
+                    stats["step_tokens_per_s"] = tokens / max(step_seconds, 1e-9)
                     stats.update(self.objective.more_metrics(self, stats, "train"))
-                last = stats
-                bar.set_postfix(loss=f"{stats['loss']:.4f}")
-                if self.tracker and (self.done % t.log_every == 0 or self.done == self.total_steps):
-                    self.tracker.log({**stats, "epoch": self.done / self.plan.steps_per_epoch}, self.done)
+                    last = stats
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                    if self.tracker and (self.done % t.log_every == 0 or self.done == self.total_steps):
+                        self.tracker.log({**stats, "epoch": self.done / self.plan.steps_per_epoch}, self.done)
+                # A step without an update is still a step: evaluation, checkpoints and stopping keep their
+                # schedule (a skip on the last step keeps the final evaluation, one on a save step its checkpoint).
                 if t.eval_every and (self.done % t.eval_every == 0 or self.done == self.total_steps):
                     last.update(self.evaluate())
                 if self.run and t.log_generations_every and self.done % t.log_generations_every == 0:
@@ -309,12 +169,21 @@ class Loop:
         if self.done < self.total_steps:
             log.info("train.max_minutes=%s reached after step %d; stopping", t.max_minutes, self.done)
         out: dict[str, Any] = {"final_loss": last.get("loss"), "steps": self.done,
-                               "tokens_per_s": last.get("tokens_per_s"), "train_seconds": time.time() - started}
+                               "tokens_per_s": last.get("tokens_per_s"),
+                               "step_tokens_per_s": last.get("step_tokens_per_s"),
+                               "train_seconds": time.time() - started}
         if t.save_final:
             out.update(self.save_outputs())
         if self.tracker:
             self.tracker.close()
         return out
+
+    def release(self) -> None:
+        """Give back the model, optimizer and accelerate's references to them (it keeps every prepared object,
+        a DeepSpeed engine included, until told): a stage that generates next (the OaK loop's vLLM engine)
+        needs that memory."""
+        self.model = self.optimizer = self.scheduler = self.scaler = None
+        self.accelerator.free_memory()  # then collects garbage and empties the CUDA cache
 
     def on_sigterm(self, signum: int, frame: Any) -> None:
         """Finish the current step, save a checkpoint if the recipe saves them, then stop (see `fit`)."""
@@ -329,9 +198,10 @@ class Loop:
         # processes and DeepSpeed divides by its accumulation steps: both are undone here.
         scale = self.world / max(units, 1.0) * (self.t.grad_accum if self.deepspeed else 1)
         sums: dict[str, float] = defaultdict(float)
-        bad = None
+        bad = first = None  # forensics get a micro-batch as the model saw it, on the model's device
         for i, m in enumerate(micro):
             m = {k: v.to(self.device) for k, v in m.items()}
+            first = m if first is None else first
             last = i == len(micro) - 1
             self.accelerator.gradient_state._set_sync_gradients(last)  # DeepSpeed steps at the last one
             with (nullcontext() if last else self.accelerator.no_sync(self.model)):
@@ -349,8 +219,7 @@ class Loop:
         reduced = dict(zip(keys, self.sum_ranks([sums[k] for k in keys])))
         if self.any_rank(bad is not None):
             return self.nonfinite(step, bad, "loss")
-        skip_update = getattr(self.objective, "skip_update", None)
-        if skip_update and skip_update(self, step, reduced["loss"] / max(units, 1.0)):
+        if self.objective.skip_update(self, step, reduced["loss"] / max(units, 1.0)):
             self.optimizer.zero_grad(set_to_none=True)
             return None
         if self.scaler:
@@ -360,7 +229,7 @@ class Loop:
         grad_norm = float(norm) if norm is not None else float("nan")
         stepped = self.optimizer_step(grad_norm)
         if stepped is None:
-            return self.nonfinite(step, micro[0], "grad_norm")
+            return self.nonfinite(step, first, "grad_norm")
         stats = {k: v / max(units, 1.0) for k, v in reduced.items() if k != "tokens"}
         clip = self.t.grad_clip
         stats.update(lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm,
@@ -368,7 +237,9 @@ class Loop:
                      tokens=int(reduced["tokens"]))
         stats[self.objective.units_name] = int(units)
         if self.scaler:
-            stats.update(loss_scale=self.scaler.get_scale(), overflow_skipped=not stepped)
+            stats.update(loss_scale=self.scaler.get_scale())
+        if self.scaler or (self.deepspeed and self.t.precision == "fp16"):
+            stats.update(overflow_skipped=not stepped)
         return stats
 
     def optimizer_step(self, grad_norm: float) -> bool | None:
@@ -380,10 +251,15 @@ class Loop:
             stepped = self.scaler.get_scale() >= scale
             if not stepped:
                 log.info("fp16 overflow: step skipped, loss scale %g -> %g", scale, self.scaler.get_scale())
-        elif not math.isfinite(grad_norm) and not self.deepspeed:
+        elif self.deepspeed:
+            # The engine stepped inside backward, unless its fp16 loss scaler met an overflow and skipped.
+            stepped = self.model.was_step_applied()
+            if not stepped:
+                log.info("fp16 overflow: DeepSpeed skipped the step (the schedule waits too)")
+        elif not math.isfinite(grad_norm):
             return None
         else:
-            self.optimizer.step()  # under DeepSpeed the engine already stepped inside backward
+            self.optimizer.step()
             stepped = True
         if stepped:
             self.scheduler.step()
@@ -396,8 +272,7 @@ class Loop:
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.t.precision == "bf16" else torch.float16)
 
     def nonfinite(self, step: int, batch: dict | None, what: str) -> None:
-        if hasattr(self.objective, "on_nonfinite"):
-            self.objective.on_nonfinite(self, step, batch, what)
+        self.objective.on_nonfinite(self, step, batch, what)
         self.optimizer.zero_grad(set_to_none=True)
         path = None
         if batch is not None:
@@ -444,8 +319,7 @@ class Loop:
         total, units = self.sum_ranks([total, units])
         ev = {"loss": total / max(units, 1.0)}
         ev.update(self.accuracy())
-        if hasattr(self.objective, "more_metrics"):
-            ev.update(self.objective.more_metrics(self, ev, "eval"))
+        ev.update(self.objective.more_metrics(self, ev, "eval"))
         self.model.train()
         if self.tracker:
             self.tracker.log(ev, self.done, axis="eval")
@@ -454,7 +328,7 @@ class Loop:
 
     def accuracy(self) -> dict[str, float]:
         """The task's own checker on generated answers; examples split across processes, gathered to score."""
-        task, examples = getattr(self.objective, "generation_task", (None, []))
+        task, examples = self.objective.generation_task
         if not examples or self.deepspeed:  # ZeRO shards weights: generation stays for `ftlab eval`
             return {}
         from accelerate.utils import gather_object
@@ -474,7 +348,7 @@ class Loop:
     def log_generations(self) -> None:
         from ftlab.evaluate import log_generations
 
-        task, examples = getattr(self.objective, "generation_task", (None, []))
+        task, examples = self.objective.generation_task
         if examples:
             log_generations(self.accelerator.unwrap_model(self.model), self.tokenizer, task, examples[:8],
                             self.cfg.eval, step=self.done, run=self.run, tracker=self.tracker, seed=self.cfg.seed)
@@ -483,7 +357,7 @@ class Loop:
         key = (self.t.best_metric or "").removeprefix("eval/")
         if not key or key not in metrics:
             return
-        value, lower_better = metrics[key], "loss" in key
+        value, lower_better = metrics[key], metric_direction(key) == "lower"
         if self.best is None or (value < self.best["value"] if lower_better else value > self.best["value"]):
             self.best = {"metric": self.t.best_metric, "value": value, "step": self.done}
             self.save_model(self.run_path / "best")
@@ -493,7 +367,9 @@ class Loop:
     # -- saving and restoring ------------------------------------------------------------------------
     def save_model(self, path: Path) -> None:
         """HF-loadable export (adapter or full model) from rank 0; every rank joins a ZeRO gather."""
-        state = self.accelerator.get_state_dict(self.model) if self.deepspeed else None
+        # ZeRO-3 shards the weights: every rank joins the gather. Under ZeRO-0/1/2 each rank holds them whole,
+        # so rank 0 saves straight from its model (a LoRA run writes just the adapter), with no CPU copy anywhere.
+        state = self.accelerator.get_state_dict(self.model) if self.zero3 else None
         if self.rank == 0:
             model = self.accelerator.unwrap_model(self.model)
             guard_finite(model, self.done)
@@ -542,7 +418,9 @@ class Loop:
     def load_checkpoint(self, path: Path) -> None:
         model = self.accelerator.unwrap_model(self.model)
         if self.deepspeed:
-            self.model.load_checkpoint(str(path / "deepspeed"))
+            loaded, _ = self.model.load_checkpoint(str(path / "deepspeed"))
+            if loaded is None:  # DeepSpeed only warns (no `latest` tag, missing files) and loads nothing
+                raise FileNotFoundError(f"DeepSpeed loaded no state from {path / 'deepspeed'}")
         else:
             ck.load_trainable_weights(model, path / "model")
             self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
@@ -557,8 +435,11 @@ class Loop:
         final = self.run_path / "final"
         self.save_model(final)
         if self.cfg.lora.enabled and self.t.save_merged and self.rank == 0:
-            merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
-            ck.save_model(merged, self.tokenizer, self.run_path / "merged")
+            if self.cfg.lora.quantize:  # merging into the 4-bit base would re-quantize the merged weights
+                ck.save_merged_from_adapter(self.cfg.model, final, self.run_path / "merged", dtype="bf16")
+            else:
+                merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
+                ck.save_model(merged, self.tokenizer, self.run_path / "merged")
         return {"final_model": str(final)}
 
     def log_start(self) -> None:

@@ -39,6 +39,7 @@ from ftlab.data.windows import TRAIN_STREAM, VAL_STREAM, WindowSampler, choose_c
 from ftlab.errors import UserError
 from ftlab.runs.rundir import RunDir, write_json
 from ftlab.train.loop import train
+from ftlab.train.objective import Objective
 
 log = logging.getLogger("ftlab")
 
@@ -67,7 +68,7 @@ class WindowPlan:
         return [[base + m * gb + i for i in range(self.rank, gb, self.world)] for m in range(self.grad_accum)]
 
 
-class PretrainObjective:
+class PretrainObjective(Objective):
     name = "pretrain"
     units_name = "predicted_tokens"
 
@@ -189,8 +190,9 @@ class PretrainObjective:
         model = loop.accelerator.unwrap_model(loop.model)
         out["param_norm"] = parameter_norm(model)
         if self.p.peak_tflops and self.flops:
-            # tokens_per_s is the loop's global count (every process's tokens): divide by every process's peak
-            out["mfu"] = metrics["tokens_per_s"] * self.flops["flops_per_token"] / (
+            # from the steps' own throughput (evaluation and checkpoints left out), a global count over every
+            # process: divide by every process's peak
+            out["mfu"] = metrics["step_tokens_per_s"] * self.flops["flops_per_token"] / (
                 self.p.peak_tflops * 1e12 * loop.world)
         if self.p.spike_factor:
             out["spike"] = int(self.spike)

@@ -19,12 +19,13 @@ from ftlab.errors import UserError
 from ftlab.losses import prompt_detached_log_probs, response_token_log_probs
 from ftlab.runs.rundir import RunDir
 from ftlab.train.loop import train
+from ftlab.train.objective import Objective
 from ftlab.train.plan import StepPlan
 
 log = logging.getLogger("ftlab")
 
 
-class SFTObjective:
+class SFTObjective(Objective):
     """Next-token loss on the supervised (response) tokens of encoded conversations."""
 
     name = "sft"
