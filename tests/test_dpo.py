@@ -356,6 +356,18 @@ def test_a_changed_chat_template_invalidates_the_cache(tmp_path, caplog):
     assert torch.allclose(reference_of(second), reference_of(first), atol=1e-5)  # same prompts: same numbers
 
 
+def test_quantization_and_revision_are_part_of_the_cache_key(tmp_path, embedded_tokenizer):
+    """A QLoRA run (4-bit base) reused a bf16 LoRA run's reference log-probs: the key left out lora.quantize
+    and model.revision, which change the reference model's numbers."""
+    from ftlab.train.reference import cache_key
+
+    policy = saved_policy(tmp_path, seed=0)
+    recipe = dpo_recipe(tmp_path, model={"name": str(policy), "scratch": None}, lora={"enabled": True})
+    keys = [json.dumps(cache_key(load_recipe(recipe, overrides), embedded_tokenizer), sort_keys=True)
+            for overrides in ([], ["lora.quantize=nf4"], ["model.revision=abc123"], [])]
+    assert len(set(keys[:3])) == 3 and keys[0] == keys[3]
+
+
 def test_a_cache_is_reused_pair_by_pair(tmp_path):
     """A loop iteration with some new pairs computes only those (the key is per pair for the token ids)."""
     recipe = dpo_recipe(tmp_path)

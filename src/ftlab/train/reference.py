@@ -74,7 +74,8 @@ def reference_identity(cfg: DictConfig) -> dict[str, Any]:
         ident = {"initial": directory_identity(m.name)}
     if not cfg.dpo.reference and m.adapter:
         ident["adapter"] = directory_identity(m.adapter)
-    ident.update(dtype=m.dtype, precision=cfg.train.precision, attention=m.attn_implementation)
+    ident.update(dtype=m.dtype, precision=cfg.train.precision, attention=m.attn_implementation,
+                 quantize=cfg.lora.quantize, revision=m.revision)
     return ident
 
 
