@@ -348,3 +348,19 @@ def test_generation_emits_no_future_warning(model, tokenizer, prompts):
                         progress=False)  # shared prefix, chunked prefill, decoding
         engine._plain_cache = False
         engine.generate(prompts[:2], GenerationConfig(max_new_tokens=4), progress=False)  # fallback
+
+
+def test_one_seeding_rule_for_both_engines():
+    """`request_seeds` is the rule the HF engine samples by and the vLLM engine sends as each request's seed:
+    one seed per (prompt tokens, copy, sample). Before, vLLM sent every prompt the call's seed, so sample j of
+    every prompt drew from one random stream (pass@k and pair diversity biased)."""
+    from ftlab.generate.sampling import request_seeds, row_seed
+    from ftlab.generate.vllm_engine import _seed_key
+
+    prompts = [[5, 6, 7], [5, 6, 8], [5, 6, 7]]
+    seeds = request_seeds(3, prompts, n=2)
+    assert seeds[0] == [row_seed(3, [5, 6, 7], 0, 0), row_seed(3, [5, 6, 7], 0, 1)]
+    assert seeds[2] == [row_seed(3, [5, 6, 7], 1, 0), row_seed(3, [5, 6, 7], 1, 1)]  # a second copy differs
+    assert len({s for row in seeds for s in row}) == 6  # no two rows share a stream
+    assert request_seeds(3, prompts[1:2], n=2) == [seeds[1]]  # a prompt's seeds ignore its company
+    assert _seed_key({"prompt_token_ids": [5, 6, 7]}) == [5, 6, 7] and _seed_key("ab") == [97, 98]

@@ -105,3 +105,22 @@ def test_two_adapters_in_one_engine(base_path, adapters):
     gap_b = max(abs(x - y) for x, y in zip(b.logprobs, under_b))
     gap_a = max(abs(x - y) for x, y in zip(b.logprobs, under_a))
     assert gap_b < 1e-2 < gap_a, (gap_b, gap_a)  # b's completion was generated with b's weights
+
+
+def test_vllm_sample_j_of_two_prompts_draws_from_different_streams(base_path):
+    """At a temperature that makes the next token nearly uniform, two prompts sampled from one random stream
+    draw the same tokens; each (prompt, sample) now has its own seed (the HF engine's rule), and a prompt's
+    samples do not depend on the other prompts of the call."""
+    from ftlab.generate.vllm_engine import VLLMEngine
+
+    tok = load_tokenizer(base_path)
+    engine = VLLMEngine(base_path, tokenizer=tok, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3,
+                        enforce_eager=True)
+    cfg = GenerationConfig(max_new_tokens=8, temperature=1e4, n=3, seed=11)
+    both = engine.generate_full(["Name a colour.", "Name an animal."], cfg, progress=False)
+    for j in range(3):
+        assert both[0][j].token_ids != both[1][j].token_ids
+    alone = engine.generate_full(["Name an animal."], cfg, progress=False)
+    assert [c.token_ids for c in alone[0]] == [c.token_ids for c in both[1]]
+    engine.close()
+    assert engine.llm is None

@@ -83,7 +83,8 @@ class Engine(Protocol):
     `generate` returns, per prompt and in the order given, `cfg.n` completions: the decoded new text
     only, cut before the first stop string. `generate_full` returns `Completion`s instead (text,
     token ids, log-probs). `on_result(index, completions)` is called as soon as a prompt is finished
-    (finishing order, not input order) so callers can stream results to disk.
+    (finishing order, not input order) so callers can stream results to disk. Sampling is seeded per (prompt,
+    sample) row by `sampling.request_seeds`, in both engines.
     """
 
     stats: dict
@@ -103,6 +104,10 @@ class Engine(Protocol):
         on_result: CompletionCallback | None = None,
         progress: bool = True,
     ) -> list[list[Completion]]: ...
+
+    def close(self) -> None:
+        """Give back what the engine holds (vLLM: its workers, weights and KV cache), so that a training stage
+        that follows in the same process has the memory. The engine is unusable afterwards."""
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

@@ -74,7 +74,7 @@ from ftlab.generate.base import (
 from ftlab.generate.batch import Batch, Row, Run, is_plain_dynamic_cache
 from ftlab.generate.fallback import generate_fallback
 from ftlab.generate.prefill import Prefiller, model_device
-from ftlab.generate.sampling import LogitsHook, pick_tokens, row_seed
+from ftlab.generate.sampling import LogitsHook, pick_tokens, repeat_counts, row_seed
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,10 @@ class HFEngine:
         self._adds_bos = adds_bos(tokenizer)
 
     # -- public API ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Drop the engine's reference to the model (the caller frees the model itself)."""
+        self.model = None
+
     def generate(self, prompts: list[str], cfg: GenerationConfig, on_result: ResultCallback | None = None,
                  progress: bool = True) -> list[list[str]]:
         """Per prompt (input order), `cfg.n` completions of new text cut before the first stop string."""
@@ -141,7 +145,7 @@ class HFEngine:
         with torch.inference_mode():
             if prompts:
                 run = Run(cfg, deliver, rows_per_prompt=1 if cfg.greedy else cfg.n,
-                          device=model_device(self.model), repeats=_repeats(encoded))
+                          device=model_device(self.model), repeats=repeat_counts(encoded))
                 if self._supports_slot_cache():
                     self._decode(encoded, run)
                 else:  # `model.generate` on length-sorted batches; it seeds sampling per batch, not per row
@@ -299,17 +303,6 @@ def _texts_callback(on_result: ResultCallback | None) -> CompletionCallback | No
     if on_result is None:
         return None
     return lambda index, completions: on_result(index, [c.text for c in completions])
-
-
-def _repeats(encoded: list[list[int]]) -> list[int]:
-    """Per prompt, how many identical prompts come before it in the call."""
-    seen: dict[tuple[int, ...], int] = {}
-    out = []
-    for ids in encoded:
-        key = tuple(ids)
-        out.append(seen.get(key, 0))
-        seen[key] = out[-1] + 1
-    return out
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -61,3 +61,19 @@ def row_seed(seed: int, prompt: list[int], repeat: int, sample: int) -> int:
     `repeat` counts earlier copies of the same prompt in the call, so that copies differ."""
     key = repr((seed, repeat, sample, prompt)).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def repeat_counts(prompts: list[list[int]]) -> list[int]:
+    """Per prompt, how many identical prompts come before it in the call (`row_seed`'s `repeat`)."""
+    seen: dict[tuple[int, ...], int] = {}
+    out = []
+    for ids in prompts:
+        key = tuple(ids)
+        out.append(seen.get(key, 0))
+        seen[key] = out[-1] + 1
+    return out
+
+
+def request_seeds(seed: int, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """`row_seed` of every (prompt, sample) of a call: the one seeding rule of both engines."""
+    return [[row_seed(seed, ids, repeat, j) for j in range(n)] for ids, repeat in zip(prompts, repeat_counts(prompts))]

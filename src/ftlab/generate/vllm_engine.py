@@ -25,6 +25,7 @@ from ftlab.generate.base import (
     ResultCallback,
     cut_at_stop,
 )
+from ftlab.generate.sampling import request_seeds
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,28 @@ class VLLMEngine:
         lora_id = self._lora_ids.setdefault(path, len(self._lora_ids) + 1)
         return LoRARequest(f"ftlab-adapter-{lora_id}", lora_id, path)
 
-    def _sampling_params(self, cfg: GenerationConfig, logprobs: bool, truncate_in_vllm: bool) -> Any:
+    def close(self) -> None:
+        """Shut vLLM down: its engine core (workers, weights, KV cache) and its model-parallel groups. The
+        torch process group stays: under torchrun it is the one ftlab's training stages use next."""
+        import gc
+
+        import torch
+
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        core = getattr(llm.llm_engine, "engine_core", None)  # vLLM's V1 engine; older ones free on collection
+        if core is not None:
+            core.shutdown()
+        del llm, core
+        from vllm.distributed.parallel_state import destroy_model_parallel
+
+        destroy_model_parallel()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _sampling_params(self, cfg: GenerationConfig, logprobs: bool, truncate_in_vllm: bool, seed: int) -> Any:
         from vllm import SamplingParams
 
         extra: dict[str, Any] = {}
@@ -78,12 +100,12 @@ class VLLMEngine:
         if truncate_in_vllm:
             extra["truncate_prompt_tokens"] = cfg.max_prompt_tokens
         return SamplingParams(
-            n=cfg.n,
+            n=1,
             temperature=cfg.temperature,
             top_p=cfg.top_p if cfg.temperature > 0 else 1.0,
             max_tokens=cfg.max_new_tokens,
             stop=list(cfg.stop) or None,
-            seed=cfg.seed,
+            seed=seed,
             logprobs=0 if logprobs else None,  # 0: the chosen token's log-prob only
             **extra,
         )
@@ -120,19 +142,30 @@ class VLLMEngine:
         cfg.validate()
         start = time.perf_counter()
         inputs, truncated = self._inputs(prompts, cfg)
-        params = self._sampling_params(cfg, logprobs, truncate_in_vllm=self.tokenizer is None)
-        outputs = self.llm.generate(inputs, params, use_tqdm=progress, lora_request=self._lora_request())
+        requests, params = [], []
+        for inp, seeds in zip(inputs, request_seeds(cfg.seed, [_seed_key(inp) for inp in inputs], cfg.n)):
+            requests += [inp] * cfg.n
+            params += [self._sampling_params(cfg, logprobs, self.tokenizer is None, seed) for seed in seeds]
+        outputs = self.llm.generate(requests, params, use_tqdm=progress, lora_request=self._lora_request())
         results: list[list[Completion]] = []
         new_tokens = 0
-        for index, out in enumerate(outputs):
-            completions = [_completion(c, cfg, logprobs) for c in out.outputs]
-            new_tokens += sum(len(c.token_ids) for c in out.outputs)
+        for index in range(len(inputs)):
+            rows = [out.outputs[0] for out in outputs[index * cfg.n:(index + 1) * cfg.n]]
+            completions = [_completion(c, cfg, logprobs) for c in rows]
+            new_tokens += sum(len(c.token_ids) for c in rows)
             results.append(completions)
             if on_result is not None:
                 on_result(index, completions)
         self.stats = {"prompts": len(prompts), "truncated_prompts": truncated, "new_tokens": new_tokens,
                       "seconds": time.perf_counter() - start}
         return results
+
+
+def _seed_key(request: Any) -> list[int]:
+    """What a row's seed is computed from: the prompt's token ids (the HF engine's rule), or the bytes of a text
+    prompt where vLLM tokenizes. Each (prompt, sample) is its own request with its own seed: with n samples in one
+    request vLLM derives them from that request's seed, so sample j of every prompt shared one random stream."""
+    return list(request["prompt_token_ids"]) if isinstance(request, dict) else list(request.encode())
 
 
 def _completion(out: Any, cfg: GenerationConfig, logprobs: bool) -> Completion:

@@ -6,7 +6,6 @@ recipe's base, {"name": dir, ...} for a full model a stage trained.
 """
 from __future__ import annotations
 
-import gc
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -136,10 +135,7 @@ def policy_engine(ctx: Ctx, policy: dict[str, Any]) -> Iterator[tuple[Any, Any, 
     try:
         yield model, tokenizer, engine
     finally:
-        del engine, model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        engine.close()  # vLLM: its workers, weights and KV cache; the stage runner then collects the rest
 
 
 def sample(ctx: Ctx, model: Any, tokenizer: Any, engine: Any, examples: list, n: int, temperature: float,

@@ -27,6 +27,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.errors import UserError
+from ftlab.models.load import release_memory
 from ftlab.runs.rundir import redact, write_json
 
 log = logging.getLogger("ftlab")
@@ -119,6 +120,9 @@ class LoopDir:
             log.info("loop: %s ...", label)
         start = time.time()
         out = fn(tmp) or {}
+        # The stage's models, optimizer and engine are unreachable now (each stage closes its engine and the
+        # training loop frees what accelerate held): give their memory back before the next stage loads.
+        release_memory()
         if self.rank == 0:
             out["seconds"] = round(time.time() - start, 2)
             write_json(tmp / "stage.json", out)
