@@ -31,3 +31,10 @@ def embedded_tokenizer():
     from ftlab.models.load import EMBEDDED_MODEL, load_tokenizer, resolve_model_path
 
     return load_tokenizer(resolve_model_path(EMBEDDED_MODEL))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The random test order's seed at the end of every run (`-q` hides pytest-randomly's header line)."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if config.pluginmanager.hasplugin("randomly") and isinstance(seed, int):
+        terminalreporter.write_line(f"random test order, seed {seed}: repeat it with --randomly-seed={seed}")

@@ -210,3 +210,26 @@ def test_a_generation_stage_closes_its_engine(tmp_path):
     with policy_engine(Ctx(cfg, None, None, 0, 1), {}) as (model, _, engine):
         assert engine.model is model
     assert engine.model is None
+
+
+def test_log_generations_runs_without_autograd(tmp_path):
+    """`train.log_generations_every` scores its samples' entropy with a forward pass: under autograd it kept
+    a full activation graph over 8 sequences on rank 0 (memory at 7-14B). Every forward runs without it."""
+    from ftlab.evaluate import log_generations
+    from ftlab.models.load import build_scratch_model, load_tokenizer, resolve_model_path
+    from ftlab.tasks import get_task
+
+    tok = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
+    torch.manual_seed(0)
+    model = build_scratch_model(TINY_SCRATCH, tok)
+    grad_modes: list[bool] = []
+    model.register_forward_hook(lambda module, args, out: grad_modes.append(torch.is_grad_enabled()))
+    rows_ = [{"question": f"Tom has {a} apples and gets 1 more. How many?", "answer": f"#### {a + 1}"} for a in range(3)]
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    task = get_task("gsm8k")
+    examples = task.load(str(data))
+    cfg = load_recipe(tiny_recipe(tmp_path), ["eval.max_new_tokens=4", "eval.chat_template=false"])
+    with torch.enable_grad():
+        out = log_generations(model, tok, task, examples, cfg.eval)
+    assert len(out["samples"]) == 3 and grad_modes and not any(grad_modes)

@@ -39,9 +39,9 @@ def test_scratch_model_uses_config_and_embedded_tokenizer():
 
 
 @pytest.mark.slow
-def test_embedded_model_cache_matches_the_gguf_and_loads_fast(tmp_path, monkeypatch):
-    """The cached safetensors model gives the GGUF model's logits, and the second load is < 5 s."""
-    monkeypatch.setenv("FTLAB_CACHE", str(tmp_path))
+def test_embedded_model_cache_matches_the_gguf_and_loads_fast():
+    """The cached safetensors model gives the GGUF model's logits, and a load from the cache is < 5 s. The
+    session's own cache: converting into an empty one is what the first-use and damaged-cache tests do."""
     model, tok = load_model_and_tokenizer(name="smollm2-135m-instruct")
     started = time.time()
     again, _ = load_model_and_tokenizer(name="smollm2-135m-instruct")
@@ -121,9 +121,13 @@ def test_lora_last_layers_adapts_only_the_top_layers_and_backward_stops_there():
 @pytest.mark.slow
 def test_damaged_embedded_cache_is_converted_again(tmp_path, monkeypatch):
     """A truncated cached conversion (a killed copy, a full disk) is rebuilt, not loaded or reported."""
+    import shutil
+
     from ftlab.models.load import embedded_model_dir
+    converted = embedded_model_dir("smollm2-135m-instruct")  # the session's cache, copied: one conversion here
+    shutil.copytree(converted, tmp_path / "models" / converted.name)
     monkeypatch.setenv("FTLAB_CACHE", str(tmp_path))
-    weights = embedded_model_dir("smollm2-135m-instruct") / "model.safetensors"
+    weights = tmp_path / "models" / converted.name / "model.safetensors"
     size = weights.stat().st_size
     with weights.open("r+b") as f:
         f.truncate(size // 2)

@@ -12,8 +12,8 @@ from ftlab.cli import main
 from ftlab.runs.rundir import read_status
 
 REPO = Path(__file__).resolve().parents[1]
-SHORT = ["quickstart.train_examples=16", "quickstart.heldout_hops=[1,3]", "quickstart.heldout_sizes=[3,3]",
-         "train.max_steps=2", "eval.max_new_tokens=12", "eval.batch_size=4"]
+SHORT = ["quickstart.train_examples=8", "quickstart.heldout_hops=[1,3]", "quickstart.heldout_sizes=[3,3]",
+         "train.max_steps=1", "eval.max_new_tokens=12", "eval.batch_size=4"]
 
 
 @pytest.mark.slow
