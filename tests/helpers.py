@@ -9,6 +9,19 @@ TINY_SCRATCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 6
                 "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
+# accelerate's launch file for DeepSpeed ZeRO-2 in one CPU process (on CPU accelerate forms no process group
+# under DeepSpeed, so several ZeRO processes need GPUs: tests/gpu).
+DEEPSPEED_ZERO2_CPU = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config: {zero_stage: 2, offload_optimizer_device: none, offload_param_device: none, zero3_init_flag: false}
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 1
+use_cpu: false
+"""
+
+
 def write_addition_data(path: Path, n: int = 32, seed: int = 0) -> Path:
     rng = random.Random(seed)
     with path.open("w") as f:

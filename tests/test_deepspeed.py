@@ -12,20 +12,10 @@ from pathlib import Path
 import pytest
 
 from ftlab.runs.trackers import read_metrics
-from tests.helpers import tiny_recipe
+from tests.helpers import DEEPSPEED_ZERO2_CPU, tiny_recipe
 
 pytestmark = [pytest.mark.timeout(900),
               pytest.mark.skipif(not __import__("importlib.util").util.find_spec("deepspeed"), reason="needs deepspeed")]
-
-ZERO2_CPU = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: DEEPSPEED
-deepspeed_config: {zero_stage: 2, offload_optimizer_device: none, offload_param_device: none, zero3_init_flag: false}
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 1
-use_cpu: false
-"""
 
 # Runs ftlab with accelerate's full-state-dict gather made to fail: under ZeRO-2 every rank holds the whole
 # model, so a save must not copy it to CPU on every rank (28 GB per rank for a 14B model in bf16).
@@ -44,7 +34,7 @@ sys.exit(main(sys.argv[1:]))
 
 def launch(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     config, script = tmp / "zero2.yaml", tmp / "no_gather.py"
-    config.write_text(ZERO2_CPU)
+    config.write_text(DEEPSPEED_ZERO2_CPU)
     script.write_text(NO_GATHER)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=800, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -18,7 +18,7 @@ import pytest
 
 from ftlab.runs.rundir import read_status
 from ftlab.runs.trackers import read_metrics
-from tests.helpers import TINY_SCRATCH, tiny_recipe, write_addition_data
+from tests.helpers import DEEPSPEED_ZERO2_CPU, TINY_SCRATCH, tiny_recipe, write_addition_data
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -149,17 +149,6 @@ def test_resume_of_a_two_process_run_replays_the_same_losses(tmp_path):
     for step in b:
         assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-6)
         assert b[step]["train/grad_norm"] == pytest.approx(a[step]["train/grad_norm"], rel=1e-6)
-
-
-DEEPSPEED_ZERO2_CPU = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: DEEPSPEED
-deepspeed_config: {zero_stage: 2, offload_optimizer_device: none, offload_param_device: none, zero3_init_flag: false}
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 1
-use_cpu: false
-"""
 
 
 @pytest.mark.skipif(not __import__("importlib.util").util.find_spec("deepspeed"), reason="needs deepspeed")
