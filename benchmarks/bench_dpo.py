@@ -1,7 +1,7 @@
 """DPO training throughput: ftlab's DPO objective vs TRL's DPOTrainer, same model, pairs, batches and steps.
 
-    python benchmarks/bench_dpo.py                       # 4 configs x 2 trainers, 6 steps of 4 pairs
-    python benchmarks/bench_dpo.py --threads 1 --steps 4 --ftlab-two-sequences lora-fp32,full-fp32 --json out.json
+    python benchmarks/bench_dpo.py                       # 4 configs x 3 runs, 6 steps of 4 pairs
+    python benchmarks/bench_dpo.py --threads 1 --steps 4 --configs lora-fp32,full-fp32 --json out.json
                                                          # as in docs/BENCHMARKS.md
     python benchmarks/bench_dpo.py --configs lora-fp32 --steps 3  # a quick look
 
@@ -25,12 +25,37 @@ What is identical in both trainers
     head on response positions only, and runs each pair's prompt once (`dpo.share_prompt`, default).
     `--ftlab-two-sequences` adds ftlab with `dpo.share_prompt=false` (chosen and rejected as two sequences
     with their own prompt copies, like TRL) to show what prompt sharing contributes.
+  * TRL's best setting for this comparison, run by default beside its defaults ("TRL precompute";
+    `--no-trl-precompute` skips it): `precompute_ref_log_probs=True`, TRL's documented option to compute the
+    reference log-probs once. In TRL 1.16 that pass runs inside `DPOTrainer.__init__` (not in
+    `get_train_dataloader` or `train()`): `hash_module` hashes the initial weights (the key of the datasets cache
+    file), then `_precompute_ref_logps` runs a forward over the whole dataset in dataset order, batches of
+    `precompute_ref_batch_size` (default: the training batch, 4 pairs), with the adapters disabled (LoRA) or with
+    the policy itself before any update (full fine-tuning: no frozen copy is loaded), and writes the log-probs as
+    two dataset columns (an Arrow cache file); the steps then read them from the batch and run no reference
+    forward. ftlab's reference pass is the same work, also inside its window. Nothing is reused between runs: an
+    in-memory dataset gets a random cache-file name, and the script counts TRL's reference forwards (0 would be
+    reported as a cache hit).
 
-tokens/s (same count for both): tokens of the pairs' chosen and rejected sequences (prompt counted twice, as TRL
-feeds them; the same pairs, so the same total) divided by the wall time from the start of the reference pass
-(ftlab, before step 1) or of step 1 (TRL, whose reference forward runs inside each step) to the end of the last
-step: the reference computation is inside the window for both; model loading and tokenization are not.
-Runs are interleaved in one process (per config: ftlab then TRL, the order alternating between configs).
+tokens/s (same count for all): tokens of the pairs' chosen and rejected sequences (prompt counted twice, as TRL
+feeds them; the same pairs, so the same total) divided by the measured time, which always holds the reference
+computation and never model loading or tokenization:
+  * ftlab: wall time from the start of its reference pass (`DPOObjective.before_training`, right before step 1;
+    it includes ftlab's reference cache key and pair digests) to the end of the last step;
+  * TRL defaults: from the start of step 1 (`on_step_begin`; its reference forward runs inside every step) to the
+    end of the last step;
+  * TRL precompute: the time of `hash_module` plus `_precompute_ref_logps` (both timed inside `__init__`), plus
+    the time from the start of step 1 to the end of the last step. What lies between the end of the precompute and
+    step 1 (the rest of `__init__`, and `train()`'s set-up: optimizer, dataloader) is left out, as it is left out
+    of the TRL-defaults window; the JSON keeps it as `gap_s` (the window from the start of `hash_module` to the
+    last step's end is then `measured_s + gap_s`).
+Runs are interleaved in one process (per config: ftlab, TRL defaults, TRL precompute, the order rotating between
+configs, then the optional ftlab two-sequences run).
+
+Both trainers run in one process that imports ftlab, whose `ftlab.models.load` sets
+TRANSFORMERS_SDPA_FORCE_GQA=1 on a machine without CUDA: transformers' sdpa then reads SmolLM2's grouped
+key/value heads without repeating them, in TRL's runs too (which a plain TRL user would not get): the decoders
+do identical attention work, which can only favour TRL here.
 """
 from __future__ import annotations
 
@@ -48,6 +73,7 @@ from typing import Any
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's precompute progress bar
 
 import torch  # noqa: E402
 from benchlib import parse_configs, print_report, quiet_run  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
@@ -153,7 +179,8 @@ def run_ftlab(method: str, precision: str, steps: int, batch: int, workdir: str,
 
 # -- TRL -------------------------------------------------------------------------------------------------------
 def run_trl(method: str, precision: str, steps: int, batch: int, texts: list[Any], encoded: list[dict],
-            workdir: str) -> dict:
+            workdir: str, precompute: bool = False) -> dict:
+    import trl.trainer.dpo_trainer as dpo_module
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -177,7 +204,7 @@ def run_trl(method: str, precision: str, steps: int, batch: int, texts: list[Any
         weight_decay=0.0, max_grad_norm=1.0, adam_epsilon=1e-8, bf16=precision == "bf16", fp16=False, use_cpu=True,
         gradient_checkpointing=False, max_length=MAX_LENGTH, beta=BETA, loss_type=["sigmoid"],
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, precompute_ref_log_probs=precompute,  # precompute_ref_batch_size: default
     )
     start: list[float] = []
     ends: list[float] = []
@@ -185,11 +212,32 @@ def run_trl(method: str, precision: str, steps: int, batch: int, texts: list[Any
     losses: list[float] = []
     grad_norms: list[float] = []
     pending = [0]
+    pre: dict[str, float] = {"hash_s": 0.0, "precompute_s": 0.0, "reference_forwards": 0}
+    original_hash = dpo_module.hash_module
+
+    def timed_hash(module: Any) -> str:  # the precompute's cache key, computed in __init__ before the pass
+        t0 = time.perf_counter()
+        out = original_hash(module)
+        pre["hash_s"] += time.perf_counter() - t0
+        pre.setdefault("first_s", t0)
+        return out
 
     class Timed(DPOTrainer):
         def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
             pending[0] += int(inputs["attention_mask"].sum())  # chosen + rejected rows: full sequences
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+            t0 = time.perf_counter()
+            pre.setdefault("first_s", t0)
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            pre["precompute_s"] += time.perf_counter() - t0
+            pre["precompute_end"] = time.perf_counter()
+            return out
+
+        def compute_ref_log_probs(self, model: Any, inputs: Any) -> Any:
+            pre["reference_forwards"] += 1
+            return super().compute_ref_log_probs(model, inputs)
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -206,28 +254,49 @@ def run_trl(method: str, precision: str, steps: int, batch: int, texts: list[Any
                 losses.append(float(logs["loss"]))
                 grad_norms.append(float(logs.get("grad_norm", float("nan"))))
 
-    trainer = Timed(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config,
-                    callbacks=[StepClock()])
+    dpo_module.hash_module = timed_hash
+    try:
+        trainer = Timed(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                        peft_config=peft_config, callbacks=[StepClock()])
+    finally:
+        dpo_module.hash_module = original_hash
+    if precompute and not pre["reference_forwards"]:
+        print("WARNING: TRL precompute ran no reference forward (a cached result was reused?)", flush=True)
     same = all(list(r["prompt_ids"]) == e["chosen"][:e["prompt_len"]] and list(r["chosen_ids"]) ==
                e["chosen"][e["prompt_len"]:] and list(r["rejected_ids"]) == e["rejected"][e["prompt_len"]:]
                for r, e in zip(trainer.train_dataset, encoded))
     trainer.train()
-    return summarize(start[0], ends, tokens, losses, start[0] - t_load,
-                     {"grad_norms": grad_norms, "same_token_ids_as_ftlab": same})
+    extra: dict[str, Any] = {"grad_norms": grad_norms, "same_token_ids_as_ftlab": same, "precompute": precompute}
+    if not precompute:
+        return summarize(start[0], ends, tokens, losses, start[0] - t_load, extra)
+    # the window: hash + precompute pass, then step 1 to the last step (the set-up between them left out)
+    reference = pre["hash_s"] + pre["precompute_s"]
+    extra.update(reference_s=round(reference, 2), hash_s=round(pre["hash_s"], 2),
+                 precompute_s=round(pre["precompute_s"], 2), reference_forwards=pre["reference_forwards"],
+                 gap_s=round(start[0] - pre["precompute_end"], 2))
+    return summarize(start[0] - reference, ends, tokens, losses, pre["first_s"] - t_load, extra)
 
 
 # -- driver ----------------------------------------------------------------------------------------------------
 def markdown(results: list[dict[str, Any]]) -> str:
-    lines = ["| config | ftlab tok/s | TRL tok/s | ratio | ftlab, two sequences: tok/s (ratio) | ftlab reference pass "
-             "| max step-loss diff | last loss ftlab / TRL | same batches |", "|---" + "|---:" * 7 + "|---|"]
+    def ratio(a: dict | None, b: dict | None) -> str:
+        return f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x" if a and b else "-"
+
+    def diff(a: dict | None, b: dict | None) -> str:
+        return f"{max(abs(x - y) for x, y in zip(a['losses'], b['losses'])):.1e}" if a and b else "-"
+
+    lines = ["| config | ftlab tok/s | TRL defaults tok/s | ratio vs TRL defaults | TRL precompute tok/s "
+             "| ratio vs TRL precompute | reference pass: ftlab / TRL precompute | ftlab, two sequences: tok/s "
+             "(vs defaults, vs precompute) | max step-loss diff ftlab vs TRL defaults / precompute "
+             "| same batches |", "|---" + "|---:" * 8 + "|---|"]
     for r in results:
-        f, t, u = r["ftlab"], r["trl"], r.get("ftlab_two_sequences")
-        diff = max(abs(a - b) for a, b in zip(f["losses"], t["losses"]))
-        two = f"{u['tokens_per_s']:.1f} ({u['tokens_per_s'] / t['tokens_per_s']:.2f}x)" if u else "-"
-        lines.append(f"| {r['config']} | {f['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} | "
-                     f"**{f['tokens_per_s'] / t['tokens_per_s']:.2f}x** | {two} | {f['reference_s']:.1f} s | "
-                     f"{diff:.5f} | {f['losses'][-1]:.4f} / {t['losses'][-1]:.4f} | "
-                     f"{'yes' if f['tokens_per_step'] == t['tokens_per_step'] else 'no'} |")
+        f, t, q, u = r["ftlab"], r["trl"], r.get("trl_precompute"), r.get("ftlab_two_sequences")
+        two = f"{u['tokens_per_s']:.1f} ({ratio(u, t)}, {ratio(u, q)})" if u else "-"
+        same = all(x["tokens_per_step"] == f["tokens_per_step"] for x in (t, q, u) if x)
+        pre = f"{q['tokens_per_s']:.1f} | **{ratio(f, q)}** | {f['reference_s']:.1f} s / {q['reference_s']:.1f} s" \
+            if q else f"- | - | {f['reference_s']:.1f} s / -"
+        lines.append(f"| {r['config']} | {f['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} | **{ratio(f, t)}** | "
+                     f"{pre} | {two} | {diff(f, t)} / {diff(f, q)} | {'yes' if same else 'no'} |")
     return "\n".join(lines)
 
 
@@ -238,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--ftlab-two-sequences", default="", metavar="CONFIGS",
                    help="also run ftlab with dpo.share_prompt=false (no prompt sharing) for these configs (or 'all')")
+    p.add_argument("--no-trl-precompute", action="store_true",
+                   help="skip the TRL run with precompute_ref_log_probs=True (its reference pass once, timed)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", help="also write all measurements to this JSON file")
     a = p.parse_args(argv)
@@ -258,27 +329,32 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_dpo.") as tmp:
         for i, config in enumerate(configs):
             method, precision = config.split("-")
-            order = (["ftlab", "trl"] if i % 2 == 0 else ["trl", "ftlab"])
+            order = ["ftlab", "trl"] + ([] if a.no_trl_precompute else ["trl_precompute"])
+            order = order[i % len(order):] + order[:i % len(order)]  # rotate: each run first in turn
             order += ["ftlab_two_sequences"] if a.ftlab_two_sequences in ("all", config) or \
                 config in a.ftlab_two_sequences.split(",") else []
             res: dict[str, Any] = {"config": config}
             for who in order:
                 t0 = time.perf_counter()
-                if who == "trl":
-                    res[who] = run_trl(method, precision, a.steps, a.batch, texts, encoded, tmp)
+                if who.startswith("trl"):
+                    res[who] = run_trl(method, precision, a.steps, a.batch, texts, encoded, tmp,
+                                       precompute=who == "trl_precompute")
                 else:
                     res[who] = run_ftlab(method, precision, a.steps, a.batch, tmp, who == "ftlab")
                 r = res[who]
                 print(f"{config:10s} {who:20s} {r['tokens_per_s']:7.1f} tok/s  window {r['measured_s']} s  "
                       f"losses {[round(x, 5) for x in r['losses']]}  grad norms {[round(x, 4) for x in r['grad_norms']]}  "
                       f"tokens/step {r['tokens_per_step']}  reference {r.get('reference_s', '-')} s  "
+                      f"(hash {r.get('hash_s', '-')} s, pass {r.get('precompute_s', '-')} s, "
+                      f"{r.get('reference_forwards', '-')} forwards, gap {r.get('gap_s', '-')} s)  "
                       f"same ids {r.get('same_token_ids_as_ftlab', '-')}  load {r['loadavg_1min_after']}  "
                       f"(run {time.perf_counter() - t0:.0f} s)", flush=True)
                 gc.collect()
-            if not res["trl"]["same_token_ids_as_ftlab"]:
-                print("WARNING: TRL tokenized the pairs differently from ftlab", flush=True)
-            if res["ftlab"]["tokens_per_step"] != res["trl"]["tokens_per_step"]:
-                print("WARNING: ftlab and TRL did not see the same pairs at every step", flush=True)
+            for who in [w for w in order if w.startswith("trl")]:
+                if not res[who]["same_token_ids_as_ftlab"]:
+                    print(f"WARNING: {who} tokenized the pairs differently from ftlab", flush=True)
+                if res["ftlab"]["tokens_per_step"] != res[who]["tokens_per_step"]:
+                    print(f"WARNING: ftlab and {who} did not see the same pairs at every step", flush=True)
             results.append(res)
     meta["total_s"] = round(time.perf_counter() - t_all)
     print_report(markdown(results), meta, results, a.json)

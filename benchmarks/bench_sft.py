@@ -147,7 +147,7 @@ class Profile:
     def __enter__(self) -> "Profile":
         if self.enabled:
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                               record_shapes=True)
+                                               record_shapes=True, with_flops=True)
             self.prof.__enter__()
         return self
 
@@ -159,7 +159,12 @@ class Profile:
                                                max_name_column_width=60)
         shapes = self.prof.key_averages(group_by_input_shape=True).table(
             sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=40, max_shapes_column_width=80)
-        Path(self.path).write_text(table + "\n\n" + shapes)
+        # inclusive times: the optimizer step (Optimizer.step#...), autograd's backward nodes, the forward modules
+        inclusive = self.prof.key_averages().table(sort_by="cpu_time_total", row_limit=60, max_name_column_width=70)
+        Path(self.path).write_text(table + "\n\n" + shapes + "\n\nby inclusive CPU time:\n" + inclusive)
+        ops = [{"name": e.key, "count": e.count, "self_cpu_us": e.self_cpu_time_total, "cpu_us": e.cpu_time_total,
+                "flops": getattr(e, "flops", 0)} for e in self.prof.key_averages()]
+        Path(self.path).with_suffix(".json").write_text(json.dumps(ops, indent=1))
         self.prof, self.enabled = None, False
 
 
@@ -200,6 +205,13 @@ def run_ftlab(method: str, precision: str, steps: int, batch: int, max_length: i
     t_load = time.perf_counter()
     first: list[float] = []
     original = Loop.step
+    original_collate = sft.SFTObjective.collate
+    positions: list[int] = []  # per collated micro-batch (one per step here): padded positions, pad included
+
+    def collate(self: Any, indices: list[int]) -> dict[str, torch.Tensor]:
+        out = original_collate(self, indices)
+        positions.append(out["input_ids"].numel())
+        return out
 
     def timed_train_step(*args: Any, **kwargs: Any) -> Any:
         if not first:
@@ -215,19 +227,33 @@ def run_ftlab(method: str, precision: str, steps: int, batch: int, max_length: i
         return stats
 
     reset_accelerate()
-    Loop.step = timed_train_step
+    Loop.step, sft.SFTObjective.collate = timed_train_step, collate
     try:
         sft.run_sft(cfg)
     finally:
-        Loop.step = original
+        Loop.step, sft.SFTObjective.collate = original, original_collate
     out = summarize(ends, tokens, losses, supervised, first[0] - t_load)
+    out["positions_per_step"] = positions if len(positions) == len(ends) else None  # None: not one per step
     out["data"] = {"packing": bool(cfg.data.packing), "group_by_length": bool(cfg.data.group_by_length)}
     return out
 
 
 # -- TRL -------------------------------------------------------------------------------------------
+TRL_VARIANTS: dict[str, dict[str, Any]] = {  # run name -> SFTConfig arguments on top of TRL's defaults
+    "trl": {},
+    # transformers 5.25 has no `group_by_length` argument any more: its TrainingArguments take
+    # train_sampling_strategy="group_by_length" (LengthGroupedSampler) instead
+    "trl_group_by_length": {"train_sampling_strategy": "group_by_length"},
+    # one row of all the step's examples, position_ids restarting per example, no attention mask (TRL documents it
+    # for FlashAttention 2/3; with sdpa, transformers builds a block-diagonal mask from the position_ids). TRL
+    # refuses it with max_length set and no packing; None cuts nothing here (see --max-length, checked by tokens)
+    "trl_padding_free": {"padding_free": True, "max_length": None},
+}
+
+
 def run_trl(method: str, precision: str, steps: int, batch: int, max_length: int,
-            rows: list[dict[str, str]], workdir: str, profile: str | None = None) -> dict[str, Any]:
+            rows: list[dict[str, str]], workdir: str, profile: str | None = None,
+            options: dict[str, Any] | None = None) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -246,7 +272,7 @@ def run_trl(method: str, precision: str, steps: int, batch: int, max_length: int
 
         peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                  target_modules=LORA["targets"], task_type="CAUSAL_LM")
-    args = SFTConfig(
+    kwargs: dict[str, Any] = dict(
         output_dir=f"{workdir}/trl_out", seed=0, max_steps=steps, per_device_train_batch_size=batch,
         gradient_accumulation_steps=1, learning_rate=LR[method], lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, adam_epsilon=1e-8,
@@ -255,11 +281,13 @@ def run_trl(method: str, precision: str, steps: int, batch: int, max_length: int
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    args = SFTConfig(**{**kwargs, **(options or {})})
     ends: list[tuple[float, float]] = []
     tokens: list[int] = []
     losses: list[float] = []
     supervised: list[int] = []
-    pending = [0, 0]
+    pending = [0, 0, 0]
+    positions: list[int] = []  # padded positions per step (what the decoder computes), pad included
     first: list[float] = []
     prof = Profile(profile, False)
 
@@ -269,9 +297,13 @@ def run_trl(method: str, precision: str, steps: int, batch: int, max_length: int
                 first.append(time.perf_counter())
             # one row per example (no packing): minus 1 per row because TRL also feeds each example's final
             # EOS as an input (it predicts nothing); ftlab's inputs stop before it. Same tokens per example.
-            mask = inputs["attention_mask"]
-            pending[0] += int(mask.sum()) - int((mask.sum(dim=1) > 0).sum())
+            if "attention_mask" in inputs:
+                mask = inputs["attention_mask"]
+                pending[0] += int(mask.sum()) - int((mask.sum(dim=1) > 0).sum())
+            else:  # padding-free: one row, no padding; an example starts where its position id is 0
+                pending[0] += inputs["input_ids"].numel() - int((inputs["position_ids"] == 0).sum())
             pending[1] += int((inputs["labels"][:, 1:] != -100).sum())  # positions with loss (shifted labels)
+            pending[2] += inputs["input_ids"].numel()
             return super().training_step(model, inputs, num_items_in_batch)
 
     class StepClock(TrainerCallback):
@@ -285,7 +317,8 @@ def run_trl(method: str, precision: str, steps: int, batch: int, max_length: int
             ends.append((time.perf_counter(), time.process_time()))
             tokens.append(pending[0])
             supervised.append(pending[1])
-            pending[0] = pending[1] = 0
+            positions.append(pending[2])
+            pending[0] = pending[1] = pending[2] = 0
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if logs and "loss" in logs:
@@ -298,6 +331,9 @@ def run_trl(method: str, precision: str, steps: int, batch: int, max_length: int
     trainer.train()
     out = summarize(ends, tokens, losses, supervised, first[0] - t_load)
     out["dataset_tokens"] = trl_tokens
+    out["positions_per_step"] = positions
+    out["options"] = {k: v for k, v in (options or {}).items()}
+    out["sampler"] = type(trainer._get_train_sampler()).__name__
     return out
 
 
@@ -314,16 +350,24 @@ def versions() -> dict[str, str]:
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    head = ("| config | ftlab tok/s | TRL tok/s | ratio | ftlab tok/CPU-s | TRL tok/CPU-s | ratio (CPU) "
-            "| ftlab epoch loss | TRL epoch loss | ftlab last | TRL last |")
-    lines = [head, "|---" + "|---:" * 10 + "|"]
-    for r in results:
-        f, t = r["ftlab"], r["trl"]
-        lines.append(
-            f"| {r['config']} | {f['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} | "
-            f"{f['tokens_per_s'] / t['tokens_per_s']:.2f}x | {f['tokens_per_cpu_s']:.1f} | "
-            f"{t['tokens_per_cpu_s']:.1f} | {f['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x | "
-            f"{f['epoch_loss']:.4f} | {t['epoch_loss']:.4f} | {f['final_loss']:.4f} | {t['final_loss']:.4f} |")
+    def ratio(a: dict | None, b: dict | None, key: str = "tokens_per_s") -> str:
+        return f"{a[key] / b[key]:.2f}x" if a and b else "-"
+
+    def diff(a: dict, b: dict) -> str:
+        return f"{max(abs(x - y) for x, y in zip(a['losses'], b['losses'])):.4f}"
+
+    lines = []
+    if any("ftlab" in r and "trl" in r for r in results):
+        lines += [("| config | ftlab tok/s | TRL tok/s | ratio | ftlab tok/CPU-s | TRL tok/CPU-s | ratio (CPU) "
+                   "| ftlab epoch loss | TRL epoch loss | ftlab last | TRL last |"), "|---" + "|---:" * 10 + "|"]
+        for r in results:
+            f, t = r.get("ftlab"), r.get("trl")
+            if not (f and t):
+                continue
+            lines.append(
+                f"| {r['config']} | {f['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} | {ratio(f, t)} | "
+                f"{f['tokens_per_cpu_s']:.1f} | {t['tokens_per_cpu_s']:.1f} | {ratio(f, t, 'tokens_per_cpu_s')} | "
+                f"{f['epoch_loss']:.4f} | {t['epoch_loss']:.4f} | {f['final_loss']:.4f} | {t['final_loss']:.4f} |")
     for who in FTLAB_VARIANTS:
         if who == "ftlab" or not any(who in r for r in results):
             continue
@@ -332,15 +376,31 @@ def markdown(results: list[dict[str, Any]]) -> str:
                    "| max step-loss diff vs TRL | same batches as TRL |"),
                   "|---" + "|---:" * 7 + "|---|"]
         for r in results:
-            u, t = r.get(who), r["trl"]
-            if not u:
+            u, t = r.get(who), r.get("trl")
+            if not (u and t):
                 continue
-            diff = max(abs(a - b) for a, b in zip(u["losses"], t["losses"]))
             lines.append(
-                f"| {r['config']} | {u['tokens_per_s']:.1f} | {u['tokens_per_s'] / t['tokens_per_s']:.2f}x | "
-                f"{u['tokens_per_cpu_s']:.1f} | {u['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x | "
-                f"{u['epoch_loss']:.4f} | {u['final_loss']:.4f} | {diff:.4f} | "
+                f"| {r['config']} | {u['tokens_per_s']:.1f} | {ratio(u, t)} | "
+                f"{u['tokens_per_cpu_s']:.1f} | {ratio(u, t, 'tokens_per_cpu_s')} | "
+                f"{u['epoch_loss']:.4f} | {u['final_loss']:.4f} | {diff(u, t)} | "
                 f"{'yes' if u['tokens_per_step'] == t['tokens_per_step'] else 'no'} |")
+    if any(w in r for r in results for w in TRL_VARIANTS if w != "trl"):
+        lines += ["", "TRL with its speed options (ratios: ftlab defaults / the TRL run, and ftlab on TRL's default "
+                  "batch order / the TRL run):", "",
+                  ("| config | TRL run | tok/s | vs TRL defaults | ftlab defaults ratio | ftlab same-order ratio "
+                   "| tok/CPU-s | epoch loss | last | max step-loss diff vs TRL defaults | same batches as TRL "
+                   "defaults |"), "|---|---" + "|---:" * 8 + "|---|"]
+        for r in results:
+            t = r.get("trl")
+            for who in TRL_VARIANTS:
+                q = r.get(who)
+                if not q:
+                    continue
+                lines.append(
+                    f"| {r['config']} | {who} | {q['tokens_per_s']:.1f} | {ratio(q, t)} | {ratio(r.get('ftlab'), q)} | "
+                    f"{ratio(r.get('ftlab_trl_order'), q)} | {q['tokens_per_cpu_s']:.1f} | {q['epoch_loss']:.4f} | "
+                    f"{q['final_loss']:.4f} | {diff(q, t) if t else '-'} | "
+                    f"{('yes' if t and q['tokens_per_step'] == t['tokens_per_step'] else 'no') if t else '-'} |")
     return "\n".join(lines)
 
 
@@ -353,12 +413,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ftlab-trl-order", action="store_true",
                    help="also run ftlab with data.group_by_length=false: TRL's batches, a same-loss check")
     p.add_argument("--ftlab-packed", action="store_true", help="also run ftlab with data.packing=true")
+    p.add_argument("--trl-group-by-length", action="store_true",
+                   help="also run TRL with train_sampling_strategy='group_by_length' (transformers' length grouping)")
+    p.add_argument("--trl-padding-free", action="store_true",
+                   help="also run TRL with padding_free=True (one row per step, no padding; max_length=None)")
+    p.add_argument("--runs", metavar="NAMES",
+                   help="exactly these runs per config, in this order (comma list of "
+                        f"{', '.join([*FTLAB_VARIANTS, *TRL_VARIANTS])}); overrides the flags above")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--data", default=GSM8K)
     p.add_argument("--json", help="also write all measurements to this JSON file")
     p.add_argument("--profile", metavar="DIR", help="torch.profiler op tables of step 2 of every run, into DIR")
     a = p.parse_args(argv)
     configs = parse_configs(p, a.configs, CONFIGS)
+    runs = parse_configs(p, a.runs, (*FTLAB_VARIANTS, *TRL_VARIANTS)) if a.runs else []
     quiet_run(a.threads)
 
     from ftlab.models.load import load_tokenizer, resolve_model_path
@@ -383,8 +451,11 @@ def main(argv: list[str] | None = None) -> int:
         for i, config in enumerate(configs):
             method, precision = config.split("-")
             order = ["ftlab", "trl"] if i % 2 == 0 else ["trl", "ftlab"]
-            order += [w for w, on in (("ftlab_trl_order", a.ftlab_trl_order), ("ftlab_packed", a.ftlab_packed))
-                      if on]
+            order += [w for w, on in (("ftlab_trl_order", a.ftlab_trl_order), ("ftlab_packed", a.ftlab_packed),
+                                      ("trl_group_by_length", a.trl_group_by_length),
+                                      ("trl_padding_free", a.trl_padding_free)) if on]
+            if runs:
+                order = runs
             res: dict[str, Any] = {"config": config}
             for who in order:
                 t0 = time.perf_counter()
@@ -392,31 +463,38 @@ def main(argv: list[str] | None = None) -> int:
                 if a.profile:
                     Path(a.profile).mkdir(parents=True, exist_ok=True)
                     prof = str(Path(a.profile) / f"{config}_{who}.txt")
-                if who == "trl":
-                    res[who] = run_trl(method, precision, a.steps, a.batch, a.max_length, rows, tmp, prof)
+                if who in TRL_VARIANTS:
+                    res[who] = run_trl(method, precision, a.steps, a.batch, a.max_length, rows, tmp, prof,
+                                       TRL_VARIANTS[who])
                 else:
                     res[who] = run_ftlab(method, precision, a.steps, a.batch, a.max_length, jsonl, tmp,
                                          FTLAB_VARIANTS[who], profile=prof)
                 r = res[who]
-                print(f"{config:10s} {who:15s} {r['tokens_per_s']:6.1f} tok/s {r['tokens_per_cpu_s']:6.1f} tok/CPU-s  "
+                print(f"{config:10s} {who:20s} {r['tokens_per_s']:6.1f} tok/s {r['tokens_per_cpu_s']:6.1f} tok/CPU-s  "
                       f"epoch loss {r['epoch_loss']:.4f}  last {r['final_loss']:.4f}  losses {r['losses']}  "
-                      f"data {r.get('data', '')}  step s {r['step_s']}  "
+                      f"data {r.get('data', '')}{r.get('options', '')} {r.get('sampler', '')}  step s {r['step_s']}  "
                       f"cpu s {r['step_cpu_s']}  tokens/step {r['tokens_per_step']}  "
-                      f"supervised/step {r['supervised_per_step']}  "
+                      f"supervised/step {r['supervised_per_step']}  positions/step {r.get('positions_per_step', '-')}  "
                       f"load {r['loadavg_1min_after']}  (run {time.perf_counter() - t0:.0f} s)", flush=True)
                 gc.collect()
             # TRL's dataset holds one more token per example (the final EOS as an input); else identical
-            if res["trl"]["dataset_tokens"] != expected_tokens + n:
-                print(f"WARNING: TRL tokenized the slice into {res['trl']['dataset_tokens']} tokens, "
-                      f"ftlab into {expected_tokens} (+{n} expected)", flush=True)
-            u = res.get("ftlab_trl_order")
-            if u and (u["tokens_per_step"], u["supervised_per_step"]) != (res["trl"]["tokens_per_step"],
-                                                                         res["trl"]["supervised_per_step"]):
-                print("WARNING: ftlab_trl_order did not see TRL's batches (tokens or supervised tokens per step "
-                      "differ)", flush=True)
-            if sum(res["ftlab"]["supervised_per_step"]) != sum(res["trl"]["supervised_per_step"]):
-                print("WARNING: ftlab and TRL supervised different numbers of tokens over the epoch", flush=True)
-            res["ratio"] = res["ftlab"]["tokens_per_s"] / res["trl"]["tokens_per_s"]
+            for who in [w for w in order if w in TRL_VARIANTS]:
+                if res[who]["dataset_tokens"] != expected_tokens + n:
+                    print(f"WARNING: {who} tokenized the slice into {res[who]['dataset_tokens']} tokens, "
+                          f"ftlab into {expected_tokens} (+{n} expected)", flush=True)
+            t = res.get("trl")
+            for who in ("ftlab_trl_order", "trl_padding_free"):  # these must see TRL's default batches
+                u = res.get(who)
+                if u and t and (u["tokens_per_step"], u["supervised_per_step"]) != (t["tokens_per_step"],
+                                                                                   t["supervised_per_step"]):
+                    print(f"WARNING: {who} did not see TRL's batches (tokens or supervised tokens per step "
+                          "differ)", flush=True)
+            for who in [w for w in order if w != "trl"]:
+                if t and sum(res[who]["supervised_per_step"]) != sum(t["supervised_per_step"]):
+                    print(f"WARNING: {who} and TRL supervised different numbers of tokens over the epoch",
+                          flush=True)
+            if "ftlab" in res and t:
+                res["ratio"] = res["ftlab"]["tokens_per_s"] / t["tokens_per_s"]
             results.append(res)
     meta["total_s"] = round(time.perf_counter() - t_all)
     print_report(markdown(results), meta, results, a.json)
