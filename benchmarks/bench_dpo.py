@@ -33,7 +33,7 @@ What is identical in both trainers
     `precompute_ref_batch_size` (default: the training batch, 4 pairs), with the adapters disabled (LoRA) or with
     the policy itself before any update (full fine-tuning: no frozen copy is loaded), and writes the log-probs as
     two dataset columns (an Arrow cache file); the steps then read them from the batch and run no reference
-    forward. ftlab's reference pass is the same work, also inside its window. Nothing is reused between runs: an
+    forward. ftlab's reference pass plays the same part (once, before step 1) and is inside its window too. Nothing is reused between runs: an
     in-memory dataset gets a random cache-file name, and the script counts TRL's reference forwards (0 would be
     reported as a cache hit).
 

@@ -91,13 +91,15 @@ def naive(model: Any, tok: Any, prompts: list[str], max_new: int) -> list[list[i
     return out
 
 
-def plain_batched(model: Any, tok: Any, prompts: list[str], max_new: int, batch: int) -> list[list[int]]:
+def plain_batched(model: Any, tok: Any, prompts: list[str], max_new: int, batch: int,
+                  **generate_kwargs: Any) -> list[list[int]]:
     tok.padding_side = "left"
     out = []
     for i in range(0, len(prompts), batch):
         enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True)
         with torch.inference_mode():
-            new = model.generate(**enc, max_new_tokens=max_new, do_sample=False)[:, enc.input_ids.shape[1]:]
+            new = model.generate(**enc, max_new_tokens=max_new, do_sample=False,
+                                 **generate_kwargs)[:, enc.input_ids.shape[1]:]
         out += [until_eos(row, model.generation_config.eos_token_id) for row in new.tolist()]
     return out
 
@@ -348,6 +350,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="alternating repetitions of (b) and (c)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--ablations", action="store_true", help="also time the engine without refill / prefix sharing")
+    p.add_argument("--plain-static", action="store_true",
+                   help="also time (b) with cache_implementation='static' (transformers' static KV cache), once")
     p.add_argument("--library-cb", action="store_true",
                    help="also time transformers' generate_batch (continuous batching API), once, at the end")
     p.add_argument("--samples", type=int, default=4, help="completions per prompt in the n-samples comparison (0: skip)")
@@ -390,6 +394,12 @@ def extras(model: Any, tok: Any, prompts: list[str], reference: list[list[int]],
         for label, kwargs in (("static batches + eviction (refill=False)", {"refill": False}),
                               ("no shared-prefix reuse (share_prefix=False)", {"share_prefix": False})):
             todo.append((label, lambda kw=kwargs: ftlab_engine(HFEngine(model, tok, **kw), prompts, mx, bs)))
+    if args.plain_static:
+        # transformers' documented static KV cache (preallocated to prompt + max_new_tokens). Its speed-up comes
+        # with torch.compile, which generate() turns on by itself only on accelerators (cuda, xpu, mps, ...), not
+        # on the CPU: this is the static cache alone, as a CPU user gets it from `cache_implementation="static"`
+        todo.append(("plain batched `generate`, `cache_implementation=\"static\"` (no compile on CPU)",
+                     lambda: plain_batched(model, tok, prompts, mx, args.batch_size, cache_implementation="static")))
     if args.library_cb:
         todo.append(("transformers `generate_batch` (continuous batching API, paged cache)",
                      lambda: library_continuous_batching(model, tok, prompts, mx, bs)))

@@ -43,6 +43,10 @@ Three measurements, each ftlab's real code next to a hand-written baseline on th
    checks and the first step are excluded. Runs alternate in this process, plain, ftlab, ftlab, plain, ...
    (`--repeats` pairs, the order flipped in every other pair, so neither trainer is always the second one),
    so load from other jobs on shared cores hits both alike; medians are reported.
+   `--plain-fused` adds, after each pair, the plain loop with `torch.optim.AdamW(..., fused=True)` (torch's
+   single-kernel AdamW, on the CPU since torch 2.4): the setting a careful hand-written loop would turn on
+   (nanoGPT's train.py turns it on only on CUDA; transformers' Trainer defaults to it, "adamw_torch_fused",
+   from torch 2.8). ftlab itself builds the plain `torch.optim.AdamW` (src/ftlab/train/optim.py).
 
 The markdown goes to stdout and, unless --no-write, replaces the section "## Pretraining: ftlab vs a plain loop"
 of docs/BENCHMARKS.md (other sections stay).
@@ -294,8 +298,8 @@ def run_ftlab(cfg: Any) -> dict[str, Any]:
     original_before = PretrainObjective.before_training
 
     def before(self: Any, loop: Any) -> None:
-        held["loop"] = loop
         model = loop.accelerator.unwrap_model(loop.model)
+        held["model"] = model  # the loop gives its model back (Loop.release) when training ends
         held["initial"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         original_before(self, loop)
 
@@ -319,8 +323,7 @@ def run_ftlab(cfg: Any) -> dict[str, Any]:
     finally:
         Loop.step, PretrainObjective.collate, PretrainObjective.before_training = (original_step, original_collate,
                                                                                    original_before)
-    loop = held.pop("loop")
-    final = {k: v.detach().clone() for k, v in loop.accelerator.unwrap_model(loop.model).state_dict().items()}
+    final = {k: v.detach().clone() for k, v in held.pop("model").state_dict().items()}
     out = timing(starts, cfg.train.batch_size * cfg.pretrain.seq_len)
     out.update(setup_s=starts[0][0] - t0, losses=losses, grad_norms=norms, windows=windows,
                initial=held["initial"], final=final, run=str(run.path))
@@ -343,7 +346,7 @@ def lr_at(cfg: Any, it: int, total: int) -> float:
 
 
 def run_plain(cfg: Any, corpus_dir: Path, windows: list[tuple[np.ndarray, np.ndarray]], vocab: int,
-              special: dict[str, int | None]) -> dict[str, Any]:
+              special: dict[str, int | None], fused: bool = False) -> dict[str, Any]:
     """A nanoGPT-style loop: memmap, offsets, forward, mean cross-entropy, backward, clip, AdamW."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -372,7 +375,8 @@ def run_plain(cfg: Any, corpus_dir: Path, windows: list[tuple[np.ndarray, np.nda
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    # fused=True: torch's one-kernel AdamW (CPU since torch 2.4), what a careful user turns on (--plain-fused)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **({"fused": True} if fused else {}))
     starts: list[tuple[float, float]] = []
     losses: list[float] = []
     norms: list[float] = []
@@ -403,17 +407,20 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-def bench_train(cfg: Any, corpus_dir: Path, repeats: int) -> dict[str, Any]:
+def bench_train(cfg: Any, corpus_dir: Path, repeats: int, plain_fused: bool = False) -> dict[str, Any]:
     from ftlab.models.load import load_tokenizer, resolve_model_path
 
     tok = load_tokenizer(resolve_model_path(cfg.model.tokenizer or TOKENIZER))
     special = {k: getattr(tok, k, None) for k in ("pad_token_id", "eos_token_id", "bos_token_id")}
     windows = step_windows(cfg, corpus_dir)
-    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "ftlab": []}
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "ftlab": [], **({"plain_fused": []} if plain_fused else {})}
     for rep in range(repeats):
-        for who in ("plain", "ftlab") if rep % 2 == 0 else ("ftlab", "plain"):  # ABBA: drift hits both alike
+        order = ["plain", "ftlab"] if rep % 2 == 0 else ["ftlab", "plain"]  # ABBA: drift hits both alike
+        order += ["plain_fused"] if plain_fused else []
+        for who in order:
             t0 = time.perf_counter()
-            r = run_plain(cfg, corpus_dir, windows, len(tok), special) if who == "plain" else run_ftlab(cfg)
+            r = (run_ftlab(cfg) if who == "ftlab" else
+                 run_plain(cfg, corpus_dir, windows, len(tok), special, fused=who == "plain_fused"))
             runs[who].append(r)
             print(f"  train {who:5s} run {rep + 1}: {r['tokens_per_s']:7.1f} tok/s  {r['tokens_per_cpu_s']:7.1f} "
                   f"tok/CPU-s  median step {statistics.median(r['step_ms']):.0f} ms  setup {r['setup_s']:.1f} s  "
@@ -442,6 +449,10 @@ def bench_train(cfg: Any, corpus_dir: Path, repeats: int) -> dict[str, Any]:
     summary["ratios"] = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["ftlab"], runs["plain"])]
     summary["ratio"] = summary["ftlab"]["tokens_per_s"] / summary["plain"]["tokens_per_s"]
     summary["ratio_cpu"] = summary["ftlab"]["tokens_per_cpu_s"] / summary["plain"]["tokens_per_cpu_s"]
+    if plain_fused:
+        q = runs["plain_fused"][0]
+        summary["ratio_vs_fused"] = summary["ftlab"]["tokens_per_s"] / summary["plain_fused"]["tokens_per_s"]
+        summary["fused_max_loss_diff"] = max(abs(a - b) for a, b in zip(q["losses"], p["losses"]))
     return summary
 
 
@@ -524,9 +535,14 @@ def report(a: argparse.Namespace, meta: dict[str, Any], tok: dict[str, Any] | No
               f"{a.repeats} pairs of runs in the order plain, ftlab, ftlab, plain, ...; medians):", "",
               "| trainer | tokens/s | runs | tokens/CPU-s | ms per step | setup s | vs plain |",
               "|---|---:|---:|---:|---:|---:|---:|"]
-        for who, label in (("plain", "plain nanoGPT-style loop"), ("ftlab", "ftlab `train.method: pretrain`")):
+        for who, label in (("plain", "plain nanoGPT-style loop"), ("ftlab", "ftlab `train.method: pretrain`"),
+                           ("plain_fused", "plain loop, `torch.optim.AdamW(..., fused=True)`")):
+            if who not in tr:
+                continue
             r = tr[who]
-            ratio = "1.00x" if who == "plain" else f"**{tr['ratio']:.3f}x** (CPU {tr['ratio_cpu']:.3f}x)"
+            ratio = ("1.00x" if who == "plain" else f"**{tr['ratio']:.3f}x** (CPU {tr['ratio_cpu']:.3f}x)"
+                     if who == "ftlab" else f"{r['tokens_per_s'] / tr['plain']['tokens_per_s']:.3f}x (ftlab / this: "
+                     f"{tr['ratio_vs_fused']:.3f}x; max loss diff vs plain {tr['fused_max_loss_diff']:.1e})")
             L.append(f"| {label} | {r['tokens_per_s']:.1f} | {', '.join(map(str, r['runs']))} | "
                      f"{r['tokens_per_cpu_s']:.1f} | {r['step_ms']:.0f} | {r['setup_s']:.1f} | {ratio} |")
         verdict = "met" if tr["ratio"] >= 0.95 else "**not met**"
@@ -557,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-steps", type=int, default=5000, help="steps of windows drawn per sampling measurement")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the recipe's budget)")
     p.add_argument("--repeats", type=int, default=2, help="(plain, ftlab) training pairs")
+    p.add_argument("--plain-fused", action="store_true",
+                   help="also run the plain loop with fused AdamW (fused=True) after each training pair")
     p.add_argument("--skip", default="", help="comma list of parts to leave out: tokenize, windows, train")
     p.add_argument("--json", type=Path, help="also write the measurements here")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
@@ -593,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{win['windows'] / win['nanogpt_s']:,.0f}/s; recoverable {win['recoverable']}/{win['windows']}",
                   flush=True)
         if "train" not in skip:
-            tr = bench_train(cfg, corpus_dir, a.repeats)
+            tr = bench_train(cfg, corpus_dir, a.repeats, a.plain_fused)
     meta["total_s"], meta["load_after"] = time.perf_counter() - t_all, load_average()
     text = report(a, meta, tok, win, tr)
     print("\n" + text)

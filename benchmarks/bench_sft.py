@@ -3,6 +3,9 @@
     python benchmarks/bench_sft.py                 # 4 configs x 2 trainers, 6 steps each (~15 min, 1 busy core)
     python benchmarks/bench_sft.py --threads 1 --ftlab-trl-order --json out.json   # as in docs/BENCHMARKS.md
     python benchmarks/bench_sft.py --steps 3 --configs lora-fp32 --profile prof/  # op tables of step 2
+    python benchmarks/bench_sft.py --threads 1 --configs full-fp32 --ftlab-trl-order --trl-group-by-length \
+        --trl-padding-free               # TRL's documented speed options too (docs/BENCHMARKS.md, 2026-12-07)
+    python benchmarks/bench_sft.py --threads 1 --configs full-fp32 --runs ftlab_trl_order,ftlab_packed
 
 What is identical in both trainers
   * model: the embedded SmolLM2-135M-Instruct (fp32 weights, sdpa attention), loaded from the same cached
@@ -32,7 +35,16 @@ What is identical in both trainers
     the batches with torch.randperm seeded 0 like TRL, so it sees TRL's 8 examples at every step, pads to
     the same widths, and its fp32 losses should agree with TRL's step by step - a check that both compute
     the same loss, and ftlab's speed on TRL's exact batches. `--ftlab-packed` adds ftlab with
-    data.packing=true (rows of <= 512 tokens, examples isolated by position_ids; ftlab's former default).
+    data.packing=true (rows of <= 512 tokens, examples isolated by position_ids; ftlab's former default). Packing
+    also turns ftlab's length grouping off, so this run draws TRL's batches too and packs each step's examples.
+  * TRL's documented speed options, as extra TRL runs: `--trl-group-by-length` (transformers 5.25 has no
+    `group_by_length` argument any more; `train_sampling_strategy="group_by_length"`, LengthGroupedSampler, whose
+    mega-batches are min(n // (4 x batch), 50) batches: one batch for the default 48-example slice, so there it only
+    sorts inside random batches) and `--trl-padding-free` (`padding_free=True`, all of a step's examples in one
+    row; TRL documents it for FlashAttention 2/3, with sdpa transformers builds a block-diagonal mask from the
+    position ids; `max_length=None`, which TRL requires without packing and which cuts nothing at 512). The
+    padding-free run sees TRL's default batches (checked). `--runs a,b,...` runs exactly those runs per config.
+    TRL runs record the padded positions per step (what the decoder computes); so do ftlab runs.
 
 tokens/s (same definition for both): real (non-pad) tokens of steps 2..N divided by the wall time from the end
 of optimizer step 1 to the end of step N. That excludes model loading, data preparation and the warm-up step,
@@ -46,9 +58,13 @@ time but not immune (a busy neighbour on a 2-core VM has slowed it by ~25%: shar
 bandwidth); with more threads, OpenMP spin-waits count as CPU time too.
 
 Runs are interleaved (per config: ftlab then TRL, the order alternating between configs, then the optional
-extra ftlab runs) in one process, so load from other jobs on the shared cores hits all alike. `--profile DIR`
-writes a torch.profiler op table of step 2 of every run (profiling slows that measured step: not for
-reporting).
+extra ftlab and TRL runs) in one process, so load from other jobs on the shared cores hits all alike. The process
+imports ftlab, whose `ftlab.models.load` sets TRANSFORMERS_SDPA_FORCE_GQA=1 on a machine without CUDA: TRL's runs
+get sdpa's grouped-query path too (identical attention work in both; a plain TRL user would not have it).
+
+`--profile DIR` writes torch.profiler tables of step 2 of every run, DIR/<config>_<run>.txt (by self CPU time, by
+input shapes with FLOPs, by inclusive time: the optimizer step, autograd's backward nodes, TRL's chunked LM head)
+and the op list as DIR/<config>_<run>.json (profiling slows that measured step: not for reporting).
 """
 from __future__ import annotations
 
