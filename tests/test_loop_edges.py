@@ -183,22 +183,27 @@ def test_step_throughput_leaves_out_evaluation(tmp_path):
 
 # -- memory given back --------------------------------------------------------------------------------------
 def test_a_finished_run_gives_its_model_back(tmp_path, monkeypatch):
-    """accelerate keeps every prepared model and optimizer until told to free them: a loop stage that
-    generates after training (the OaK loop's vLLM engine) found the training model still in memory."""
+    """accelerate keeps every prepared model and optimizer until told to free them: while anything still held
+    the accelerator, the training model stayed in memory, and a loop stage that generates after training (the
+    OaK loop's vLLM engine) found it there. The accelerator is kept alive here; the model must still be gone."""
     from ftlab.train import loop
 
-    alive = []
-    prepare = loop.prepare_model
+    alive, accelerators = [], []
+    prepare, make = loop.prepare_model, loop.make_accelerator
 
-    def recording(cfg, local_rank=0):
+    def recording_prepare(cfg, local_rank=0):
         model, tokenizer = prepare(cfg, local_rank)
         alive.append(weakref.ref(model))
         return model, tokenizer
 
-    monkeypatch.setattr(loop, "prepare_model", recording)
-    recipe = tiny_recipe(tmp_path)
-    train(recipe, "train.max_steps=1", "train.save_final=false")
-    assert alive and alive[0]() is None  # freed by the loop itself, before this test collects anything
+    def recording_make(cfg):
+        accelerators.append(make(cfg))
+        return accelerators[-1]
+
+    monkeypatch.setattr(loop, "prepare_model", recording_prepare)
+    monkeypatch.setattr(loop, "make_accelerator", recording_make)
+    train(tiny_recipe(tmp_path), "train.max_steps=1", "train.save_final=false")
+    assert accelerators and alive and alive[0]() is None  # freed by the loop itself, not by this test
 
 
 def test_a_generation_stage_closes_its_engine(tmp_path):

@@ -73,9 +73,7 @@ class VLLMEngine:
     def close(self) -> None:
         """Shut vLLM down: its engine core (workers, weights, KV cache) and its model-parallel groups. The
         torch process group stays: under torchrun it is the one ftlab's training stages use next."""
-        import gc
-
-        import torch
+        from ftlab.models.load import release_memory
 
         llm, self.llm = self.llm, None
         if llm is None:
@@ -87,9 +85,7 @@ class VLLMEngine:
         from vllm.distributed.parallel_state import destroy_model_parallel
 
         destroy_model_parallel()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
 
     def _sampling_params(self, cfg: GenerationConfig, logprobs: bool, truncate_in_vllm: bool, seed: int) -> Any:
         from vllm import SamplingParams

@@ -63,7 +63,7 @@ def save_merged_from_adapter(model_cfg: Any, adapter_dir: Path, out: Path, dtype
     from ftlab.models.load import adapter_base_path, is_adapter_dir, load_model_and_tokenizer, resolve_model_path
 
     name = resolve_model_path(model_cfg.name)
-    base = {"adapter": None, "dtype": dtype, "name": str(adapter_base_path(name)) if is_adapter_dir(name) else name}
+    base = {"adapter": None, "dtype": dtype, "name": adapter_base_path(name) if is_adapter_dir(name) else name}
     # loaded for inference, the adapter comes back folded into the base (`attach_adapter`)
     merged, tokenizer = load_model_and_tokenizer(OmegaConf.merge(model_cfg, base), adapter=str(adapter_dir))
     save_model(merged, tokenizer, out)

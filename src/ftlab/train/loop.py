@@ -201,7 +201,8 @@ class Loop:
         bad = first = None  # forensics get a micro-batch as the model saw it, on the model's device
         for i, m in enumerate(micro):
             m = {k: v.to(self.device) for k, v in m.items()}
-            first = m if first is None else first
+            if i == 0:
+                first = m
             last = i == len(micro) - 1
             self.accelerator.gradient_state._set_sync_gradients(last)  # DeepSpeed steps at the last one
             with (nullcontext() if last else self.accelerator.no_sync(self.model)):
