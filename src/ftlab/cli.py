@@ -124,6 +124,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ftlab.use.chat import run_chat
+
+    run_chat(args.model, adapter=args.adapter, overrides=args.overrides)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ftlab.use.server import run_server
+
+    run_server(args.model, adapters=args.adapter or [], host=args.host, port=args.port, batch_size=args.batch_size)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ftlab.use.export import run_export
+
+    run_export(args.source, out=args.out, merge=args.merge, gguf=args.gguf, push_to_hub=args.push_to_hub,
+               dry_run=args.dry_run, private=args.private)
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line like every other user error: `ftlab: error: ...`, exit 2
     (plain argparse prints the whole usage block first). Subcommand parsers inherit it."""
@@ -187,10 +209,41 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--limit", type=int, default=None, help="first N records only")
     ver.add_argument("--output-dir", default="runs", help="where runs/verify/<run> is written (default: runs)")
     ver.set_defaults(fn=cmd_verify)
+    add_use_verbs(sub)
     from ftlab.pretrain_cli import add_verbs  # the pretraining verbs (prepare-corpus, ...)
 
     add_verbs(sub)
     return p
+
+
+def add_use_verbs(sub: argparse._SubParsersAction) -> None:
+    """chat, serve, export: using what was trained."""
+    what = "a model (embedded name, directory, hub id), an adapter directory, or a training run directory"
+    chat = sub.add_parser("chat", help="talk to a model in the terminal, on the chat template it was trained with",
+                          description="interactive chat; /help inside lists the commands")
+    chat.add_argument("model", help=what)
+    chat.add_argument("--adapter", help="a LoRA adapter directory to apply on top of MODEL")
+    chat.add_argument("overrides", nargs="*", help="generation settings, e.g. temperature=0.7 max_new_tokens=256")
+    chat.set_defaults(fn=cmd_chat)
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                         description="serve /v1/chat/completions, /v1/completions and /v1/models")
+    srv.add_argument("model", help=what)
+    srv.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
+                     help="a LoRA adapter on the same base, requested as model NAME (repeatable)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--batch-size", type=int, default=16, help="rows decoded together (default 16)")
+    srv.set_defaults(fn=cmd_serve)
+    exp = sub.add_parser("export", help="merged weights, GGUF (llama.cpp, Ollama), model card, Hub upload",
+                         description="export a run, adapter or model directory for use outside ftlab")
+    exp.add_argument("source", help="a training run directory, an adapter directory or a model directory")
+    exp.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
+    exp.add_argument("--merge", action="store_true", help="fold a LoRA adapter into a full-precision copy of its base")
+    exp.add_argument("--gguf", choices=["f32", "f16", "q8_0"], help="also write model.gguf of this type + Modelfile")
+    exp.add_argument("--push-to-hub", metavar="REPO", help="upload the exported directory to this Hub repository")
+    exp.add_argument("--private", action="store_true", help="create the Hub repository private")
+    exp.add_argument("--dry-run", action="store_true", help="with --push-to-hub: list what would be sent, send nothing")
+    exp.set_defaults(fn=cmd_export)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
