@@ -166,14 +166,31 @@ class Batch:
             layers.append(SlotLayer(self.window, prefilled.keys.new_zeros(shape), prefilled.keys.new_zeros(shape)))
         self.cache = SlotCache(layers)
 
+    def grow(self, columns: int) -> None:
+        """Widen the buffers to `columns` (rows keep their columns). `HFEngine` sizes a batch for its
+        whole call; a server admits prompts and token limits it could not know beforehand."""
+        if columns <= self.columns:
+            return
+        extra = columns - self.columns
+        self.mask = torch.nn.functional.pad(self.mask, (0, extra))
+        if self.cache is not None:
+            for layer in self.cache.layers:
+                layer.key_buf = torch.nn.functional.pad(layer.key_buf, (0, 0, 0, extra))
+                layer.value_buf = torch.nn.functional.pad(layer.value_buf, (0, 0, 0, extra))
+                layer._refresh_views(0)
+        self.columns = columns
+
     def _make_room_left(self, width: int) -> None:
         """Ensure `width` columns exist left of `end` (a newcomer's prompt ends where the others are)."""
         if self.window.end < width:
             self._shift(width - self.window.end)
 
     # -- decode --------------------------------------------------------------------------------
-    def step(self) -> torch.Tensor:
-        """Feed every row its next token; return the logits `[rows, vocab]` for the token after it."""
+    def step(self, **forward_kwargs: Any) -> torch.Tensor:
+        """Feed every row its next token; return the logits `[rows, vocab]` for the token after it.
+
+        `forward_kwargs` go to the model's forward as they are (the server passes peft's per-row
+        `adapter_names`, one per row in `self.rows` order)."""
         self._trim_left()
         if self.window.end >= self.columns:
             self._compact()
@@ -186,6 +203,7 @@ class Batch:
             position_ids=self.positions[:n, None],
             use_cache=True,
             **{self.cache_arg: self.cache},
+            **forward_kwargs,
         )
         w.end += 1
         self.positions[:n] += 1

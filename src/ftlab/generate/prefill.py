@@ -64,8 +64,11 @@ class Prefiller:
             out.append([i])
         return out
 
-    def run(self, prompts: list[list[int]]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """Prefill one chunk: cache `[g, heads, width, dim]`, mask `[g, width]`, next-token logits `[g, vocab]`."""
+    def run(self, prompts: list[list[int]], **forward_kwargs: Any) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """Prefill one chunk: cache `[g, heads, width, dim]`, mask `[g, width]`, next-token logits `[g, vocab]`.
+
+        `forward_kwargs` go to the model's forward (the server: peft's `adapter_names`, one per prompt);
+        a shared prefix is computed without them, so callers that pass them build with `share_prefix=False`."""
         p = len(self.prefix)
         texts = [ids[p:] for ids in prompts]
         width = max(len(t) for t in texts)
@@ -84,6 +87,7 @@ class Prefiller:
             use_cache=True,
             **{self.cache_arg: cache},
             **self.last_logits_only,
+            **forward_kwargs,
         )
         return cache, mask, out.logits[:, -1, :]
 
