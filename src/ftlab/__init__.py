@@ -4,7 +4,8 @@ The SFT building blocks (seed 002) are importable from the top level:
 
     from ftlab import tokenize_prompt_and_output, get_response_log_probs, sft_microbatch_train_step
 
-and the DPO loss: `from ftlab import dpo_loss` (training: `ftlab.train.dpo.run_dpo`, or train.method: dpo).
+and the DPO loss: `from ftlab import dpo_loss` (training: `ftlab.train.dpo.run_dpo`, or train.method: dpo), and
+GRPO's: `from ftlab import grpo_loss, group_advantages` (training: train.method: grpo).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ _EXPORTS = {
     "tokenize_prompt_and_output": "ftlab.data.sft",
     "compute_entropy": "ftlab.losses",
     "dpo_loss": "ftlab.losses",
+    "grpo_loss": "ftlab.train.grpo_loss",
+    "group_advantages": "ftlab.train.grpo_loss",
     "get_response_log_probs": "ftlab.losses",
     "masked_mean": "ftlab.losses",
     "masked_normalize": "ftlab.losses",

@@ -171,6 +171,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
     check_choices(cfg, origin)
     check_ranges(cfg, origin)
     check_best_metric(cfg, origin)
+    check_grpo(cfg, origin)
     apply_model_preset(cfg, origin)
     resolve_precision(cfg)
     return cfg
@@ -253,6 +254,14 @@ def check_best_metric(cfg: DictConfig, origin: Callable[[str], str]) -> None:
         known = ", ".join(f"eval/{k}" for k in METRIC_DIRECTIONS)
         raise UserError(f"{origin('train.best_metric')}'train.best_metric' must be one of {known} (or a variant "
                         f"such as eval/accuracy_strict); got {name!r}")
+
+
+def check_grpo(cfg: DictConfig, origin: Callable[[str], str]) -> None:
+    """train.method=grpo: settings it cannot run with, refused before any model loads (ftlab.train.grpo)."""
+    if cfg.train.method == "grpo":
+        from ftlab.train.grpo import check_recipe
+
+        check_recipe(cfg, origin)
 
 
 def in_range(value: Any, spec: str) -> bool:

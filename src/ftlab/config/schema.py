@@ -121,6 +121,38 @@ class DPOConfig:
 
 
 @dataclass
+class RewardConfig:
+    """One GRPO reward (see ftlab.train.rewards): a built-in name, `module:function` or `file.py:function`."""
+
+    fn: str = ""
+    weight: float = 1.0
+    name: Optional[str] = None           # as logged (rewards/<name>/mean); default: the function's name
+
+
+@dataclass
+class GRPOConfig:
+    """train.method: grpo (see ftlab.train.grpo): online RL from rewards, G sampled completions per prompt.
+
+    A step trains on train.batch_size x train.grad_accum x processes completions: that many / num_generations
+    prompts, each sampled num_generations times."""
+
+    num_generations: int = 8             # G: completions per prompt (a group); advantages are relative to it
+    num_iterations: int = 1              # mu: optimizer steps on each round of completions (>1: PPO-style ratios)
+    loss_type: str = "dapo"              # dapo | grpo | dr_grpo | bnpo (how token losses are averaged; TRL's)
+    epsilon: float = 0.2                 # clip the ratio below at 1 - epsilon
+    epsilon_high: Optional[float] = None # and above at 1 + epsilon_high (DAPO's clip-higher: 0.28); null: epsilon
+    beta: float = 0.0                    # k3 KL penalty to the reference (0: no reference model held)
+    scale_rewards: str = "group"         # group | batch | none: divide advantages by that std (none: Dr. GRPO)
+    mask_truncated: bool = False         # completions cut at max_completion_length get no loss (DAPO)
+    temperature: float = 1.0             # sampling temperature (> 0: greedy samples would all be the same)
+    top_p: float = 1.0
+    max_completion_length: int = 256     # new tokens per completion
+    generation_batch_size: int = 64      # row slots of the generation engine
+    rewards: list[RewardConfig] = field(default_factory=list)  # empty: the task's correctness
+    log_completions_every: Optional[int] = 10  # print a group of completions every N steps (all: completions/)
+
+
+@dataclass
 class PretrainConfig:
     """train.method: pretrain (see ftlab.train.pretrain): random windows of a corpus made by `ftlab prepare-corpus`."""
 
@@ -241,6 +273,7 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -256,8 +289,10 @@ CHOICES = {
     "lora.quantize": (None, "nf4"),
     "optim.name": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
     "schedule.name": ("constant", "linear", "cosine", "cosine_with_min_lr"),
-    "train.method": ("sft", "dpo", "pretrain"),
+    "train.method": ("sft", "dpo", "pretrain", "grpo"),
     "dpo.loss_type": ("sigmoid", "ipo", "hinge"),
+    "grpo.loss_type": ("dapo", "grpo", "dr_grpo", "bnpo"),
+    "grpo.scale_rewards": ("group", "batch", "none"),
     "train.precision": ("fp32", "bf16", "fp16", "auto"),
     "train.nan_policy": ("stop", "skip"),
     "pretrain.spike_action": ("log", "skip"),
@@ -305,6 +340,16 @@ RANGES: dict[str, str] = {
     "dpo.beta": "> 0",
     "dpo.label_smoothing": "[0, 0.5)",
     "dpo.nll_weight": ">= 0",
+    "grpo.num_generations": ">= 2",
+    "grpo.num_iterations": ">= 1",
+    "grpo.epsilon": "> 0",
+    "grpo.epsilon_high": "> 0",
+    "grpo.beta": ">= 0",
+    "grpo.temperature": "> 0",
+    "grpo.top_p": "(0, 1]",
+    "grpo.max_completion_length": ">= 1",
+    "grpo.generation_batch_size": ">= 1",
+    "grpo.log_completions_every": ">= 1",
     "pretrain.seq_len": ">= 1",
     "pretrain.num_categories": ">= 1",
     "pretrain.category_seed": ">= 0",
@@ -380,6 +425,8 @@ NULL_MEANS: dict[str, str] = {
     "pretrain.peak_tflops": "no MFU",
     "pretrain.spike_factor": "no spike detection",
     "train.grad_clip": "no clipping",
+    "grpo.epsilon_high": "grpo.epsilon",
+    "grpo.log_completions_every": "never printed",
     "train.eval_every": "no periodic validation",
     "train.log_generations_every": "no generation logs",
     "train.save_every": "no intermediate checkpoints",

@@ -13,6 +13,10 @@ def run_training(cfg: Any) -> Any:
         from ftlab.train.dpo import run_dpo
 
         return run_dpo(cfg)
+    if cfg.train.method == "grpo":
+        from ftlab.train.grpo import run_grpo
+
+        return run_grpo(cfg)
     if cfg.train.method == "pretrain":
         from ftlab.train.pretrain import run_pretrain
 
