@@ -139,7 +139,8 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.stats = {"active_rows": 0, "waiting_requests": 0, "max_rows_in_step": 0, "decode_steps": 0,
                       "rows_decoded": 0, "prefill_tokens": 0, "completion_tokens": 0, "completed_requests": 0,
-                      "cancelled_requests": 0, "failed_requests": 0, "batch_size": batch_size}
+                      "cancelled_requests": 0, "failed_requests": 0, "max_models_in_step": 1,
+                      "batch_size": batch_size}
         self._configs: dict[tuple[float, float], GenerationConfig] = {}
         self._thread = threading.Thread(target=self._loop, name="ftlab-scheduler", daemon=True)
 
@@ -246,6 +247,9 @@ class Scheduler:
         self.stats["decode_steps"] += 1
         self.stats["rows_decoded"] += len(rows)
         self.stats["max_rows_in_step"] = max(self.stats["max_rows_in_step"], len(rows))
+        if self.adapters:  # rows of different adapters sharing this step (peft mixed batch)
+            models = len({r.job.adapter for r in rows})
+            self.stats["max_models_in_step"] = max(self.stats["max_models_in_step"], models)
         self._record(0, tokens.tolist())
 
     def _make_room(self, width: int) -> None:
