@@ -125,6 +125,33 @@ def test_the_model_sees_sfts_encoding_of_every_turn(tiny, template):
         assert prompt_ids(tok, render_chat(tok, session.messages[:4], "t")) == expected
 
 
+# ChatML, but earlier answers are shown upper-cased: a template that rewrites past turns (as some drop past reasoning)
+REWRITING = ("{% for m in messages %}{% set c = m['content'] %}"
+             "{% if m['role'] == 'assistant' and not loop.last %}{% set c = c | upper %}{% endif %}"
+             "{{ '<|im_start|>' + m['role'] + '\\n' + c + '<|im_end|>\\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_a_template_that_rewrites_past_turns_gets_the_whole_conversation_as_infer_renders_it(tiny):
+    import copy
+
+    model, tok = tiny
+    tok = copy.deepcopy(tok)
+    tok.chat_template = REWRITING
+    seen, hook = model_view(model)
+    session = ChatSession(model, tok, ChatSettings(max_new_tokens=3))
+    try:
+        session.ask("hello")
+        session.ask("the cat")
+    finally:
+        hook.remove()
+    with pytest.raises(UserError, match="renders earlier turns differently"):
+        chat_turns(tok, session.messages, "t")  # SFT cannot split it into turns
+    expected = prompt_ids(tok, render_chat(tok, session.messages[:3], "t"))
+    assert session.messages[1]["content"].upper() != session.messages[1]["content"]
+    assert [seen[p] for p in range(len(expected))] == expected
+
+
 def test_cache_reuse_gives_the_answers_from_scratch_and_runs_only_new_tokens(embedded, reference):
     model, tok = embedded
     a1, text1, a2, text2 = reference

@@ -148,7 +148,7 @@ class ChatREPL:
             self.say("")
 
     def set(self, arg: str) -> None:
-        key, _, value = arg.partition(" ")
+        key, _, value = arg.replace("=", " ", 1).partition(" ")  # "/set top_p 0.9" or "/set top_p=0.9"
         if not key:
             s = self.session.settings
             self.say(f"temperature={s.temperature} top_p={s.top_p} max_new_tokens={s.max_new_tokens} seed={s.seed}")

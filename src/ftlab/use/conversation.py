@@ -38,7 +38,8 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
-from ftlab.data.sft import adds_bos, answer_end_ids, prompt_ids
+from ftlab.data.sft import adds_bos, answer_end_ids, chat_terminator
+from ftlab.data.sft import prompt_ids as sft_prompt_ids
 from ftlab.errors import UserError
 from ftlab.generate.base import GenerationConfig
 from ftlab.generate.batch import is_plain_dynamic_cache
@@ -259,10 +260,20 @@ class ChatSession:
     def prompt_ids(self, messages: list[Message]) -> list[int]:
         """The ids the model continues to answer `messages` (ending with a user message): SFT's encoding of
         the conversation up to where the next answer starts."""
-        turns = self._turns(messages)
+        try:
+            turns = self._turns(messages)
+        except UserError:
+            if not self.chat_template:
+                raise
+            # A template that renders earlier turns differently in longer conversations (one that drops past
+            # reasoning) has no SFT split into turns: the whole conversation as `ftlab infer` renders it.
+            # A template that rejects the messages raises again here, with its own words.
+            from ftlab.data.sources import render_chat
+
+            return sft_prompt_ids(self.tokenizer, render_chat(self.tokenizer, messages, "the conversation"), self._bos)
         ids: list[int] = []
         for k, (before, answer) in enumerate(turns):
-            ids += prompt_ids(self.tokenizer, before, self._bos) if k == 0 else self._text_ids(before)
+            ids += sft_prompt_ids(self.tokenizer, before, self._bos) if k == 0 else self._text_ids(before)
             if k < len(turns) - 1:
                 ids += self._text_ids(answer) + self.end_ids
         return ids
@@ -278,8 +289,6 @@ class ChatSession:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _terminator(self) -> str | None:
-        from ftlab.data.sft import chat_terminator
-
         return chat_terminator(self.tokenizer) if self.chat_template else None
 
     def _fit(self, history: list[Message]) -> tuple[list[Message], list[int], int]:
