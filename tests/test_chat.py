@@ -230,6 +230,10 @@ def test_streaming_never_prints_half_a_character(embedded_tokenizer):
     assert "".join(pieces) == tok.decode(ids)
     assert not any("\ufffd" in p for p in pieces)
     assert sum(bool(p) for p in pieces) >= len(text.split())  # it streams, not all at the end
+    k = next(k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd"))
+    decoder = StreamDecoder(tok)  # an answer cut inside a character (max_new_tokens, Ctrl-C) ends before it
+    shown = "".join([decoder.push(i) for i in ids[:k]] + [decoder.flush()])
+    assert shown == tok.decode(ids[:k]).rstrip("\ufffd") and "\ufffd" not in shown
 
 
 # -- context, interrupts ---------------------------------------------------------------------------
@@ -268,7 +272,8 @@ def test_ctrl_c_inside_a_forward_pass_keeps_the_partial_answer_and_the_next_turn
     finally:
         hook.remove()
     assert reply.finish_reason == "interrupted" and len(reply.token_ids) == 5
-    assert session.history[-1] == {"role": "assistant", "content": tok.decode(reply.token_ids, skip_special_tokens=True)}
+    kept = tok.decode(reply.token_ids, skip_special_tokens=True).rstrip("\ufffd")  # no half character at the end
+    assert session.history[-1] == {"role": "assistant", "content": kept}
     assert session.interrupted
     session.update("max_new_tokens", "4")
     following = session.ask("the cat")

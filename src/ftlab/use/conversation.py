@@ -95,7 +95,8 @@ class StreamDecoder:
 
     Each push decodes only a short window (the previous piece's tokens and the new ones, so that a tokenizer
     that drops a leading space at the start of a decode still gets it right) and emits what the new tokens
-    add, once it does not end in U+FFFD (half a UTF-8 sequence); `flush` emits the rest, whatever it is.
+    add, once it does not end in U+FFFD (half a UTF-8 sequence); `flush` emits the rest but such an unfinished
+    character (an answer cut by max_new_tokens or Ctrl-C inside one).
     """
 
     def __init__(self, tokenizer: Any):
@@ -117,7 +118,11 @@ class StreamDecoder:
     def _emit(self, final: bool) -> str:
         before = self._decode(self.ids[self._prefix:self._read])
         text = self._decode(self.ids[self._prefix:])
-        if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
+        if text.endswith("\ufffd"):  # a character still waiting for bytes; at the end, one that never came
+            if not final:
+                return ""
+            text = text.rstrip("\ufffd")
+        if len(text) <= len(before):
             return ""
         self._prefix, self._read = self._read, len(self.ids)
         return text[len(before):]
@@ -337,7 +342,8 @@ class ChatSession:
             self._repair_cache()
         emit(decoder.flush())
         answer = tokens[:-1] if reason == "stop" else tokens
-        return Reply(self.tokenizer.decode(answer, skip_special_tokens=True), tokens, reason)
+        text = self.tokenizer.decode(answer, skip_special_tokens=True).rstrip("\ufffd")  # as `flush` showed it
+        return Reply(text, tokens, reason)
 
     def _run(self, ids: list[int]) -> torch.Tensor:
         """Run `ids` through the model after the cached ones; the next-token logits of the last."""
