@@ -152,6 +152,7 @@ def test_a_template_that_rewrites_past_turns_gets_the_whole_conversation_as_infe
     assert [seen[p] for p in range(len(expected))] == expected
 
 
+@pytest.mark.slow
 def test_cache_reuse_gives_the_answers_from_scratch_and_runs_only_new_tokens(embedded, reference):
     model, tok = embedded
     a1, text1, a2, text2 = reference
@@ -197,7 +198,7 @@ def test_undo_retry_and_a_new_system_prompt_crop_the_cache_and_match_from_scratc
 
 def test_sampling_retry_draws_again_and_the_seed_repeats_a_session(tiny):
     model, tok = tiny
-    settings = dict(max_new_tokens=6, temperature=1.5, top_p=0.95, seed=7)
+    settings = {"max_new_tokens": 6, "temperature": 1.5, "top_p": 0.95, "seed": 7}
     one = ChatSession(model, tok, ChatSettings(**settings))
     first = one.ask("hello").token_ids
     again = one.retry().token_ids
@@ -393,7 +394,7 @@ class Terminal:
         return self.wait(ready, f"the prompt after {after!r}", timeout)
 
     def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], check=False, capture_output=True)
 
 
 def answer_in(pane: str, question: str) -> str:
@@ -402,6 +403,7 @@ def answer_in(pane: str, question: str) -> str:
     return " ".join(text.split())
 
 
+@pytest.mark.slow
 def test_chat_in_a_terminal_with_the_embedded_model(tmp_path, request):
     term = Terminal(["smollm2-135m-instruct", "max_new_tokens=24"], tmp_path)
     try:

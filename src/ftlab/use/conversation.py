@@ -195,7 +195,7 @@ class ChatSession:
         history, prompt, dropped = self._fit(self.history + [{"role": "user", "content": text}])
         reply = self._generate(prompt, on_text)
         reply.dropped = dropped
-        if reply.token_ids:  # interrupted before its first token: the question is dropped
+        if reply.token_ids:  # (none: interrupted before the first token, and the question is dropped)
             self.history = history + [{"role": "assistant", "content": reply.text}]
             self.interrupted = reply.finish_reason == "interrupted"
         elif dropped:
@@ -209,7 +209,7 @@ class ChatSession:
         history, prompt, dropped = self._fit(self.history[:-1])
         reply = self._generate(prompt, on_text)
         reply.dropped = dropped
-        if reply.token_ids:  # interrupted before its first token: the previous answer stays
+        if reply.token_ids:  # (none: interrupted before the first token, and the previous answer stays)
             self.history = history + [{"role": "assistant", "content": reply.text}]
             self.interrupted = reply.finish_reason == "interrupted"
         return reply
