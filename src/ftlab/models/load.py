@@ -138,8 +138,11 @@ def gguf_model_dir(gguf: Path) -> Path:
                         "set FTLAB_CACHE to a writable directory") from None
     log.info("converting %s from GGUF (one time) into %s", gguf, target)
     try:
-        with progress_bars_only_on_a_terminal():
-            convert_gguf(gguf.resolve(), tmp)
+        # transformers reads tokenizer files lying beside a .gguf instead of the file's own tokenizer metadata
+        # (an export directory has both; the chat template was lost): convert it from a directory of its own
+        with progress_bars_only_on_a_terminal(), tempfile.TemporaryDirectory(dir=target.parent) as alone:
+            (Path(alone) / "model.gguf").symlink_to(gguf.resolve())
+            convert_gguf(Path(alone) / "model.gguf", tmp)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write the model cache {target.parent} ({e.strerror or e}); "

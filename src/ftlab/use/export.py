@@ -45,6 +45,7 @@ class Exported:
     run: Path | None              # the training run it comes from, if any
     run_cfg: Any = None           # that run's config.yaml (OmegaConf), if any
     base: str | None = None       # an adapter's base model, as this machine loads it
+    tokenizer: Any = None         # loaded by the --gguf checks, reused for writing
 
     @property
     def label(self) -> str:
@@ -152,11 +153,13 @@ def check_gguf(src: Exported) -> None:
     from ftlab.use.gguf_export import check_gguf_supported
 
     model = src.base if src.is_adapter else str(src.path)
-    config, _ = local_config(model)
-    if not config:
+    config, model_dir = local_config(model)
+    if not config or model_dir is None:
         raise UserError(f"--gguf: cannot read the config.json of {model} here")
-    tokenizer_dir = src.path if (src.path / "tokenizer.json").is_file() or not src.is_adapter else Path(model)
-    check_gguf_supported(config, model, tokenizer_dir)
+    # the tokenizer a merge saves: the adapter's own when it has one (as `load_model_and_tokenizer` picks)
+    own = src.is_adapter and (src.path / "tokenizer_config.json").is_file()
+    tokenizer_dir = src.path if own else model_dir
+    src.tokenizer = check_gguf_supported(config, model, tokenizer_dir)
 
 
 def check_hub(repo: str) -> None:
@@ -199,8 +202,9 @@ def merge_adapter(src: Exported, out: Path) -> str:
         log.info("QLoRA run: merging into a fresh unquantized copy of %s, not the 4-bit weights it trained on", src.base)
     log.info("merging the LoRA adapter %s into %s in %s (%s)", src.path, src.base, dtype, why)
     model_cfg = src.run_cfg.model if src.run_cfg is not None else OmegaConf.structured(ModelConfig)
+    # tokenizer None: the adapter directory's own tokenizer, the one training saved beside the weights
     cfg = OmegaConf.merge(model_cfg, {"name": src.base, "adapter": None, "scratch": None, "preset": None,
-                                      "dtype": dtype})
+                                      "tokenizer": None, "dtype": dtype})
     # loaded for inference, the adapter comes back folded into the base (`attach_adapter`)
     merged, tokenizer = load_model_and_tokenizer(cfg, adapter=str(src.path))
     merged.save_pretrained(out, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
@@ -252,7 +256,8 @@ def build(src: Exported, tmp: Path, merge: bool, gguf: str | None, name: str) ->
         from ftlab.use.gguf_export import write_gguf, write_modelfile
 
         log.info("writing model.gguf (%s)", gguf)
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        # the same tokenizer files: a merge saves the adapter's tokenizer, a full model is read where it is
+        tokenizer = src.tokenizer if src.tokenizer is not None else AutoTokenizer.from_pretrained(hf_dir)
         facts["gguf"] = write_gguf(hf_dir, tmp / "model.gguf", gguf, name, license, tokenizer)
         write_modelfile(tmp, tokenizer, facts["gguf"]["add_bos"])
         if hf_dir == tmp / ".merged":

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,8 +97,8 @@ def pre_tokenizer_name(tokenizer: Any, where: Path) -> str:
     return name
 
 
-def check_gguf_supported(config: dict, config_where: str, tokenizer_dir: Path) -> None:
-    """Everything --gguf would refuse, checked before any weights are merged or written."""
+def check_gguf_supported(config: dict, config_where: str, tokenizer_dir: Path) -> Any:
+    """Everything --gguf would refuse, checked before any weights are merged or written; returns the tokenizer."""
     from transformers import AutoTokenizer
 
     model_architecture(config, config_where)
@@ -109,6 +109,7 @@ def check_gguf_supported(config: dict, config_where: str, tokenizer_dir: Path) -
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     pre_tokenizer_name(tokenizer, tokenizer_dir)
     ollama_template(tokenizer, add_bos=False)  # a chat template Ollama's cannot express is refused now, not later
+    return tokenizer
 
 
 # -- metadata --------------------------------------------------------------------------------------
@@ -445,13 +446,3 @@ def write_modelfile(out_dir: Path, tokenizer: Any, add_bos: bool) -> Path:
     path = out_dir / "Modelfile"
     path.write_text(modelfile_text(turn), encoding="utf-8")
     return path
-
-
-def iter_fields(path: Path) -> Iterator[tuple[str, Any]]:
-    """(key, value) of a GGUF file's metadata, values as Python objects (for tests and `ftlab export` logs)."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    for key, f in reader.fields.items():
-        if not key.startswith("GGUF."):
-            yield key, f.contents()
