@@ -69,11 +69,14 @@ def adapters(base, tmp_path_factory) -> dict[str, Path]:
     """Two LoRA adapters with random non-zero weights (peft initializes B to zero: no effect), saved by peft."""
     from peft import LoraConfig, get_peft_model
 
+    from ftlab.models.adapters import peft_wrapping
+
     model, _ = base
     out = {}
     for name, seed, std in (("alpha", 1, 0.1), ("beta-lora", 2, 0.15)):
-        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8,
-                                                                      target_modules=["q_proj", "v_proj"]))
+        with peft_wrapping():
+            peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8,
+                                                                          target_modules=["q_proj", "v_proj"]))
         rng = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for key, p in peft_model.named_parameters():
@@ -98,11 +101,15 @@ class Server:
         return OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=120)
 
 
-def start_server(args: list[str], log: Path, timeout: float = 180) -> Server:
-    """`ftlab serve ARGS --port 0` in a subprocess; its URL read from the one line it logs, then /v1/models polled."""
+def launch(args: list[str], log: Path) -> subprocess.Popen:
+    """`ftlab serve ARGS --port 0` in a subprocess (port 0: the system picks a free one; the log line names it)."""
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-c", "import sys; from ftlab.cli import main; sys.exit(main())",
+        return subprocess.Popen([sys.executable, "-c", "import sys; from ftlab.cli import main; sys.exit(main())",
                                  "serve", *args, "--port", "0"], stdout=f, stderr=subprocess.STDOUT, env=ENV)
+
+
+def wait_for_server(proc: subprocess.Popen, log: Path, timeout: float = 180) -> Server:
+    """Its URL read from the one line it logs, then /v1/models polled until it answers."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = re.search(r"(http://127\.0\.0\.1:\d+/v1)", log.read_text())
@@ -120,13 +127,16 @@ def start_server(args: list[str], log: Path, timeout: float = 180) -> Server:
 
 
 @pytest.fixture(scope="module")
-def server(adapters, tmp_path_factory):
+def server(adapters, tmp_path_factory, request):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    srv = start_server([EMBEDDED, "--adapter", f"alpha={adapters['alpha']}", "--adapter", str(adapters["beta-lora"]),
-                        "--batch-size", "16"], log)
-    yield srv
-    srv.proc.terminate()
-    srv.proc.wait(30)
+    proc = launch([EMBEDDED, "--adapter", f"alpha={adapters['alpha']}", "--adapter", str(adapters["beta-lora"]),
+                   "--batch-size", "16"], log)
+    try:
+        request.getfixturevalue("expected")  # computed while the server loads (each process has one thread)
+        yield wait_for_server(proc, log)
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def ask(server: Server, question: str, model: str = EMBEDDED, **kw):
