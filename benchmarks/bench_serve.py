@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import write_section  # noqa: E402
+from benchlib import write_section
 
 EMBEDDED = "smollm2-135m-instruct"
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"  # ../shared beside the checkout
@@ -204,28 +204,23 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], batc
     stable = all(r["texts"] == runs["a"][0]["texts"] for r in runs["a"] + runs["b"])
     cmd = ("python benchmarks/bench_serve.py " + " ".join(a for a in sys.argv[1:] if a != "--no-write")).strip()
     per_run = ", ".join(f"{a['tok_s'] / b['tok_s']:.2f}x" for a, b in zip(runs["a"], runs["b"]))
-    lines = [
-        SECTION, "",
-        f"Command: `{cmd}`  ",
-        f"Date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; machine: {cpu_model()}, {os.cpu_count()} cores "
-        f"({platform.machine()}; load average {load_before} before, {load_average()} after); torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, {args.threads} torch thread(s) in each server.  ",
-        f"Workload: {n} {source} as chat messages, temperature 0, max_tokens {args.max_tokens}, sent with the "
-        f"`openai` client over loopback; `ftlab serve --batch-size {args.batch_size}`. Completion tokens are the "
-        "servers' `usage` (up to and including the end-of-turn token); throughput = completion tokens / wall seconds "
-        "from the first request sent to the last answer back; latency per request, sent to answered. Medians of "
-        f"{args.repeats} alternating run(s) of (a) and (b); (c) once.",
-        "",
-        *rows,
-        "",
-        f"- Throughput (a)/(b) per run: {per_run}. Target: at least 3x.",
-        f"- Identical answers: (a) vs (b) {same_ab}/{n}, (a) vs (c) {same_ac}/{n}; every run of (a) and (b) gave the "
-        f"same answers: {'yes' if stable else 'no'}.",
-        f"- Batching during (a), from the server's `/stats`: {batching['rows_per_step']:.1f} rows per decoding step on "
-        f"average, {batching['max_rows']} at most; during (b) {batching['rows_per_step_b']:.2f}.",
-        "- (c) answers one request at a time, so concurrent clients wait in line: its throughput is the sequential "
-        "one, and a client's latency includes the requests ahead of it.",
-    ]
+    machine = (f"Date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}; machine: {cpu_model()}, {os.cpu_count()} "
+               f"cores ({platform.machine()}; load average {load_before} before, {load_average()} after); torch "
+               f"{torch.__version__}, transformers {transformers.__version__}, {args.threads} torch thread(s) in each "
+               "server.  ")
+    workload = (f"Workload: {n} {source} as chat messages, temperature 0, max_tokens {args.max_tokens}, sent with the "
+                f"`openai` client over loopback; `ftlab serve --batch-size {args.batch_size}`. Completion tokens are "
+                "the servers' `usage` (up to and including the end-of-turn token); throughput = completion tokens / "
+                "wall seconds from the first request sent to the last answer back; latency per request, sent to "
+                f"answered. Medians of {args.repeats} alternating run(s) of (a) and (b); (c) once.")
+    identical = (f"- Identical answers: (a) vs (b) {same_ab}/{n}, (a) vs (c) {same_ac}/{n}; every run of (a) and (b) "
+                 f"gave the same answers: {'yes' if stable else 'no'}.")
+    batched = (f"- Batching during (a), from the server's `/stats`: {batching['rows_per_step']:.1f} rows per decoding "
+               f"step on average, {batching['max_rows']} at most; during (b) {batching['rows_per_step_b']:.2f}.")
+    plain = ("- (c) answers one request at a time, so concurrent clients wait in line: its throughput is the "
+             "sequential one, and a client's latency includes the requests ahead of it.")
+    lines = [SECTION, "", f"Command: `{cmd}`  ", machine, workload, "", *rows, "",
+             f"- Throughput (a)/(b) per run: {per_run}. Target: at least 3x.", identical, batched, plain]
     return "\n".join(lines) + "\n"
 
 

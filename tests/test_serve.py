@@ -174,12 +174,15 @@ def test_chat_at_temperature_0_is_hfengines_answer_with_usage(server, base, expe
     assert {c.finish_reason for c in expected["chat"][:3]} == {"stop", "length"}  # both kinds were checked
 
 
-def test_completions_take_raw_text_several_prompts_and_n(server, expected):
+def test_completions_take_raw_text_several_prompts_and_n(server, base, expected):
     r = server.client().completions.create(model=EMBEDDED, prompt=RAW_PROMPTS, temperature=0,
                                            max_tokens=MAX_TOKENS, n=2)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert [c.text for c in r.choices] == [e.text for e in expected["raw"] for _ in range(2)]
     assert r.usage.completion_tokens == 2 * sum(len(e.token_ids) for e in expected["raw"])
+    ids = base[1](RAW_PROMPTS[1], add_special_tokens=False)["input_ids"]  # a prompt given as token ids
+    r = server.client().completions.create(model=EMBEDDED, prompt=ids, temperature=0, max_tokens=MAX_TOKENS)
+    assert r.choices[0].text == expected["raw"][1].text
 
 
 def test_streamed_text_concatenates_to_the_answer(server, expected):
@@ -315,6 +318,8 @@ def test_the_openai_client_raises_on_them_too(server):
         ask(server, "Hi", model="nope")
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         server.client().completions.create(model=EMBEDDED, prompt="hello " * 8200, max_tokens=5)
+    with pytest.raises(openai.BadRequestError, match="token id 999999 is outside the vocabulary"):
+        server.client().completions.create(model=EMBEDDED, prompt=[1, 999999], max_tokens=5)
     assert_still_serving(server)
 
 
@@ -341,7 +346,26 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
 
 def test_a_busy_port_is_one_line_and_exit_2(server):
     r = subprocess.run([sys.executable, "-c", "import sys; from ftlab.cli import main; sys.exit(main())", "serve",
-                        EMBEDDED, "--port", str(server.port)], capture_output=True, text=True, env=ENV, timeout=120)
+                        EMBEDDED, "--port", str(server.port)], capture_output=True, text=True, env=ENV, timeout=120, check=False)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"ftlab: error: --port {server.port}: 127.0.0.1:{server.port} is already "
-                                             "in use (another server?); pick another --port"]
+    assert r.stderr.strip().splitlines() == [(f"ftlab: error: --port {server.port}: 127.0.0.1:{server.port} is already "
+                                              "in use (another server?); pick another --port")]
+
+
+@pytest.mark.parametrize("adapter_args, needle", [
+    (["x=/nonexistent/adapter"], "--adapter x=/nonexistent/adapter: /nonexistent/adapter is not a directory"),
+    (["{model_dir}"], "is not an adapter directory"),
+    (["same={alpha}", "same={beta}"], "--adapter same={beta}: the model name 'same' is already taken"),
+    ([EMBEDDED + "={alpha}"], f"the model name '{EMBEDDED}' is already taken"),
+], ids=["missing", "full model", "same name twice", "the base's name"])
+def test_bad_adapters_are_one_line_before_the_model_loads(adapters, adapter_args, needle, capsys):
+    from ftlab.cli import main
+    from ftlab.models.load import embedded_model_dir
+
+    paths = {"alpha": adapters["alpha"], "beta": adapters["beta-lora"], "model_dir": embedded_model_dir(EMBEDDED)}
+    argv = ["serve", EMBEDDED, "--port", "0"]
+    for a in adapter_args:
+        argv += ["--adapter", a.format(**paths)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle.format(**paths) in err[0]

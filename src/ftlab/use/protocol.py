@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Stop = Union[str, list[str], None]
+Stop = str | list[str] | None
 
 
 class APIError(Exception):
@@ -40,7 +40,7 @@ class ContentPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
-    content: Union[str, list[ContentPart], None] = None
+    content: str | list[ContentPart] | None = None
 
     def text(self, index: int) -> str:
         """The content as one string; text parts are joined, other parts (images, audio) refused."""
@@ -113,7 +113,7 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
     logprobs: int | None = None
     echo: bool = False

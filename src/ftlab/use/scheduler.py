@@ -37,8 +37,9 @@ import queue
 import random
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -137,6 +138,7 @@ class Scheduler:
         self.batch = self._new_batch()
         self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.waiting: deque[Job] = deque()
+        self.admitting: list[Job] = []
         self.stats = {"active_rows": 0, "waiting_requests": 0, "max_rows_in_step": 0, "decode_steps": 0,
                       "rows_decoded": 0, "prefill_tokens": 0, "completion_tokens": 0, "completed_requests": 0,
                       "cancelled_requests": 0, "failed_requests": 0, "max_models_in_step": 1,
@@ -197,7 +199,9 @@ class Scheduler:
             group.append(self.waiting.popleft())
             free -= group[-1].rows
         if group:
+            self.admitting = group  # if the prefill fails, `_fail_all` must answer these too
             self._admit(group)
+            self.admitting = []
         elif self.batch.rows:
             self._step()
 
@@ -342,11 +346,12 @@ class Scheduler:
             self.waiting = deque(j for j in self.waiting if not j.cancelled)
 
     def _fail_all(self, message: str) -> None:
-        jobs = {r.job.id: r.job for r in self.batch.rows} | {j.id: j for j in self.waiting}
+        jobs = {j.id: j for j in [*(r.job for r in self.batch.rows), *self.admitting, *self.waiting]}
         for job in jobs.values():
             job.emit(Event(choice=job.first_choice, error=message))
         self.stats["failed_requests"] += len(jobs)
         self.waiting.clear()
+        self.admitting = []
         self.batch = self._new_batch()
 
 

@@ -30,9 +30,10 @@ import json
 import logging
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -50,7 +51,9 @@ from ftlab.use.protocol import (
     new_id,
     usage,
 )
-from ftlab.use.scheduler import BASE, Event, Job, Sampling, Scheduler
+
+if TYPE_CHECKING:  # the scheduler imports torch: loaded only once the port is ours (a busy port fails at once)
+    from ftlab.use.scheduler import Event, Job, Scheduler
 
 log = logging.getLogger("ftlab")
 
@@ -83,16 +86,35 @@ def parse_adapter_spec(spec: str) -> tuple[str | None, str]:
 def load_served_models(model: str, adapters: list[str]) -> tuple[Any, dict[str, ServedModel]]:
     """(the model to decode with, the served models by name). With adapters the model is a peft model
     holding all of them unmerged; without, a plain model (an adapter in MODEL itself comes folded in)."""
-    from ftlab.models.load import adapter_base, check_adapter_files, is_adapter_dir, load_tokenizer, read_json
+    from ftlab.models.load import load_tokenizer
+    from ftlab.use.scheduler import BASE
     from ftlab.use.source import load_source, resolve_source
 
     base = resolve_source(model)
-    specs = []  # (spec, name, adapter dir) checked before the base model loads
+    specs = check_adapters(adapters, base.label)  # before the base model loads: mistakes cost no wait
+    weights, tokenizer = load_source(base)
+    now = int(time.time())
+    served = {base.label: ServedModel(base.label, BASE, tokenizer, base.name, None, now)}
+    for i, (_, name, path) in enumerate(specs):
+        own = load_tokenizer(path) if (Path(path) / "tokenizer_config.json").is_file() else tokenizer
+        served[name] = ServedModel(name, f"adapter{i}", own, path, base.label, now)
+    if specs:
+        weights = attach_adapters(weights, [(f"adapter{i}", path, spec) for i, (spec, _, path) in enumerate(specs)])
+    return weights, served
+
+
+def check_adapters(adapters: list[str], base_name: str) -> list[tuple[str, str, str]]:
+    """(spec, served name, adapter directory) per `--adapter`: LoRA adapter directories (a training run stands
+    for its final/) under names that differ from each other and from the base model's."""
+    from ftlab.models.load import check_adapter_files, is_adapter_dir, read_json
+    from ftlab.use.source import resolve_source
+
+    out, taken = [], {base_name}
     for spec in adapters:
         name, path = parse_adapter_spec(spec)
         if not Path(path).expanduser().is_dir():
             raise UserError(f"--adapter {spec}: {path} is not a directory")
-        src = resolve_source(path)  # a training run stands for its final/
+        src = resolve_source(str(Path(path).expanduser()))
         if not is_adapter_dir(src.name):
             raise UserError(f"--adapter {spec}: {src.name} is not an adapter directory (no adapter_config.json, "
                             "or it holds a full model)")
@@ -100,22 +122,13 @@ def load_served_models(model: str, adapters: list[str]) -> tuple[Any, dict[str, 
         kind = read_json(Path(src.name) / "adapter_config.json").get("peft_type")
         if kind != "LORA":
             raise UserError(f"--adapter {spec}: a {kind} adapter; ftlab serve batches LoRA adapters only")
-        specs.append((spec, name or src.label, src.name))
-
-    weights, tokenizer = load_source(base)
-    now = int(time.time())
-    served = {base.label: ServedModel(base.label, BASE, tokenizer, base.name, None, now)}
-    to_attach = []
-    for i, (spec, name, path) in enumerate(specs):
-        if name in served:
-            raise UserError(f"--adapter {spec}: the name {name!r} is already taken; name it: --adapter NAME={path}")
-        own = load_tokenizer(path) if (Path(path) / "tokenizer_config.json").is_file() else tokenizer
-        served[name] = ServedModel(name, f"adapter{i}", own, path, base.label, now)
-        to_attach.append((f"adapter{i}", path, spec))
-        log.debug("adapter %s: %s (trained on %s)", name, path, adapter_base(path))
-    if to_attach:
-        weights = attach_adapters(weights, to_attach)
-    return weights, served
+        name = name or src.label
+        if name in taken:
+            raise UserError(f"--adapter {spec}: the model name {name!r} is already taken; "
+                            f"name it: --adapter NAME={path}")
+        taken.add(name)
+        out.append((spec, name, src.name))
+    return out
 
 
 def attach_adapters(model: Any, adapters: list[tuple[str, str, str]]) -> Any:
@@ -142,8 +155,8 @@ def attach_adapters(model: Any, adapters: list[tuple[str, str, str]]) -> Any:
 class Service:
     """Validation, tokenization and waiting for the scheduler; one per server."""
 
-    def __init__(self, scheduler: Scheduler, models: dict[str, ServedModel], context: int | None):
-        self.scheduler, self.models, self.context = scheduler, models, context
+    def __init__(self, scheduler: Scheduler, models: dict[str, ServedModel], context: int | None, vocab: int):
+        self.scheduler, self.models, self.context, self.vocab = scheduler, models, context, vocab
 
     def model(self, name: str) -> ServedModel:
         if name not in self.models:
@@ -183,7 +196,7 @@ class Service:
             prompts = [list(p)]  # type: ignore[list-item]
         else:
             prompts = [list(x) for x in p]  # type: ignore[union-attr]
-        vocab = len(served.tokenizer)
+        vocab = self.vocab
         for i, ids in enumerate(prompts):
             where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             if not ids:
@@ -214,6 +227,7 @@ class Service:
     def jobs(self, body: ChatRequest | CompletionRequest, served: ServedModel, prompts: list[list[int]],
              what: str, emit: Any) -> list[Job]:
         from ftlab.generate.sampling import repeat_counts
+        from ftlab.use.scheduler import Job, Sampling
 
         body.refuse_unsupported()
         slots = self.scheduler.slots
@@ -403,6 +417,7 @@ def run_server(model: str, adapters: list[str] | None = None, host: str = "127.0
 
     from ftlab.data.sft import stop_token_ids
     from ftlab.models.load import context_window
+    from ftlab.use.scheduler import Scheduler
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -415,7 +430,8 @@ def run_server(model: str, adapters: list[str] | None = None, host: str = "127.0
         # the scheduler decodes with its own copy: a fast tokenizer is not meant to be shared between threads
         scheduler = Scheduler(weights, copy.deepcopy(base.tokenizer), batch_size, adapters=len(served) > 1,
                               stop_ids=stop_ids)
-        app = create_app(Service(scheduler, served, context_window(weights.config)))
+        app = create_app(Service(scheduler, served, context_window(weights.config),
+                                 weights.get_input_embeddings().num_embeddings))
         scheduler.start()
         shown = f"[{host}]" if ":" in host else host
         log.info("ftlab serve: http://%s:%d/v1 serving %s (%d rows per decoding step)", shown,
