@@ -212,6 +212,62 @@ def test_gguf_metadata_and_tensors_match_llama_cpp(tmp_module: Path) -> None:
     assert card["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and card["license"] == "apache-2.0"
 
 
+def test_gguf_qwen2_round_trip(tmp_path: Path, embedded_tokenizer: Any, monkeypatch: Any) -> None:
+    """Qwen2 (attention biases, no q/k permutation): the f32 GGUF gives the HF model's logits and token ids.
+    The test model carries SmolLM's vocabulary, which transformers splits with Qwen2's regex in a qwen2
+    directory (a hash llama.cpp's table cannot know); llama.cpp's qwen2 pre-tokenizer is that regex, so the
+    test names it so."""
+    from hashlib import sha256
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftlab.models.load import build_scratch_model
+    from ftlab.use import gguf_export
+
+    torch.manual_seed(0)
+    qwen = build_scratch_model({**TINY_SCRATCH, "model_type": "qwen2"}, embedded_tokenizer).eval()
+    with torch.no_grad():
+        for name, p in qwen.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)  # zero biases would hide a misplaced bias tensor
+    qwen.save_pretrained(tmp_path / "qwen")
+    embedded_tokenizer.save_pretrained(tmp_path / "qwen")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "qwen")
+    digest = sha256(str(tokenizer.encode(gguf_export.CHECK_TEXT)).encode()).hexdigest()
+    monkeypatch.setitem(gguf_export.PRE_TOKENIZERS, digest, "qwen2")
+    assert main(["export", str(tmp_path / "qwen"), "--out", str(tmp_path / "out"), "--gguf", "f32"]) == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model.gguf", dtype=torch.float32)
+    assert type(back).__name__ == "Qwen2ForCausalLM"
+    back_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file="model.gguf")
+    for text in prompts(tokenizer) + [gguf_export.CHECK_TEXT]:
+        ids = tokenizer(text)["input_ids"]
+        assert back_tokenizer(text)["input_ids"] == ids
+        torch.testing.assert_close(logits(back.eval(), ids), logits(qwen, ids), atol=1e-5, rtol=0)
+
+
+def test_gguf_llama3_rope_frequencies(tmp_path: Path, embedded_tokenizer: Any) -> None:
+    """Llama 3.1+ RoPE: llama.cpp reads the per-frequency scaling from a `rope_freqs` tensor; its values are
+    the ratio of plain RoPE frequencies to the llama3-scaled ones transformers computes."""
+    from transformers import LlamaConfig
+    from transformers.integrations.gguf.reader import GgufHeader, load_gguf_state_dict
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from ftlab.models.load import build_scratch_model
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    model = build_scratch_model({**TINY_SCRATCH, "rope_parameters": rope, "max_position_embeddings": 1024},
+                                embedded_tokenizer)
+    model.save_pretrained(tmp_path / "m")
+    embedded_tokenizer.save_pretrained(tmp_path / "m")
+    assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "out"), "--gguf", "f16"]) == 0
+    tensors = load_gguf_state_dict(GgufHeader.from_file(str(tmp_path / "out" / "model.gguf")))
+    dim = TINY_SCRATCH["hidden_size"] // TINY_SCRATCH["num_attention_heads"]
+    plain = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**model.config.to_dict()), "cpu")
+    torch.testing.assert_close(tensors["rope_freqs.weight"][...], plain / scaled)
+
+
 def ollama_render(template: str, system: str, prompt: str, response: str | None) -> str:
     """One turn as Ollama renders a legacy template: `{{ if .System }}...{{ end }}`, the fields, and on the
     last turn (no response yet) everything after `{{ .Response }}` cut away."""
@@ -280,6 +336,26 @@ def test_model_card_of_a_real_run(lora_run: Path, merged: Path, tmp_module: Path
     card = (out / "README.md").read_text()
     assert f"75.0% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%), n=40" in card
     assert "Accuracy rule: strict, else flexible; extraction: the last True/False" in card
+
+
+def test_merge_keeps_a_half_precision_base_in_its_dtype(lora_run: Path, tmp_module: Path, tmp_path: Path,
+                                                       caplog: Any) -> None:
+    """A base stored in bf16 is merged in bf16 (fp32 would double the size and add nothing), and it says so."""
+    from transformers import AutoModelForCausalLM
+
+    from ftlab.models.load import read_json
+
+    AutoModelForCausalLM.from_pretrained(tmp_module / "base", dtype=torch.bfloat16).save_pretrained(tmp_path / "b16")
+    shutil.copytree(lora_run / "final", tmp_path / "adapter")
+    config = read_json(tmp_path / "adapter" / "adapter_config.json")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path":
+                                                                         str(tmp_path / "b16")}))
+    with caplog.at_level("INFO", logger="ftlab"):
+        assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "out"), "--merge"]) == 0
+    assert any("in bf16 (the base's dtype on disk)" in r.getMessage() for r in caplog.records)
+    header = (tmp_path / "out" / "model.safetensors").read_bytes()
+    header = json.loads(header[8:8 + int.from_bytes(header[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
 
 
 def test_card_without_a_run_says_so(lora_run: Path, tmp_path: Path) -> None:
@@ -407,6 +483,11 @@ def bad_source(kind: str, tmp: Path, run: Path, base: Path) -> str:
         adapter["base_model_name_or_path"] = str(tmp / "qbase")
         (tmp / "qadapter" / "adapter_config.json").write_text(json.dumps(adapter))
         return str(tmp / "qadapter")
+    if kind == "scratch-run":  # the run's recipe built its base from model.scratch (never saved)
+        shutil.copytree(run, tmp / "run")
+        text = (tmp / "run" / "config.yaml").read_text()
+        (tmp / "run" / "config.yaml").write_text(text.replace("  scratch: null", "  scratch: {model_type: llama}"))
+        return str(tmp / "run")
     return str(run) if kind == "run" else str(tmp / "nope")
 
 
@@ -415,6 +496,7 @@ BAD = [("missing", "missing", [], "no such training run, adapter or model direct
        ("out-not-empty", "run", ["OUT_NOT_EMPTY"], "directory is not empty"),
        ("gguf-gpt2", "gpt2", ["--gguf", "q8_0"], "is a GPT2LMHeadModel; GGUF export supports LlamaForCausalLM"),
        ("merge-4bit-base", "4bit-base", ["--merge"], "is stored bitsandbytes"),
+       ("merge-scratch-base", "scratch-run", ["--gguf", "f16"], "a randomly initialised base that was never saved"),
        ("dry-run-alone", "run", ["--dry-run"], "give --push-to-hub REPO with it"),
        ("bad-repo-id", "run", ["--push-to-hub", "a/b/c"], "not a Hub repository id")]
 
