@@ -30,7 +30,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -251,7 +251,7 @@ class Service:
             prompts, what = self.completion_prompts(body, served), "prompt"  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        jobs = self.jobs(body, served, prompts, what, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        jobs = self.jobs(body, served, prompts, what, into_loop(loop, events))
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
             stream = self.stream(kind, body, jobs, events, prompt_tokens)
@@ -314,6 +314,16 @@ class Service:
             yield "data: [DONE]\n\n"
         finally:
             cancel(jobs)
+
+
+def into_loop(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[Event]) -> Callable[[Event], None]:
+    """A job's `emit`: called in the scheduler thread, it queues the event in the request's event loop."""
+    def emit(event: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server is shutting down, nobody waits for it
+            pass
+    return emit
 
 
 def cancel(jobs: list[Job]) -> None:
