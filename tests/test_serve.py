@@ -341,6 +341,14 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     assert after["active_rows"] == 0
     assert after["cancelled_requests"] == before["cancelled_requests"] + 1
     assert after["completion_tokens"] == before["completion_tokens"]  # it never finished
+    # without streaming: a client that gives up waiting closes the connection, which the server notices
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=3) as client:
+        client.post(server.url + "/chat/completions", json=body)
+    deadline = time.monotonic() + 20
+    while server.stats()["active_rows"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.stats()["active_rows"] == 0
+    assert server.stats()["cancelled_requests"] == before["cancelled_requests"] + 2
     assert_still_serving(server)
 
 

@@ -196,7 +196,7 @@ class Service:
             prompts = [list(p)]  # type: ignore[list-item]
         else:
             prompts = [list(x) for x in p]  # type: ignore[union-attr]
-        vocab = self.vocab
+        vocab = self.vocab  # the embedding's rows: any id below it is a token the model can read
         for i, ids in enumerate(prompts):
             where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             if not ids:
@@ -225,7 +225,7 @@ class Service:
         return requested
 
     def jobs(self, body: ChatRequest | CompletionRequest, served: ServedModel, prompts: list[list[int]],
-             what: str, emit: Any) -> list[Job]:
+             what: str, emit: Callable[[Event], None]) -> list[Job]:
         from ftlab.generate.sampling import repeat_counts
         from ftlab.use.scheduler import Job, Sampling
 
