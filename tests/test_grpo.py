@@ -21,8 +21,20 @@ from ftlab.cli import main
 from ftlab.errors import UserError
 from ftlab.runs.rundir import read_status
 from ftlab.runs.trackers import read_metrics
-from ftlab.train.grpo_loss import LOSS_TYPES, group_advantages, grpo_loss, loss_sum_and_units
-from ftlab.train.rewards import Reward, correctness, format_reward, fully_valid, score_completions, step_validity
+from ftlab.train.grpo_loss import (
+    LOSS_TYPES,
+    group_advantages,
+    grpo_loss,
+    loss_sum_and_units,
+)
+from ftlab.train.rewards import (
+    Reward,
+    correctness,
+    format_reward,
+    fully_valid,
+    score_completions,
+    step_validity,
+)
 from tests.helpers import tiny_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -343,7 +355,7 @@ def test_prontoqa_tiny_recipe_runs_two_steps_from_an_adapter(tmp_path):
     from ftlab.config.schema import ModelConfig
     from ftlab.models.load import load_model_and_tokenizer
 
-    base, tokenizer = load_model_and_tokenizer(ModelConfig())
+    base, _ = load_model_and_tokenizer(ModelConfig())
     adapter = tmp_path / "sft_adapter"
     get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                     task_type="CAUSAL_LM")).save_pretrained(adapter)
@@ -353,7 +365,7 @@ def test_prontoqa_tiny_recipe_runs_two_steps_from_an_adapter(tmp_path):
             "train.batch_size=2", "train.grad_accum=1", "grpo.num_generations=2", "grpo.max_completion_length=8",
             "train.eval_every=null", "train.save_every=null"]
     assert main(argv) == 0
-    run = sorted((tmp_path / "runs" / "grpo").glob("*_grpo-prontoqa-tiny"))[-1]
+    run = max((tmp_path / "runs" / "grpo").glob("*_grpo-prontoqa-tiny"))
     r = rows(run)
     assert sorted(r) == [1, 2] and "train/rewards/correctness/mean" in r[2] and "train/rewards/format/mean" in r[2]
     assert len(completions(run, 2)) == 2 and (run / "final" / "adapter_model.safetensors").is_file()

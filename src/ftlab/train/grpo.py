@@ -51,7 +51,13 @@ from ftlab.data.sources import GENERIC
 from ftlab.errors import UserError
 from ftlab.losses import compute_entropy, logits_at, token_log_probs
 from ftlab.runs.rundir import RunDir
-from ftlab.train.grpo_loss import group_advantages, loss_sum_and_units, nanstd, token_losses, zero_std_groups
+from ftlab.train.grpo_loss import (
+    group_advantages,
+    loss_sum_and_units,
+    nanstd,
+    token_losses,
+    zero_std_groups,
+)
 from ftlab.train.objective import Objective
 from ftlab.train.plan import StepPlan
 from ftlab.train.rewards import Reward, resolve_rewards, score_completions
@@ -60,7 +66,6 @@ log = logging.getLogger("ftlab")
 
 UNITS = {"dapo": "completion_tokens", "grpo": "completions", "dr_grpo": "completion_slots", "bnpo": "micro_batches"}
 TOKEN_MEANS = ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl")
-RESERVED = ("prompts", "completions", "completion_ids", "examples", "task")
 
 
 @dataclass
