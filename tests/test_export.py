@@ -13,9 +13,10 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -127,7 +128,7 @@ def test_gguf_f32_loads_back_through_transformers_as_model_name(merged: Path, re
     shutil.copy(merged / "model.gguf", gguf_copy)
     with caplog.at_level("INFO", logger="ftlab"):
         loaded, loaded_tok = load_model_and_tokenizer(ModelConfig(name=str(merged / "model.gguf")))
-        again, _ = load_model_and_tokenizer(ModelConfig(name=str(gguf_copy)))  # same content: no second conversion
+        load_model_and_tokenizer(ModelConfig(name=str(gguf_copy)))  # same content: no second conversion
     assert sum("from GGUF (one time)" in r.getMessage() for r in caplog.records) == 1
     assert len(list((tmp_path / "cache" / "models").glob("gguf-*"))) == 1
     for text in prompts(tokenizer):
@@ -274,7 +275,7 @@ def ollama_render(template: str, system: str, prompt: str, response: str | None)
     if response is None:
         template = template.split("{{ .Response }}")[0]
     text = re.sub(r"\{\{ if \.System \}\}(.*?)\{\{ end \}\}", lambda m: m.group(1) if system else "", template,
-                  flags=re.S)
+                  flags=re.DOTALL)
     return text.replace("{{ .System }}", system).replace("{{ .Prompt }}", prompt).replace("{{ .Response }}",
                                                                                           response or "")
 
@@ -283,8 +284,8 @@ def test_modelfile_renders_the_chat_template(merged: Path, reference: tuple[Any,
     _, tokenizer = reference
     text = (merged / "Modelfile").read_text()
     assert text.startswith("FROM ./model.gguf\n")
-    template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
-    default = re.search(r'SYSTEM """(.*?)"""', text, re.S).group(1)
+    template = re.search(r'TEMPLATE """(.*?)"""', text, re.DOTALL).group(1)
+    default = re.search(r'SYSTEM """(.*?)"""', text, re.DOTALL).group(1)
     assert re.findall(r"PARAMETER stop (.*)", text) == [json.dumps(tokenizer.eos_token)]
     sys_msg, user, user2, answer = "You are terse.", "What is 2+2?", "And 3+3?", "4"
 
@@ -371,7 +372,7 @@ class FakeHub(BaseHTTPRequestHandler):
     """A loopback HTTP server standing in for the Hub's API: records every request; creating a repository
     succeeds, everything else is refused (403), so an upload fails after a real create_repo call."""
 
-    requests: list[tuple[str, str, bytes]] = []
+    requests: ClassVar[list[tuple[str, str, bytes]]] = []
 
     def _record(self) -> bytes:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -386,12 +387,12 @@ class FakeHub(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+    def do_HEAD(self) -> None:
         self._record()
         self.send_response(200)
         self.end_headers()
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = json.loads(self._record() or b"{}")
         if self.path == "/api/repos/create":
             name = f"{body.get('organization') or 'me'}/{body['name']}"
@@ -399,7 +400,7 @@ class FakeHub(BaseHTTPRequestHandler):
         else:
             self._reply(403, {"error": "refused by the test server"})
 
-    do_GET = do_PUT = do_POST  # noqa: N815
+    do_GET = do_PUT = do_POST
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -424,7 +425,7 @@ def test_dry_run_lists_every_file_and_sends_nothing(lora_run: Path, tmp_path: Pa
                  "--dry-run"]) == 0
     printed = capsys.readouterr().out
     files = sorted(p for p in out.rglob("*") if p.is_file())
-    assert f"to the private model repository me/tiny; nothing sent" in printed
+    assert "to the private model repository me/tiny; nothing sent" in printed
     for p in files:
         assert f"  {p.relative_to(out).as_posix()}  {p.stat().st_size} bytes" in printed
     assert f"would upload {len(files)} files" in printed

@@ -115,8 +115,8 @@ def method_lines(src: Any) -> list[str]:
         if not src.is_adapter:
             return ["No training run is recorded with this model: the method is unknown."]
         a = read_json_file(src.path / "adapter_config.json") or {}
-        return [f"- LoRA adapter: r={a.get('r')}, alpha={a.get('lora_alpha')}, "
-                f"target modules {sorted(a.get('target_modules') or [])} (from adapter_config.json; no run recorded)"]
+        return [(f"- LoRA adapter: r={a.get('r')}, alpha={a.get('lora_alpha')}, "
+                 f"target modules {sorted(a.get('target_modules') or [])} (from adapter_config.json; no run recorded)")]
     summary = read_json_file(src.run / "summary.json") or {}
     kind = str(summary.get("kind") or cfg.get("kind") or "sft")
     lines = [f"- Objective: {kind.upper()}"]
@@ -173,8 +173,8 @@ def in_training_eval(run: Path) -> list[str]:
         return []
     last = rows[-1]
     values = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith("eval/") and isinstance(v, float))
-    lines = [f"In-training evaluation on the validation set at step {last['eval_step']}: {values} "
-             "(no interval recorded; in-training accuracy is greedy on data.val_limit examples)."]
+    lines = [(f"In-training evaluation on the validation set at step {last['eval_step']}: {values} "
+              "(no interval recorded; in-training accuracy is greedy on data.val_limit examples).")]
     best = (read_json_file(run / "summary.json") or {}).get("best")
     if best:
         lines.append(f"Best {best.get('metric')}: {best.get('value'):.4g} at step {best.get('step')} (saved as best/).")
@@ -194,8 +194,8 @@ def quickstart_eval(run: Path) -> list[str]:
         label = f"{key}-hop" if str(key).isdigit() else str(key)
         lines.append(f"| {label} | {accuracy_text(base.get(key, {}))} | {accuracy_text(tuned[key])} |")
     first = next(iter(tuned.values()), {})
-    lines += ["", f"Accuracy rule: {first.get('primary_rule', 'not recorded')}; extraction: "
-                  f"{first.get('extraction_rule', 'not recorded')}"]
+    lines += ["", (f"Accuracy rule: {first.get('primary_rule', 'not recorded')}; extraction: "
+                   f"{first.get('extraction_rule', 'not recorded')}")]
     summary = read_json_file(job / "summary.json") or {}
     if summary.get("heldout"):
         lines.append(f"Held-out problems: {summary['heldout']}")
@@ -250,10 +250,10 @@ def usage_lines(facts: dict, repo_hint: str) -> list[str]:
                   f'tokenizer = AutoTokenizer.from_pretrained("{repo_hint}")', "```"]
     if facts.get("gguf"):
         g = facts["gguf"]
-        lines += [f"`model.gguf` ({g['type']}, {g['architecture']}, {g['parameters'] / 1e6:.0f}M parameters) loads in "
-                  "llama.cpp and, with the Modelfile, in Ollama:", "", "```sh", "ollama create my-model -f Modelfile",
-                  "ollama run my-model", "```", "", "ftlab evaluates it directly: "
-                  "`ftlab eval RECIPE model.name=model.gguf`."]
+        lines += [(f"`model.gguf` ({g['type']}, {g['architecture']}, {g['parameters'] / 1e6:.0f}M parameters) loads "
+                   "in llama.cpp and, with the Modelfile, in Ollama:"), "", "```sh",
+                  "ollama create my-model -f Modelfile", "ollama run my-model", "```", "",
+                  "ftlab evaluates it directly: `ftlab eval RECIPE model.name=model.gguf`."]
     return lines
 
 
@@ -305,8 +305,8 @@ def card_text(src: Any, facts: dict, export_cmd: str) -> str:
     if trained:
         sections += ["Trained with:", "", "```sh", trained, "```", ""]
         if isinstance(env, dict):
-            sections += [f"(torch {env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}, "
-                         f"ftlab commit {env.get('git_commit') or 'unknown'})", ""]
+            sections += [(f"(torch {env.get('torch')}, transformers {env.get('transformers')}, "
+                          f"peft {env.get('peft')}, ftlab commit {env.get('git_commit') or 'unknown'})"), ""]
     sections += ["Exported with:", "", "```sh", export_cmd, "```", ""]
     usage = usage_lines(facts, "<this directory or repository>")
     if usage:

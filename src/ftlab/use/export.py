@@ -111,7 +111,8 @@ def locate_source(spec: str) -> Exported:
         raise UserError(f"{spec}: no such training run, adapter or model directory")
     source = resolve_source(spec)  # a run without final/ is refused here, naming what it has instead
     path = Path(resolve_model_path(source.name))
-    run = (source.run or enclosing_run(path) or Path()).resolve() if (source.run or enclosing_run(path)) else None
+    run = source.run or enclosing_run(path)
+    run = run.resolve() if run is not None else None  # runs/sft/latest: the run's own name in the card
     return Exported(spec, path, is_adapter_dir(str(path)), run, read_run_config(run))
 
 
@@ -288,8 +289,8 @@ def human_size(n: float) -> str:
 
 def list_upload(out: Path, repo: str, private: bool) -> str:
     files = files_to_send(out)
-    lines = [f"dry run: would upload {len(files)} files ({human_size(sum(s for _, s in files))}) from {out} to "
-             f"the {'private' if private else 'public'} model repository {repo}; nothing sent"]
+    lines = [(f"dry run: would upload {len(files)} files ({human_size(sum(s for _, s in files))}) from {out} to "
+              f"the {'private' if private else 'public'} model repository {repo}; nothing sent")]
     lines += [f"  {path}  {size} bytes" for path, size in files]
     return "\n".join(lines)
 

@@ -107,6 +107,10 @@ def check_gguf_supported(config: dict, config_where: str, tokenizer_dir: Path) -
         raise UserError(f"--gguf: the tokenizer in {tokenizer_dir} is not a byte-level BPE (GPT-2 style) one; "
                         f"GGUF export supports {SUPPORTED_SENTENCE}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    largest = max(tokenizer.get_vocab().values())
+    if largest >= config.get("vocab_size", largest + 1):  # llama.cpp has no row for such a token
+        raise UserError(f"--gguf: the tokenizer in {tokenizer_dir} has token id {largest}, beyond the model's "
+                        f"vocab_size {config['vocab_size']} (tokens added without resizing the embeddings)")
     pre_tokenizer_name(tokenizer, tokenizer_dir)
     ollama_template(tokenizer, add_bos=False)  # a chat template Ollama's cannot express is refused now, not later
     return tokenizer
@@ -257,14 +261,15 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     keys = {}
     for f in files:
         with safe_open(f, framework="pt") as st:
-            keys.update({k: f for k in st.keys()})
+            keys.update({k: f for k in st.keys()})  # noqa: SIM118 - a safetensors handle, not a dict
     return keys
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], out_type: str) -> Any:
     """llama.cpp's rule: 1-D tensors and norms in f32, matrices in the requested type; q8_0 needs rows in
     whole blocks of 32, else f16."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
 
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
         return Q.F32
