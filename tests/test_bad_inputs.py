@@ -378,6 +378,18 @@ CASES: list[dict[str, Any]] = [
     setting(TRAIN, "dpo.beta=0", "'dpo.beta' must be > 0; got 0.0"),
     setting(TRAIN, "dpo.label_smoothing=0.5", "'dpo.label_smoothing' must be in [0, 0.5); got 0.5"),
     setting(TRAIN, "dpo.nll_weight=-1", "'dpo.nll_weight' must be >= 0; got -1.0"),
+    # -- GRPO settings (the GRPO objective's own bad input: tests/test_grpo.py) -------------------------------
+    setting(TRAIN, "grpo.num_generations=1", "'grpo.num_generations' must be >= 2; got 1"),
+    setting(TRAIN, "grpo.num_iterations=0", "'grpo.num_iterations' must be >= 1; got 0"),
+    setting(TRAIN, "grpo.epsilon=0", "'grpo.epsilon' must be > 0; got 0.0"),
+    setting(TRAIN, "grpo.epsilon_high=-0.1", "'grpo.epsilon_high' must be > 0 (or null: grpo.epsilon); got -0.1"),
+    setting(TRAIN, "grpo.beta=-1", "'grpo.beta' must be >= 0; got -1.0"),
+    setting(TRAIN, "grpo.temperature=0", "'grpo.temperature' must be > 0; got 0.0"),
+    setting(TRAIN, "grpo.top_p=1.5", "'grpo.top_p' must be in (0, 1]; got 1.5"),
+    setting(TRAIN, "grpo.max_completion_length=0", "'grpo.max_completion_length' must be >= 1; got 0"),
+    setting(TRAIN, "grpo.generation_batch_size=0", "'grpo.generation_batch_size' must be >= 1; got 0"),
+    setting(TRAIN, "grpo.log_completions_every=0",
+            "'grpo.log_completions_every' must be >= 1 (or null: never printed); got 0"),
 
     # -- prepare-corpus (issue 14) ---------------------------------------------------------------------------
     {"id": "corpus-line-without-text", "argv": CORPUS, "files": {"c.jsonl": jsonl(DOC, {"id": "2", "category": "x"})},
