@@ -423,17 +423,17 @@ def listen(host: str, port: int) -> socket.socket:
 def run_server(model: str, adapters: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
                batch_size: int = 16) -> None:
     """Serve `model` (and `adapters` on it) until interrupted; logs one line with the URL and the models."""
-    import uvicorn
-
-    from ftlab.data.sft import stop_token_ids
-    from ftlab.models.load import context_window
-    from ftlab.use.scheduler import Scheduler
-
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    sock = listen(host, port)
+    sock = listen(host, port)  # first: torch and the model take seconds to load
     scheduler = None
     try:
+        import uvicorn
+
+        from ftlab.data.sft import stop_token_ids
+        from ftlab.models.load import context_window
+        from ftlab.use.scheduler import Scheduler
+
         weights, served = load_served_models(model, list(adapters or []))
         base = next(iter(served.values()))
         stop_ids = set().union(*(stop_token_ids(m.tokenizer) for m in served.values()))
