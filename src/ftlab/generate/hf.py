@@ -96,7 +96,7 @@ class HFEngine:
         self.share_prefix = share_prefix
         self.stop_check_every = max(1, stop_check_every)
         self.logits_processor = logits_processor
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = answer_stop_ids(model, tokenizer)
         self.pad_id = padding_id(tokenizer, self.eos_ids)
         self.stats: dict[str, float] = {}
         self._plain_cache: bool | None = None
@@ -305,7 +305,7 @@ def _texts_callback(on_result: ResultCallback | None) -> CompletionCallback | No
     return lambda index, completions: on_result(index, [c.text for c in completions])
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def answer_stop_ids(model: Any, tokenizer: Any) -> set[int]:
     """The ids a row stops on: those `generate` stops on (the model's generation config, else the
     tokenizer's EOS), plus the chat template's end-of-turn token, which SFT trains the model to end
     answers with (`stop_token_ids`; usually in the generation config already, e.g. SmolLM2's `<|im_end|>`)."""

@@ -43,7 +43,7 @@ from ftlab.data.sft import prompt_ids as sft_prompt_ids
 from ftlab.errors import UserError
 from ftlab.generate.base import GenerationConfig
 from ftlab.generate.batch import is_plain_dynamic_cache
-from ftlab.generate.hf import _eos_ids
+from ftlab.generate.hf import answer_stop_ids
 from ftlab.generate.prefill import model_device
 from ftlab.generate.sampling import top_p_filter
 from ftlab.losses import accepts_logits_to_keep, cache_kwarg
@@ -170,7 +170,7 @@ class ChatSession:
         self.notice = notice or (lambda line: None)
         self.history: list[Message] = []  # user / assistant messages, alternating; the system prompt is apart
         self.interrupted = False          # the last answer was cut short by Ctrl-C
-        self.stop_ids = _eos_ids(model, tokenizer)
+        self.stop_ids = answer_stop_ids(model, tokenizer)
         self.end_ids = answer_end_ids(tokenizer, self._terminator())
         self.device = model_device(model)
         self.positions_run = 0            # positions run through the model, all turns together

@@ -11,7 +11,7 @@ slot KV cache) and loops:
   being decoded instead of waiting for them to finish;
 * otherwise run one decoding step over every live row, whatever request it belongs to;
 * hand each row's new text to its request (`Job.emit`, for streaming) and finish rows on a stop token
-  (EOS or the chat template's end of turn: the engine's `_eos_ids` rule), a stop string or `max_tokens`;
+  (EOS or the chat template's end of turn: the engine's `answer_stop_ids` rule), a stop string or `max_tokens`;
   finished and cancelled rows (a client that went away) are evicted, freeing their slots at once.
 
 Each request keeps its own sampling settings: rows are grouped by (temperature, top_p) and each group
@@ -48,7 +48,7 @@ from ftlab.data.sft import padding_id
 from ftlab.errors import UserError
 from ftlab.generate.base import GenerationConfig, cut_at_stop
 from ftlab.generate.batch import Batch, Row, is_plain_dynamic_cache
-from ftlab.generate.hf import _eos_ids
+from ftlab.generate.hf import answer_stop_ids
 from ftlab.generate.prefill import Prefiller, model_device
 from ftlab.generate.sampling import pick_tokens, row_seed
 
@@ -131,7 +131,7 @@ class Scheduler:
         check_slot_cache(model)
         self.model, self.tokenizer, self.slots = model, tokenizer, batch_size
         self.adapters = adapters
-        self.eos_ids = _eos_ids(model, tokenizer) | (stop_ids or set())
+        self.eos_ids = answer_stop_ids(model, tokenizer) | (stop_ids or set())
         self.device = model_device(model)
         self.prefiller = Prefiller(model, padding_id(tokenizer, self.eos_ids), [], share_prefix=False,
                                    device=self.device)
