@@ -332,6 +332,35 @@ def test_bad_input_is_one_line_before_any_sampling(tmp_path, capsys, overrides, 
     assert not list((tmp_path / "runs").glob("*/*/completions"))  # nothing was sampled (no run directory at all)
 
 
+REWARD_KEYS = [
+    ("{fn: correctness, wieght: 1}", "grpo.rewards[0]: unknown key 'wieght'; did you mean 'weight'?"),
+    ("[{fn: correctness}, {fn: format, nmae: f}]", "grpo.rewards[1]: unknown key 'nmae'; did you mean 'name'?"),
+    ("{fn: correctness, weight: heavy}", "grpo.rewards[0]: wrong type for 'weight'"),
+    ("correctness", "grpo.rewards[0] must be a mapping such as {fn: correctness, weight: 1.0}; got 'correctness'"),
+]
+
+
+@pytest.mark.parametrize("where", ["recipe", "override"])
+@pytest.mark.parametrize("entries, needle", REWARD_KEYS, ids=["typo", "second-entry", "type", "not-a-mapping"])
+def test_a_bad_key_inside_a_reward_entry_names_the_entry(tmp_path, capsys, where, entries, needle):
+    """The error names grpo.rewards[i] and suggests the entry's own keys (before: `unknown key 'wieght'; did you
+    mean 'dpo.nll_weight'?`, without the path), in the recipe file as on the command line."""
+    recipe = grpo_recipe(tmp_path)
+    text = entries if entries.startswith("[") else f"[{entries}]"
+    if where == "recipe":
+        data = yaml.safe_load(recipe.read_text())
+        data["grpo"]["rewards"] = yaml.safe_load(text)
+        recipe.write_text(yaml.safe_dump(data))
+        argv, prefix = ["train", str(recipe)], f"ftlab: error: {recipe}: "
+    else:
+        argv, prefix = ["train", str(recipe), f"grpo.rewards={text}"], f"ftlab: error: override 'grpo.rewards={text}': "
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("ftlab: error:")]
+    assert len(lines) == 1 and lines[0].startswith(prefix + needle), err[-2000:]
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+
+
 def test_two_processes_match_one(tmp_path):
     """torchrun, 2 CPU processes x batch 2: each samples half of the prompts, all gather, same numbers as 1 x 4."""
     recipe = grpo_recipe(tmp_path)

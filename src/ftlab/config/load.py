@@ -152,6 +152,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
     layers.append(("", override_layer))
     cfg = OmegaConf.structured(Recipe)
     for where, layer in layers:
+        check_reward_entries(layer, where or _override_of("grpo.rewards", items))
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except ConfigKeyError as e:
@@ -175,6 +176,36 @@ def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
     apply_model_preset(cfg, origin)
     resolve_precision(cfg)
     return cfg
+
+
+def check_reward_entries(layer: Any, where: str) -> None:
+    """`grpo.rewards` entries one by one, so that an error names the entry (`grpo.rewards[1]: unknown key 'wieght';
+    did you mean 'weight'?`): merged as a whole, OmegaConf reports the key inside an entry without its path, and the
+    closest recipe key would be suggested."""
+    from ftlab.config.schema import RewardConfig
+
+    try:
+        entries = OmegaConf.select(layer, "grpo.rewards")
+    except OmegaConfBaseException:
+        return  # `grpo` is not a section here: the merge names that
+    if entries is None:
+        return
+    if not isinstance(entries, ListConfig):
+        raise UserError(f"{where}'grpo.rewards' must be a list of {{fn, weight, name}} entries; got {entries!r}")
+    allowed = [f.name for f in fields(RewardConfig)]
+    for i, entry in enumerate(entries):
+        key = f"grpo.rewards[{i}]"
+        if not isinstance(entry, DictConfig):
+            raise UserError(f"{where}{key} must be a mapping such as {{fn: correctness, weight: 1.0}}; got {entry!r}")
+        for name in entry:
+            if name not in allowed:
+                close = difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.5)
+                hint = f"; did you mean '{close[0]}'?" if close else f" (the keys are {', '.join(allowed)})"
+                raise UserError(f"{where}{key}: unknown key '{name}'{hint}")
+        try:
+            OmegaConf.merge(OmegaConf.structured(RewardConfig), entry)
+        except ValidationError as e:
+            raise UserError(f"{where}{key}: wrong type for '{_full_key(e)}': {first_line(e)}") from None
 
 
 def native_bf16() -> bool:
