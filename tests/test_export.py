@@ -213,11 +213,22 @@ def test_gguf_metadata_and_tensors_match_llama_cpp(tmp_module: Path) -> None:
     assert card["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and card["license"] == "apache-2.0"
 
 
-def test_gguf_qwen2_round_trip(tmp_path: Path, embedded_tokenizer: Any, monkeypatch: Any) -> None:
+def small_byte_level_tokenizer() -> Any:
+    """A byte-level BPE tokenizer of ~300 tokens trained here (GGUF files with it read back in a blink)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    text = ["What is 17 plus 25? The answer is 42.", "Café, naïve, 🦙: spell them.", "Every cat is a mammal."]
+    bpe.train_from_iterator(text * 20, vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def test_gguf_qwen2_round_trip(tmp_path: Path, monkeypatch: Any) -> None:
     """Qwen2 (attention biases, no q/k permutation): the f32 GGUF gives the HF model's logits and token ids.
-    The test model carries SmolLM's vocabulary, which transformers splits with Qwen2's regex in a qwen2
-    directory (a hash llama.cpp's table cannot know); llama.cpp's qwen2 pre-tokenizer is that regex, so the
-    test names it so."""
+    In a qwen2 directory transformers splits text with Qwen2's regex whatever the vocabulary; llama.cpp's
+    `qwen2` pre-tokenizer is that regex, so the test names this (test-trained) vocabulary so in the table."""
     from hashlib import sha256
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -226,21 +237,23 @@ def test_gguf_qwen2_round_trip(tmp_path: Path, embedded_tokenizer: Any, monkeypa
     from ftlab.use import gguf_export
 
     torch.manual_seed(0)
-    qwen = build_scratch_model({**TINY_SCRATCH, "model_type": "qwen2"}, embedded_tokenizer).eval()
+    small = small_byte_level_tokenizer()
+    qwen = build_scratch_model({**TINY_SCRATCH, "model_type": "qwen2"}, small).eval()
     with torch.no_grad():
         for name, p in qwen.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)  # zero biases would hide a misplaced bias tensor
     qwen.save_pretrained(tmp_path / "qwen")
-    embedded_tokenizer.save_pretrained(tmp_path / "qwen")
+    small.save_pretrained(tmp_path / "qwen")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "qwen")
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer"
     digest = sha256(str(tokenizer.encode(gguf_export.CHECK_TEXT)).encode()).hexdigest()
     monkeypatch.setitem(gguf_export.PRE_TOKENIZERS, digest, "qwen2")
     assert main(["export", str(tmp_path / "qwen"), "--out", str(tmp_path / "out"), "--gguf", "f32"]) == 0
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model.gguf", dtype=torch.float32)
     assert type(back).__name__ == "Qwen2ForCausalLM"
     back_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file="model.gguf")
-    for text in prompts(tokenizer) + [gguf_export.CHECK_TEXT]:
+    for text in ["What is 17 plus 25?", "Café, naïve, 🦙:\n\n  spell   them 12345.", gguf_export.CHECK_TEXT]:
         ids = tokenizer(text)["input_ids"]
         assert back_tokenizer(text)["input_ids"] == ids
         torch.testing.assert_close(logits(back.eval(), ids), logits(qwen, ids), atol=1e-5, rtol=0)
@@ -357,6 +370,26 @@ def test_merge_keeps_a_half_precision_base_in_its_dtype(lora_run: Path, tmp_modu
     header = (tmp_path / "out" / "model.safetensors").read_bytes()
     header = json.loads(header[8:8 + int.from_bytes(header[:8], "little")])
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+
+
+def test_qlora_run_merges_into_an_unquantized_base(lora_run: Path, reference: tuple[Any, Any], tmp_path: Path,
+                                                   caplog: Any) -> None:
+    """A QLoRA run (lora.quantize in its recipe) records its unquantized base; the export loads that base
+    afresh, unquantized, and folds the adapter in (CPU here: the same merge the GPU run's adapter gets)."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(lora_run, tmp_path / "run")
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    (tmp_path / "run" / "config.yaml").write_text(text.replace("  quantize: null", "  quantize: nf4"))
+    with caplog.at_level("INFO", logger="ftlab"):
+        assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--merge"]) == 0
+    assert any("QLoRA run: merging into a fresh unquantized copy" in r.getMessage() for r in caplog.records)
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "QLoRA (LoRA on a 4-bit NF4-quantized base)" in (tmp_path / "out" / "README.md").read_text()
+    model, tokenizer = reference
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = tokenizer(prompts(tokenizer)[0])["input_ids"]
+    torch.testing.assert_close(logits(merged, ids), logits(model, ids), atol=1e-5, rtol=0)
 
 
 def test_card_without_a_run_says_so(lora_run: Path, tmp_path: Path) -> None:
