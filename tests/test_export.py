@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import threading
 import time
@@ -261,22 +262,29 @@ def test_gguf_qwen2_round_trip(tmp_path: Path, monkeypatch: Any) -> None:
 
 def test_gguf_llama3_rope_frequencies(tmp_path: Path, embedded_tokenizer: Any) -> None:
     """Llama 3.1+ RoPE: llama.cpp reads the per-frequency scaling from a `rope_freqs` tensor; its values are
-    the ratio of plain RoPE frequencies to the llama3-scaled ones transformers computes."""
+    the ratio of plain RoPE frequencies to the llama3-scaled ones transformers computes. The heads here are
+    wider than hidden_size / heads (as in some Llama variants): llama.cpp then needs the key/value length."""
     from transformers import LlamaConfig
-    from transformers.integrations.gguf.reader import GgufHeader, load_gguf_state_dict
+    from transformers.integrations.gguf.reader import (
+        GgufHeader,
+        load_gguf_state_dict,
+        read_gguf_metadata,
+    )
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     from ftlab.models.load import build_scratch_model
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-    model = build_scratch_model({**TINY_SCRATCH, "rope_parameters": rope, "max_position_embeddings": 1024},
-                                embedded_tokenizer)
+    dim = 16  # hidden_size / heads would be 8
+    model = build_scratch_model({**TINY_SCRATCH, "rope_parameters": rope, "max_position_embeddings": 1024,
+                                 "head_dim": dim}, embedded_tokenizer)
     model.save_pretrained(tmp_path / "m")
     embedded_tokenizer.save_pretrained(tmp_path / "m")
     assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "out"), "--gguf", "f16"]) == 0
     tensors = load_gguf_state_dict(GgufHeader.from_file(str(tmp_path / "out" / "model.gguf")))
-    dim = TINY_SCRATCH["hidden_size"] // TINY_SCRATCH["num_attention_heads"]
+    metadata, _ = read_gguf_metadata(str(tmp_path / "out" / "model.gguf"))
+    assert metadata["llama.rope.dimension_count"] == metadata["llama.attention.key_length"] == dim
     plain = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**model.config.to_dict()), "cpu")
     torch.testing.assert_close(tensors["rope_freqs.weight"][...], plain / scaled)
@@ -335,21 +343,29 @@ def test_model_card_of_a_real_run(lora_run: Path, merged: Path, tmp_module: Path
     last_eval = [json.loads(x) for x in (lora_run / "metrics.jsonl").read_text().splitlines() if "eval_step" in x][-1]
     assert f"eval/loss {last_eval['eval/loss']:.4g}" in card
     argv = json.loads((lora_run / "env.json").read_text())["argv"]
-    assert " ".join(argv[1:]) in card
+    assert shlex.join(argv[1:]) in card  # the training command as env.json recorded it
     assert f"ftlab export {lora_run} --out {merged} --merge --gguf f32" in card
-    # the quickstart's held-out results beside the SFT step: accuracy with its interval and the rule
+    # a quickstart job (the SFT run inside it) named as SOURCE: its held-out accuracy with interval and rule
     job = lora_run.parent.parent
     rows = [{"correct": i % 4 != 0, "extracted": "True"} for i in range(40)]
-    (job / "metrics_tuned.json").write_text(json.dumps({"3": two_rule_metrics(rows, "the last True/False")}))
+    written = {"metrics_tuned.json": {"3": two_rule_metrics(rows, "the last True/False")},
+               "summary.json": {"kind": "quickstart", "status": "complete", "sft_run": str(lora_run),
+                                "heldout": "40 generated 3-hop problems"}}
+    for name, content in written.items():
+        (job / name).write_text(json.dumps(content))
+    shutil.copy(lora_run / "config.yaml", job / "config.yaml")
     out = tmp_module / "card"
     try:
-        assert main(["export", str(lora_run), "--out", str(out)]) == 0
+        assert main(["export", str(job), "--out", str(out)]) == 0
     finally:
-        (job / "metrics_tuned.json").unlink()
+        for name in [*written, "config.yaml"]:
+            (job / name).unlink()
     lo, hi = bootstrap_ci([r["correct"] for r in rows])
     card = (out / "README.md").read_text()
+    assert (out / "adapter_model.safetensors").read_bytes() == (lora_run / "final" / "adapter_model.safetensors").read_bytes()
     assert f"75.0% (95% CI {100 * lo:.1f}-{100 * hi:.1f}%), n=40" in card
     assert "Accuracy rule: strict, else flexible; extraction: the last True/False" in card
+    assert "Held-out problems: 40 generated 3-hop problems" in card
 
 
 def test_merge_keeps_a_half_precision_base_in_its_dtype(lora_run: Path, tmp_module: Path, tmp_path: Path,

@@ -109,11 +109,31 @@ def locate_source(spec: str) -> Exported:
 
     if spec not in EMBEDDED and not Path(spec).expanduser().exists():
         raise UserError(f"{spec}: no such training run, adapter or model directory")
-    source = resolve_source(spec)  # a run without final/ is refused here, naming what it has instead
+    source = resolve_source(quickstart_model(spec))  # a run without final/ is refused here, naming what it has instead
     path = Path(resolve_model_path(source.name))
     run = source.run or enclosing_run(path)
     run = run.resolve() if run is not None else None  # runs/sft/latest: the run's own name in the card
     return Exported(spec, path, is_adapter_dir(str(path)), run, read_run_config(run))
+
+
+def quickstart_model(spec: str) -> str:
+    """A quickstart job directory stands for its SFT run (the job has no final/ of its own; its summary names
+    the run that trained the model)."""
+    import json
+
+    from ftlab.use.source import is_run_dir
+
+    path = Path(spec).expanduser()
+    if not is_run_dir(path) or (path / "final").is_dir():
+        return spec
+    try:
+        sft_run = json.loads((path / "summary.json").read_text(encoding="utf-8")).get("sft_run")
+    except (OSError, ValueError):
+        return spec
+    if sft_run and (Path(sft_run) / "final").is_dir():
+        log.info("%s is a quickstart job: exporting the model its SFT run trained, %s", spec, sft_run)
+        return str(sft_run)
+    return spec
 
 
 def local_config(name: str) -> tuple[dict, Path | None]:

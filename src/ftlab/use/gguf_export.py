@@ -146,6 +146,9 @@ def add_hyperparameters(writer: Any, config: dict, arch: str, file_type: int) ->
     if arch == "llama":
         writer.add_vocab_size(config["vocab_size"])
         writer.add_rope_dimension_count(head_dim(config))
+    if head_dim(config) != config["hidden_size"] // config["num_attention_heads"]:  # llama.cpp assumes it otherwise
+        writer.add_key_length(head_dim(config))
+        writer.add_value_length(head_dim(config))
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
