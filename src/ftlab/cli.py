@@ -43,6 +43,8 @@ def setup_console_logging(verbose: bool = False) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if not sys.stderr.isatty():  # "Loading weights" bars on every model load are noise in a log or a pipe
+        hf_logging.disable_progress_bar()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
