@@ -150,6 +150,10 @@ class GRPOConfig:
     generation_batch_size: int = 64      # row slots of the generation engine
     rewards: list[RewardConfig] = field(default_factory=list)  # empty: the task's correctness
     log_completions_every: Optional[int] = 10  # print a group of completions every N steps (all: completions/)
+    engine: str = "hf"                   # hf | vllm: vLLM in the training process (colocate), weights pushed each
+                                         # round (GPU + vllm; falls back to hf with a warning elsewhere)
+    vllm: dict[str, Any] = field(default_factory=dict)  # extra vllm.LLM arguments (gpu_memory_utilization, dtype, ...)
+    vllm_sync_timeout: float = 300.0     # seconds a weight push to vLLM may take before the run fails in one line
 
 
 @dataclass
@@ -184,13 +188,18 @@ class SweepConfig:
 @dataclass
 class LoopConfig:
     """`ftlab loop`: SOKRATES's OaK loop (ftlab.loops.oak). SFT on optionized traces (data.task: sokrates), then
-    per iteration: sample -> verify -> pairs -> [option head] -> DPO from the previous policy -> held-out eval."""
+    per iteration: sample -> verify -> pairs -> [option head] -> DPO from the previous policy -> held-out eval
+    (loop.optimizer: grpo: GRPO from the previous policy on the problems -> held-out eval)."""
 
     dir: Optional[str] = None            # the loop directory (re-running resumes it); null: <output_dir>/loop/<name>
     iterations: int = 2                  # OaK iterations after SFT (may be raised to continue a finished loop)
     sft: bool = True                     # stage 0: SFT on data.train from model.*; false: start from model.* as is
     sft_overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys for the SFT stage only
     dpo_overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys for the DPO stages (lr, epochs, beta)
+    optimizer: str = "dpo"               # dpo: traces -> pairs -> DPO; grpo: GRPO on the problems, rewarded by the
+                                         # verifier's step validity and the answer (ftlab.loops.oak)
+    grpo_overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys for the GRPO stages (lr, steps,
+                                         # grpo.rewards and their weights, grpo.num_generations, ...)
     problems: Optional[str] = None       # problems to sample on; null: data.train
     max_problems: Optional[int] = None   # the first N of them (the seed: 1,500)
     heldout: Optional[str] = None        # held-out problems for evaluation; null: data.val
@@ -298,6 +307,8 @@ CHOICES = {
     "pretrain.spike_action": ("log", "skip"),
     "eval.engine": ("hf", "vllm"),
     "loop.engine": ("hf", "vllm"),
+    "loop.optimizer": ("dpo", "grpo"),
+    "grpo.engine": ("hf", "vllm"),
     "eval.precision": ("fp32", "bf16", "fp16", "auto"),
 }
 
@@ -350,6 +361,7 @@ RANGES: dict[str, str] = {
     "grpo.max_completion_length": ">= 1",
     "grpo.generation_batch_size": ">= 1",
     "grpo.log_completions_every": ">= 1",
+    "grpo.vllm_sync_timeout": "> 0",
     "pretrain.seq_len": ">= 1",
     "pretrain.num_categories": ">= 1",
     "pretrain.category_seed": ">= 0",

@@ -2,7 +2,8 @@
 
 A *round* is one batch of rollouts: P prompts, each sampled G times (`grpo.num_generations`) by the HF engine
 (`HFEngine.generate_full`, one shared prefill per prompt, per-row seeds from the run's seed and the round's
-first step), on the policy as it is (unwrapped, eval mode, under the loop's autocast). The rewards score every
+first step), on the policy as it is (unwrapped, eval mode, under the loop's autocast), or by vLLM in this
+process, given the policy's weights first (`grpo.engine: vllm`, `grpo_vllm.py`). The rewards score every
 completion (`train/rewards.py`), `group_advantages` makes them relative to the prompt's group, and the loop then
 takes `grpo.num_iterations` (mu) optimizer steps on the round's completions. A step trains on
 train.batch_size x train.grad_accum x processes completions, so P = that / G.
@@ -64,6 +65,8 @@ from ftlab.train.rewards import Reward, resolve_rewards, score_completions
 
 log = logging.getLogger("ftlab")
 
+# A logits hook for a round's prompts: (their rows, the HF engine) -> `ftlab.generate.sampling.LogitsHook`
+Constraint = Callable[[list["PromptRow"], Any], Any]
 UNITS = {"dapo": "completion_tokens", "grpo": "completions", "dr_grpo": "completion_slots", "bnpo": "micro_batches"}
 TOKEN_MEANS = ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl")
 
@@ -111,7 +114,7 @@ class GRPOObjective(Objective):
     name = "grpo"
 
     def __init__(self, cfg: DictConfig, prompts: list[PromptRow], dropped: int, rewards: list[Reward], task: Any,
-                 tokenizer: Any, rank: int = 0, world: int = 1):
+                 tokenizer: Any, rank: int = 0, world: int = 1, constraint: Constraint | None = None):
         t, self.g = cfg.train, cfg.grpo
         self.cfg, self.prompts, self.dropped, self.rewards, self.task = cfg, prompts, dropped, rewards, task
         self.tokenizer, self.rank, self.world, self.pad_id = tokenizer, rank, world, tokenizer.pad_token_id
@@ -123,6 +126,8 @@ class GRPOObjective(Objective):
         self.current: Round | None = None
         self.loop: Any = None
         self.reference: Any = None  # beta > 0: "adapters_off" or a frozen copy (before_training)
+        self.constraint = constraint
+        self.vllm: Any = None       # grpo.engine=vllm where vLLM runs: `grpo_vllm.VLLMRollouts` (before_training)
         from ftlab.train.sft import generation_examples, val_batches
 
         self._val = val_batches(cfg, tokenizer) if cfg.data.task != GENERIC else []
@@ -177,21 +182,20 @@ class GRPOObjective(Objective):
         return out
 
     def generate(self, rows: list[int], seed: int) -> list[list[Any]]:
-        from ftlab.generate import GenerationConfig, HFEngine
+        from ftlab.generate import GenerationConfig
+        from ftlab.train.grpo_vllm import hf_generate
 
         if not rows:
             return []
         model = self.loop.accelerator.unwrap_model(self.loop.model)
         cfg = GenerationConfig(max_new_tokens=self.g.max_completion_length, temperature=self.g.temperature,
                                top_p=self.g.top_p, n=self.group, batch_size=self.g.generation_batch_size, seed=seed)
-        was_training = model.training
-        model.eval()  # no dropout while sampling
-        try:
-            with self.loop.autocast():
-                return HFEngine(model, self.tokenizer).generate_full([self.prompts[i].text for i in rows], cfg,
-                                                                     progress=False)
-        finally:
-            model.train(was_training)
+        texts = [self.prompts[i].text for i in rows]
+        if self.vllm is not None:
+            return self.vllm.generate(model, texts, cfg, f"step {self.loop.done + 1}")
+        hook = None if self.constraint is None else (lambda engine: self.constraint([self.prompts[i] for i in rows],
+                                                                                      engine))
+        return hf_generate(model, self.tokenizer, texts, cfg, self.loop.autocast, hook)
 
     def score(self, rows: list[int], texts: list[str], ids: list[list[int]]) -> list[list[float]]:
         """Every reward's values for these completions (see `train/rewards.py` for the arguments)."""
@@ -326,12 +330,22 @@ class GRPOObjective(Objective):
     # -- set-up and logs ---------------------------------------------------------------------------------
     def before_training(self, loop: Any) -> None:
         self.loop = loop
+        if self.g.engine == "vllm":
+            from ftlab.train.grpo_vllm import start_vllm
+
+            self.vllm = start_vllm(self.cfg, loop, self.tokenizer, self.rank, self.world)
         if self.g.beta > 0:
             if fresh_lora(self.cfg):
                 self.reference = "adapters_off"  # LoRA starts at zero: the base is the initial policy
             else:  # before a checkpoint is restored: the initial weights
                 self.reference = copy.deepcopy(loop.accelerator.unwrap_model(loop.model)).requires_grad_(False).eval()
                 log.debug("grpo.beta=%s: reference = a frozen copy of the initial weights", self.g.beta)
+
+    def close(self) -> None:
+        """Shut vLLM down (its weights and KV cache); the loop itself has no end-of-run hook, `run_grpo` calls this."""
+        if self.vllm is not None:
+            self.vllm.close()
+            self.vllm = None
 
     def log_preflight(self) -> None:
         g, p = self.g, self.per_step // self.group
@@ -499,24 +513,40 @@ def deepspeed_zero_stage() -> int | None:
     return None if plugin is None else plugin.zero_stage
 
 
-def build_objective(cfg: DictConfig, tokenizer: Any, rank: int = 0, world: int = 1) -> GRPOObjective:
-    """Everything checked before the run directory exists and before any sampling: batch, rewards, prompts."""
-    t, g = cfg.train, cfg.grpo
+def build_objective(cfg: DictConfig, tokenizer: Any, rank: int = 0, world: int = 1,
+                    constraint: Constraint | None = None) -> GRPOObjective:
+    """Everything checked before the run directory exists and before any sampling: batch, rewards, prompts.
+    `constraint`: a logits hook factory for the HF engine's sampling (the OaK loop's Action-line constraint)."""
     if deepspeed_zero_stage() == 3:
         raise UserError("train.method=grpo under DeepSpeed ZeRO-3: sampling needs whole weights on every process; "
                         "use ZeRO-2 or DDP")
+    check_batch(cfg, world)
+    rewards = resolve_rewards(list(cfg.grpo.rewards), None if cfg.data.task == GENERIC else cfg.data.task)
+    task, prompts, dropped = load_prompts(cfg, tokenizer)
+    return GRPOObjective(cfg, prompts, dropped, rewards, task, tokenizer, rank, world, constraint)
+
+
+def check_batch(cfg: DictConfig, world: int = 1) -> None:
+    t, g = cfg.train, cfg.grpo
     per_step = t.batch_size * t.grad_accum * world
     if per_step % g.num_generations:
         raise UserError(f"train.batch_size x train.grad_accum x processes = {t.batch_size} x {t.grad_accum} x {world} "
                         f"= {per_step} completions per step is not a multiple of grpo.num_generations="
                         f"{g.num_generations} (each prompt's group must be whole)")
-    rewards = resolve_rewards(list(g.rewards), None if cfg.data.task == GENERIC else cfg.data.task)
-    task, prompts, dropped = load_prompts(cfg, tokenizer)
-    return GRPOObjective(cfg, prompts, dropped, rewards, task, tokenizer, rank, world)
 
 
-def run_grpo(cfg: DictConfig) -> RunDir | None:
+def run_grpo(cfg: DictConfig, constraint: Constraint | None = None) -> RunDir | None:
     """Train as the recipe says; returns the finished run directory (None on ranks other than 0)."""
     from ftlab.train.loop import train
 
-    return train(cfg, build_objective)
+    made: list[GRPOObjective] = []
+
+    def build(cfg: DictConfig, tokenizer: Any, rank: int, world: int) -> GRPOObjective:
+        made.append(build_objective(cfg, tokenizer, rank, world, constraint))
+        return made[-1]
+
+    try:
+        return train(cfg, build)
+    finally:
+        for objective in made:
+            objective.close()
