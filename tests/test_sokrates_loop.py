@@ -431,6 +431,104 @@ def test_sigkill_during_a_stage_then_rerun_recomputes_only_that_stage(tmp_path):
     assert not list(loop_dir.glob("iter_*/.*.tmp")) and json.loads((loop_dir / "summary.json").read_text())["status"] == "complete"
 
 
+FLAKY_REWARD = """
+import os
+
+CALLS = []
+
+
+def flaky(completions, **kwargs):
+    \"\"\"0 for every completion; raises on its second round while the flag file exists (an interrupted stage).\"\"\"
+    CALLS.append(len(completions))
+    if len(CALLS) == 2 and os.path.exists({flag!r}):
+        raise RuntimeError("stopped on purpose")
+    return [0.0] * len(completions)
+"""
+
+
+def test_grpo_loop_rewards_steps_and_answers_then_resumes_and_skips(tmp_path, monkeypatch, embedded_tokenizer):
+    """loop.optimizer=grpo, one iteration on hand-written traces (a valid proof, a wrong verdict, an invalid step,
+    a malformed step per group): the GRPO stage trains the SFT policy with reward = correctness + 0.5 x step
+    validity (the weights from loop.grpo_overrides), sampling under the Action-line constraint; a stage stopped
+    after its step-1 checkpoint resumes from it, and a third run skips every stage."""
+    from ftlab.loops.oak import run_loop
+    from ftlab.runs.trackers import read_metrics
+    from ftlab.sokrates.constrain import OptionConstraint
+
+    task = get_task("sokrates")
+    train, heldout = task.load("generate:4,hops=2-3,seed=1"), task.load("generate:4,hops=2-3,seed=2")
+    answer = scripted(train + heldout, embedded_tokenizer)
+    rounds = []
+
+    def generate_full(self, prompts, cfg, on_result=None, progress=True):
+        if cfg.n == 4:  # a GRPO round (evaluation samples 1 and 2)
+            rounds.append((list(prompts), self.logits_processor))
+        return answer(self, prompts, cfg, on_result, progress)
+
+    monkeypatch.setattr(HFEngine, "generate_full", generate_full)
+    flag = tmp_path / "stop"
+    flag.write_text("")
+    (tmp_path / "flaky.py").write_text(FLAKY_REWARD.format(flag=str(flag)))
+    rewards = [{"fn": "correctness", "weight": 1.0}, {"fn": "step_validity", "weight": 0.5},
+               {"fn": f"{tmp_path / 'flaky.py'}:flaky", "weight": 0.0}]
+    recipe = loop_recipe(tmp_path, optimizer="grpo", constrained=True, grpo_overrides={
+        "train.max_steps": 2, "train.batch_size": 4, "train.save_every": 1, "grpo.num_generations": 4,
+        "grpo.max_completion_length": 256, "grpo.rewards": rewards, "optim.lr": 0.05})
+    with pytest.raises(UserError, match="reward 'flaky'.*stopped on purpose"):
+        run_loop(load_recipe(recipe))
+    path = tmp_path / "runs" / "loop" / "oak"
+    assert json.loads((path / "summary.json").read_text())["status"] == "failed"
+    assert list(path.glob("iter_1/.grpo.tmp/grpo/*/checkpoints/step_000001/state.json"))
+    assert not (path / "iter_1" / "grpo").exists()
+    flag.unlink()
+    run_loop(load_recipe(recipe))
+
+    lines = [line.split(" ", 2)[2].split(" in ")[0] for line in (path / "stages.log").read_text().splitlines()]
+    assert lines == ["iter_0/sft computed", "iter_0/eval computed", "iter_0/sft skipped (complete)",
+                     "iter_0/eval skipped (complete)", "iter_1/grpo computed", "iter_1/eval computed"]
+    assert not (path / "iter_1" / "traces").exists() and not (path / "iter_1" / "dpo").exists()
+    stage = json.loads((path / "iter_1" / "grpo" / "stage.json").read_text())
+    assert "step_000001" in stage["summary"]["resumed_from"] and stage["summary"]["steps"] == 2
+    run = path / stage["model"]
+    assert (run / "model.safetensors").is_file()  # the SFT stage's full model, trained further
+    assert (path / "iter_1" / "grpo") in run.parents
+
+    # every group: the four hand-written traces; reward = correctness + 0.5 x the verifier's share of valid steps
+    by_id = {ex.id: ex for ex in train}
+    run_dir = run.parent
+    written = sorted(path.glob("iter_1/grpo/grpo/2*/completions/step_*.jsonl"))  # step 1: the interrupted run's
+    assert [p.name for p in written] == ["step_000001.jsonl", "step_000002.jsonl"]
+    assert written[1].parents[1] == run_dir
+    for file in written:
+        rows = [json.loads(x) for x in file.read_text().splitlines()]
+        assert len(rows) == 4 and len({r["id"] for r in rows}) == 1
+        problem = by_id[rows[0]["id"]].meta["problem"]
+        for r in rows:
+            report = verify_trace(problem, r["completion"])
+            share = sum(report.step_valid) / len(report.step_valid) if report.step_valid else 0.0
+            assert r["reward"] == pytest.approx(float(report.answer_correct) + 0.5 * share)
+        assert rows[0]["reward"] == 1.5 and rows[0]["advantage"] == max(r["advantage"] for r in rows)
+    metrics = {r["train_step"]: r for file in (written[0].parents[1], run_dir)
+               for r in read_metrics(file / "metrics.jsonl") if "train/loss" in r}
+    assert metrics[2]["train/grad_norm"] > 0 and metrics[2]["train/frac_reward_zero_std"] == 0.0
+    # the rounds were sampled under the Action-line constraint of their own problem
+    assert rounds and all(isinstance(hook, OptionConstraint) for _, hook in rounds)
+    for prompts, hook in rounds:
+        ex = next(e for e in train if e.question in prompts[0])
+        assert hook.premises == [len(ex.meta["problem"].premises)]
+
+    row = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()][1]
+    assert row["iteration"] == 1 and row["grpo_steps"] == 2 and "answer_accuracy" in row
+    assert row["grpo_reward_first"] == pytest.approx(metrics[1]["train/reward"])  # the interrupted attempt's step
+    assert row["grpo_reward_last"] == pytest.approx(metrics[2]["train/reward"])
+    assert row["grpo_correctness_last"] == pytest.approx(0.5)  # valid + invalid-step traces answer right
+    before = stage_files(path)
+    run_loop(load_recipe(recipe))  # complete: every stage is skipped, nothing is written again
+    assert stage_files(path) == before
+    assert (path / "stages.log").read_text().splitlines()[-4:][0].endswith("iter_0/sft skipped (complete)")
+    assert all(line.endswith("skipped (complete)") for line in (path / "stages.log").read_text().splitlines()[-4:])
+
+
 def test_another_recipes_loop_directory_is_refused_in_one_line(tmp_path, capsys):
     from ftlab.cli import main
     from ftlab.loops.stages import LoopDir
@@ -449,6 +547,26 @@ def test_another_recipes_loop_directory_is_refused_in_one_line(tmp_path, capsys)
     assert main(["loop", str(recipe), "loop.dpo_overrides={optim.lrr: 1}"]) == 2
     assert "loop.dpo_overrides" in capsys.readouterr().err
     assert not list((tmp_path / "runs").rglob("summary.json"))
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("loop.grpo_overrides={grpo.rewards: [{fn: correctness, wieght: 2}]}",
+     "loop.grpo_overrides: grpo.rewards[0]: unknown key 'wieght'; did you mean 'weight'?"),
+    ("loop.grpo_overrides={train.batch_size: 3}", "loop.optimizer=grpo: train.batch_size x train.grad_accum x processes"),
+    ("loop.grpo_overrides={grpo.rewards: [{fn: 'no_such_module_xyz:f'}]}",
+     "loop.optimizer=grpo: grpo.rewards[0].fn='no_such_module_xyz:f': cannot import"),
+    ("grpo.max_completion_length=1024", "loop.optimizer=grpo: grpo.max_completion_length=1024 leaves no room"),
+    ("loop.grpo_overrides={grpo.engine: vllm}", "grpo.engine=vllm with loop.constrained"),
+])
+def test_grpo_loop_settings_are_refused_before_any_stage(tmp_path, capsys, override, needle):
+    from ftlab.cli import main
+
+    recipe = loop_recipe(tmp_path, optimizer="grpo", constrained=True,
+                         grpo_overrides={"train.batch_size": 4, "grpo.num_generations": 4})
+    assert main(["loop", str(recipe), override]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("ftlab: error:")]
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_two_processes_split_the_problems_and_gather_the_same_traces(tmp_path):

@@ -8,6 +8,15 @@
     iter_k/dpo      DPO from the previous policy on those pairs (the reference is the previous policy)
     iter_k/eval     held-out: answer accuracy, step validity, fully valid proofs, pass@k, answer calibration
 
+With `loop.optimizer: grpo` an iteration is instead
+
+    iter_k/grpo     GRPO from the previous policy on the training problems: each step samples G traces per
+                    problem (under the Action-line constraint with loop.constrained) and rewards them with the
+                    answer (correctness) and the verifier's share of valid steps (step_validity), weights 1 and 1
+                    unless grpo.rewards or loop.grpo_overrides say otherwise; the recipe's grpo.* settings with
+                    loop.grpo_overrides on top (`oak_stages.grpo_stage_config`)
+    iter_k/eval     as above
+
 Every stage is a directory written whole (`stages.LoopDir`); re-running the same recipe skips finished
 stages, another recipe's loop directory is refused. `metrics.jsonl` (one row per iteration), `summary.json`
 and `metrics.png` are rebuilt from the stage outputs after every iteration.
@@ -33,6 +42,8 @@ from ftlab.loops.oak_stages import (
     as_policy,
     dpo_stage,
     eval_stage,
+    grpo_stage,
+    grpo_stage_config,
     head_stage,
     pairs_stage,
     sft_stage,
@@ -51,7 +62,7 @@ def run_loop(cfg: DictConfig) -> Path:
 
     state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True no gloo group forms on a CPU
     rank, world = state.process_index, state.num_processes
-    task = check_recipe(cfg)
+    task = check_recipe(cfg, world)
     lp, d = cfg.loop, cfg.data
     train_problems = task.load(lp.problems or d.train, split=d.train_split, limit=lp.max_problems)
     heldout = task.load(lp.heldout or d.val, split=d.val_split, limit=lp.heldout_limit)
@@ -66,12 +77,11 @@ def run_loop(cfg: DictConfig) -> Path:
         ldir.run(0, "eval", lambda tmp: eval_stage(ctx, policy, heldout, tmp))
         write_metrics(ctx)
         for k in range(1, lp.iterations + 1):
-            traces = ldir.run(k, "traces", lambda tmp: traces_stage(ctx, policy, train_problems, k, tmp))
-            ldir.run(k, "pairs", lambda tmp: pairs_stage(ctx, train_problems, k, traces["templated"], tmp))
-            if lp.option_head:
-                ldir.run(k, "head", lambda tmp: head_stage(ctx, policy, train_problems, k, tmp))
-            policy = as_policy(ctx, ldir.run(k, "dpo", lambda tmp: dpo_stage(ctx, policy, k, tmp), keep_partial=True),
-                               policy)
+            if lp.optimizer == "grpo":
+                policy = as_policy(ctx, ldir.run(k, "grpo", lambda tmp: grpo_stage(ctx, policy, k, tmp),
+                                                 keep_partial=True), policy)
+            else:
+                policy = dpo_iteration(ctx, ldir, policy, train_problems, k)
             ldir.run(k, "eval", lambda tmp: eval_stage(ctx, policy, heldout, tmp))
             write_metrics(ctx)
     except BaseException as e:
@@ -86,7 +96,16 @@ def run_loop(cfg: DictConfig) -> Path:
     return ldir.path
 
 
-def check_recipe(cfg: DictConfig) -> Any:
+def dpo_iteration(ctx: Ctx, ldir: LoopDir, policy: dict[str, Any], problems: list, k: int) -> dict[str, Any]:
+    """traces -> pairs -> [head] -> DPO; returns the new policy."""
+    traces = ldir.run(k, "traces", lambda tmp: traces_stage(ctx, policy, problems, k, tmp))
+    ldir.run(k, "pairs", lambda tmp: pairs_stage(ctx, problems, k, traces["templated"], tmp))
+    if ctx.loop.option_head:
+        ldir.run(k, "head", lambda tmp: head_stage(ctx, policy, problems, k, tmp))
+    return as_policy(ctx, ldir.run(k, "dpo", lambda tmp: dpo_stage(ctx, policy, k, tmp), keep_partial=True), policy)
+
+
+def check_recipe(cfg: DictConfig, world: int = 1) -> Any:
     """Everything a user can get wrong, as one line, before anything is written."""
     from ftlab.tasks import get_task
 
@@ -107,7 +126,28 @@ def check_recipe(cfg: DictConfig) -> Any:
             raise UserError(f"loop.pass_k: pass@{k} needs loop.eval_samples >= {k}; got {lp.eval_samples}")
     stage_config(cfg, "loop.sft_overrides", {})
     stage_config(cfg, "loop.dpo_overrides", {"train.method": "dpo"})
+    if lp.optimizer == "grpo":
+        check_grpo_stage(cfg, world)
     return get_task(d.task, **d.task_options)
+
+
+def check_grpo_stage(cfg: DictConfig, world: int) -> None:
+    """What the GRPO stages would refuse, before the SFT stage runs: settings, batch, reward functions."""
+    from ftlab.train.grpo import check_batch
+    from ftlab.train.grpo import check_recipe as check_grpo
+    from ftlab.train.rewards import resolve_rewards
+
+    where = "loop.optimizer=grpo: "
+    stage = grpo_stage_config(cfg, {}, 1, None)
+    if stage.grpo.engine == "vllm" and cfg.loop.constrained:
+        raise UserError(f"{where}grpo.engine=vllm with loop.constrained: the Action-line constraint is a logits hook "
+                        "of ftlab's HF engine; set one of them differently")
+    try:
+        check_grpo(stage)
+        check_batch(stage, world)
+        resolve_rewards(list(stage.grpo.rewards), stage.data.task)
+    except UserError as e:
+        raise UserError(f"{where}{e}") from None
 
 # -- metrics ---------------------------------------------------------------------------------------
 def metric_rows(ctx: Ctx) -> list[dict[str, Any]]:
@@ -126,6 +166,9 @@ def metric_rows(ctx: Ctx) -> list[dict[str, Any]]:
             row.update({f"head_{key}": v for key, v in hd["head"].items()})
         if (dp := ctx.ldir.result(k, "dpo")) is not None:
             row["dpo_final_loss"] = (dp.get("summary") or {}).get("final_loss")
+        if (gr := ctx.ldir.result(k, "grpo")) is not None:
+            row.update({f"grpo_{key}": gr.get(key) for key in ("steps", "reward_first", "reward_last")})
+            row.update({f"grpo_{name}_last": v for name, v in (gr.get("rewards_last") or {}).items()})
         rows.append(row)
     return rows
 

@@ -30,18 +30,22 @@ class Ctx:
         self.cfg, self.loop, self.task, self.ldir, self.rank, self.world = cfg, cfg.loop, task, ldir, rank, world
 
 
-def stage_config(cfg: DictConfig, overrides_key: str, forced: dict[str, Any]) -> DictConfig:
-    """The recipe with a stage's dotted overrides (user's, then the loop's own), checked like a recipe."""
-    from ftlab.config.load import check_choices, check_ranges
+def stage_config(cfg: DictConfig, overrides_key: str, forced: dict[str, Any],
+                 defaults: dict[str, Any] | None = None) -> DictConfig:
+    """The recipe with a stage's dotted overrides (the stage's defaults, the user's, then the loop's own), checked
+    like a recipe."""
+    from ftlab.config.load import check_choices, check_ranges, check_reward_entries
 
     out = OmegaConf.structured(cfg)  # a copy that keeps the schema's types
     user = dict(OmegaConf.select(cfg, overrides_key) or {})
-    for key, value in {**user, **forced}.items():
+    where = f"{overrides_key}: "
+    if "grpo.rewards" in user:  # an entry's bad key named as grpo.rewards[i]
+        check_reward_entries(OmegaConf.create({"grpo": {"rewards": user["grpo.rewards"]}}), where)
+    for key, value in {**(defaults or {}), **user, **forced}.items():
         try:
             OmegaConf.update(out, key, value, merge=True)
         except OmegaConfBaseException as e:
             raise UserError(f"{overrides_key}: bad key or value {key}={value!r}: {str(e).splitlines()[0]}") from None
-    where = f"{overrides_key}: "
     check_choices(out, lambda key: where)
     check_ranges(out, lambda key: where)
     return out
@@ -66,7 +70,8 @@ def sft_stage(ctx: Ctx, tmp: Path) -> dict[str, Any] | None:
     cfg = stage_config(ctx.cfg, "loop.sft_overrides", {
         "train.method": "sft", "kind": "sft", "name": "sft", "output_dir": str(tmp),
         "train.resume": interrupted_run(tmp, "sft"), "train.save_final": True})
-    run = run_sft(cfg)
+    with own_run_log():
+        run = run_sft(cfg)
     return {"model": _relative(ctx, run, tmp, 0, "sft"), "summary": run.summary} if run else None
 
 
@@ -86,9 +91,73 @@ def dpo_stage(ctx: Ctx, policy: dict[str, Any], k: int, tmp: Path) -> dict[str, 
               **{f"model.{key}": v for key, v in policy.items()}}
     if OmegaConf.merge(ctx.cfg.model, policy).adapter:
         forced["lora.enabled"] = False
-    run = run_dpo(stage_config(ctx.cfg, "loop.dpo_overrides", forced),
-                  pairs=[{key: r[key] for key in ("prompt", "chosen", "rejected", "partial") if key in r} for r in rows])
+    with own_run_log():
+        run = run_dpo(stage_config(ctx.cfg, "loop.dpo_overrides", forced),
+                      pairs=[{key: r[key] for key in ("prompt", "chosen", "rejected", "partial") if key in r} for r in rows])
     return {"model": _relative(ctx, run, tmp, k, "dpo"), "pairs": len(rows), "summary": run.summary} if run else None
+
+
+# loop.optimizer: grpo. The rewards when the recipe names none in grpo.rewards: the answer, and the verifier's
+# share of valid steps (so a trace with a wrong verdict still earns for its valid steps, and a right verdict
+# reached through invalid steps earns less than a fully valid proof). Weights: loop.grpo_overrides.
+LOOP_REWARDS = [{"fn": "correctness", "weight": 1.0, "name": None}, {"fn": "step_validity", "weight": 1.0, "name": None}]
+
+
+def grpo_stage_config(cfg: DictConfig, policy: dict[str, Any], k: int, tmp: Path | None) -> DictConfig:
+    """The GRPO stage's recipe: the recipe's grpo.* and training settings, loop.grpo_overrides on top, trained
+    from `policy` on the loop's training problems (loop.problems or data.train, the first loop.max_problems)."""
+    lp, d = cfg.loop, cfg.data
+    forced = {"train.method": "grpo", "kind": "grpo", "name": f"iter{k}", "train.save_final": True,
+              "data.train": lp.problems or d.train, "data.limit": lp.max_problems, "data.val": None,
+              **{f"model.{key}": v for key, v in policy.items()}}
+    if tmp is not None:
+        forced.update({"output_dir": str(tmp), "train.resume": interrupted_run(tmp, "grpo")})
+    if OmegaConf.merge(cfg.model, policy).adapter:  # keep training the policy's adapter, not a second one on it
+        forced["lora.enabled"] = False
+    defaults = {} if len(cfg.grpo.rewards) else {"grpo.rewards": LOOP_REWARDS}
+    return stage_config(cfg, "loop.grpo_overrides", forced, defaults)
+
+
+def grpo_stage(ctx: Ctx, policy: dict[str, Any], k: int, tmp: Path) -> dict[str, Any] | None:
+    """GRPO from the previous policy: rounds of sampled traces on the training problems, rewarded by the verifier
+    and the answer (`grpo_stage_config`); with loop.constrained the rounds are sampled under the Action-line
+    constraint (the loss still takes the policy's own log-probs, as DPO does on constrained traces)."""
+    from ftlab.runs.trackers import read_metrics
+    from ftlab.train.grpo import run_grpo
+
+    constraint = None
+    if ctx.loop.constrained:
+        def constraint(rows: list, engine: Any) -> Any:
+            return option_constraint(ctx, engine.tokenizer, [r.example.meta["problem"] for r in rows], engine.eos_ids)
+
+    cfg = grpo_stage_config(ctx.cfg, policy, k, tmp)
+    with own_run_log():
+        run = run_grpo(cfg, constraint)
+    if run is None:
+        return None
+    # per step, from every run of this stage (an interrupted attempt's steps, then the run that resumed it)
+    steps = {r["train_step"]: r for folder in sorted(tmp.glob("grpo/2*_*")) if (folder / "metrics.jsonl").is_file()
+             for r in read_metrics(folder / "metrics.jsonl") if "train/reward" in r}
+    first, last = (steps[min(steps)], steps[max(steps)]) if steps else ({}, {})
+    per_reward = {key.split("/")[2]: v for key, v in last.items() if key.startswith("train/rewards/") and
+                  key.endswith("/mean")}
+    return {"model": _relative(ctx, run, tmp, k, "grpo"), "steps": run.summary.get("steps"),
+            "reward_first": first.get("train/reward"), "reward_last": last.get("train/reward"),
+            "rewards_last": per_reward,
+            "rewards": OmegaConf.to_container(cfg.grpo.rewards), "summary": run.summary}
+
+
+@contextmanager
+def own_run_log() -> Iterator[None]:
+    """A training stage's run.log takes the log lines of that run only: its handler stays attached after the run
+    (until the next run replaces it), and would take the next stages' lines too (in its finished stage directory)."""
+    try:
+        yield
+    finally:
+        logger = logging.getLogger("ftlab")
+        for handler in [h for h in logger.handlers if getattr(h, "_ftlab_run", False)]:
+            logger.removeHandler(handler)
+            handler.close()
 
 
 def interrupted_run(tmp: Path, kind: str) -> str | None:
@@ -151,13 +220,7 @@ def sample(ctx: Ctx, model: Any, tokenizer: Any, engine: Any, examples: list, n:
     prompts = [ctx.task.render_prompt(examples[i], 0, tokenizer, ctx.cfg.data.chat_template) for i in mine]
     constraint = None
     if ctx.loop.constrained and hasattr(engine, "logits_processor"):
-        from ftlab.sokrates.constrain import OptionConstraint
-
-        folio = ctx.task.source == "folio"
-        constraint = OptionConstraint(tokenizer, [len(p.premises) for p in problems], engine.eos_ids,
-                                      options=("CONCLUDE",) if folio else None,
-                                      arity=None if folio else {"CONCLUDE": (1, 1)})
-        engine.logits_processor = constraint
+        constraint = engine.logits_processor = option_constraint(ctx, tokenizer, problems, engine.eos_ids)
     gcfg = GenerationConfig(max_new_tokens=ctx.loop.max_new_tokens, temperature=temperature, top_p=ctx.loop.top_p,
                             n=n, batch_size=ctx.loop.batch_size, seed=seed)
     with autocast_for(model, ctx.cfg.eval.precision):
@@ -172,6 +235,16 @@ def sample(ctx: Ctx, model: Any, tokenizer: Any, engine: Any, examples: list, n:
 
         records = gather_object(records)
     return sorted(records, key=lambda r: (r["index"], r["sample"])), stats
+
+
+def option_constraint(ctx: Ctx, tokenizer: Any, problems: list, eos_ids: set[int]) -> Any:
+    """loop.constrained: Action lines can only be well-formed options citing existing indices (request i is
+    problems[i]; `ftlab.sokrates.constrain`)."""
+    from ftlab.sokrates.constrain import OptionConstraint
+
+    folio = ctx.task.source == "folio"
+    return OptionConstraint(tokenizer, [len(p.premises) for p in problems], eos_ids,
+                            options=("CONCLUDE",) if folio else None, arity=None if folio else {"CONCLUDE": (1, 1)})
 
 
 def traces_stage(ctx: Ctx, policy: dict, problems: list, k: int, tmp: Path) -> dict[str, Any] | None:
