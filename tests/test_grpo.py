@@ -9,6 +9,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -374,6 +375,61 @@ def test_two_processes_match_one(tmp_path):
     assert two.name.endswith("_two")
     assert_same_steps(rows(one), rows(two), keys=("train/loss", "train/grad_norm", "train/reward", "train/entropy"))
     assert [c["completion"] for c in completions(one, 2)] == [c["completion"] for c in completions(two, 2)]
+
+
+# -- grpo.engine: vllm where vLLM cannot run, and the weight-sync deadline -------------------------------------
+def test_vllm_engine_falls_back_to_hf_with_one_warning(tmp_path, caplog):
+    """No CUDA (or no vllm package) here: grpo.engine=vllm samples with the HF engine after one warning, the same
+    completions and numbers as grpo.engine=hf."""
+    import logging
+
+    from ftlab.generate import VLLM_FALLBACK_WARNING, vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM runs here: tests/gpu/test_grpo_vllm.py covers grpo.engine=vllm")
+    recipe = grpo_recipe(tmp_path)
+    hf = train(recipe, "name=hf")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ftlab"):
+        fallback = train(recipe, "name=vllm", "grpo.engine=vllm")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"grpo.engine=vllm: {VLLM_FALLBACK_WARNING}"]
+    assert_same_steps(rows(hf), rows(fallback), keys=("train/loss", "train/grad_norm", "train/reward"))
+    assert [c["completion"] for c in completions(hf, 2)] == [c["completion"] for c in completions(fallback, 2)]
+
+
+HANG = """
+import sys, time
+from pathlib import Path
+from ftlab.train.grpo_vllm import sync_deadline
+
+with sync_deadline(0.2, "fast"):
+    pass                                   # finished in time: the watchdog stays quiet
+time.sleep(0.5)
+print("still here", flush=True)
+with sync_deadline(float(sys.argv[1]), "grpo.engine=vllm: the weight push for step 3",
+                   lambda line: Path(sys.argv[2]).write_text(line)):
+    time.sleep(60)                         # a sync that never returns
+print("not reached", flush=True)
+"""
+
+
+def test_a_weight_sync_that_hangs_fails_the_process_in_one_line(tmp_path):
+    """The deadline around vLLM's weight push: past it the run is marked failed (the callback), one line goes to
+    stderr and the process ends with status 3, even though the main thread is stuck."""
+    from ftlab.train.grpo_vllm import SYNC_TIMEOUT_EXIT
+
+    marker = tmp_path / "failed.txt"
+    began = time.time()
+    proc = subprocess.run([sys.executable, "-c", HANG, "1.0", str(marker)], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert time.time() - began < 30
+    assert proc.returncode == SYNC_TIMEOUT_EXIT == 3
+    assert proc.stdout.splitlines() == ["still here"]
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ftlab: error: grpo.engine=vllm: the weight push for step 3 "
+                                                   "did not finish within 1 s (grpo.vllm_sync_timeout)")
+    assert marker.read_text() == lines[0].removeprefix("ftlab: error: ")
 
 
 # -- the recipe, on the embedded model from an SFT adapter ------------------------------------------------------
