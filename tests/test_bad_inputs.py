@@ -390,6 +390,7 @@ CASES: list[dict[str, Any]] = [
     setting(TRAIN, "grpo.generation_batch_size=0", "'grpo.generation_batch_size' must be >= 1; got 0"),
     setting(TRAIN, "grpo.log_completions_every=0",
             "'grpo.log_completions_every' must be >= 1 (or null: never printed); got 0"),
+    setting(TRAIN, "grpo.vllm_sync_timeout=0", "'grpo.vllm_sync_timeout' must be > 0; got 0.0"),
 
     # -- prepare-corpus (issue 14) ---------------------------------------------------------------------------
     {"id": "corpus-line-without-text", "argv": CORPUS, "files": {"c.jsonl": jsonl(DOC, {"id": "2", "category": "x"})},
