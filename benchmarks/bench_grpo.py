@@ -352,7 +352,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"| **{f['steps_per_min'] / t['steps_per_min']:.2f}x** | | | |")
     equal = (f"- Equal loss for equal completions (ftlab's last round, {eq['completions']} completions, "
              f"{eq['completion_tokens']} tokens, advantages: {eq['advantages']}): the same log-probs into both "
-             f"losses: |loss diff| {eq['same_logps_loss_diff']:.1e}, max |grad diff| {eq['same_logps_grad_max_diff']:.1e}; "
+             f"losses: |loss diff| {eq['same_logps_loss_diff']:.1e}, "
+             f"max |grad diff| {eq['same_logps_grad_max_diff']:.1e}; "
              f"each trainer's own forward and loss on the same model: max |log-prob diff| "
              f"{eq['own_forward_logps_max_diff']:.1e}, |loss diff| {eq['own_forward_loss_diff']:.1e}, LoRA gradient "
              f"relative diff {eq['own_forward_grad_rel_diff']:.1e} (norm {eq['own_forward_grad_norm']:.3g}).")
@@ -405,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"(micro-batches of {a.batch}), max_completion_length {a.max_completion_length}, temperature 1, "
                 f"LoRA r={LORA['r']} alpha={LORA['alpha']} on {'/'.join(t[0] for t in LORA['targets'])}, fp32, "
                 f"dapo, beta 0, lr {LR}")
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "argv": ["python", "benchmarks/bench_grpo.py", *sys.argv[1:]], "versions": bench_sft().versions(),
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "argv": ["python", "benchmarks/bench_grpo.py", *sys.argv[1:]],
+            "versions": bench_sft().versions(),
             "machine": f"{os.cpu_count()}-CPU {cpu_model()} ({platform.machine()}), torch threads "
                        f"{torch.get_num_threads()}", "loadavg_1min_start": os.getloadavg()[0], "settings": settings}
     print(f"# {settings}; {meta['machine']}", flush=True)
@@ -418,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 res["trl"], trainer = run_trl(a, tmp, task, prompts, order)
             r = res[who]
-            print(f"{who:6s} {r['completion_tokens_per_s']:7.1f} completion tok/s  {r['steps_per_min']:6.2f} steps/min  "
+            print(f"{who:6s} {r['completion_tokens_per_s']:7.1f} completion tok/s  "
+                  f"{r['steps_per_min']:6.2f} steps/min  "
                   f"window {r['measured_s']} s  sampling {r['sampling_s']} s  tokens/step {r['tokens_per_step']}  "
                   f"losses {[round(x, 5) for x in r['losses']]}  load {r['loadavg_1min_after']}  "
                   f"(run {time.perf_counter() - t0:.0f} s)", flush=True)

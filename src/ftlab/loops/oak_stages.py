@@ -91,16 +91,17 @@ def dpo_stage(ctx: Ctx, policy: dict[str, Any], k: int, tmp: Path) -> dict[str, 
               **{f"model.{key}": v for key, v in policy.items()}}
     if OmegaConf.merge(ctx.cfg.model, policy).adapter:
         forced["lora.enabled"] = False
+    pairs = [{key: r[key] for key in ("prompt", "chosen", "rejected", "partial") if key in r} for r in rows]
     with own_run_log():
-        run = run_dpo(stage_config(ctx.cfg, "loop.dpo_overrides", forced),
-                      pairs=[{key: r[key] for key in ("prompt", "chosen", "rejected", "partial") if key in r} for r in rows])
+        run = run_dpo(stage_config(ctx.cfg, "loop.dpo_overrides", forced), pairs=pairs)
     return {"model": _relative(ctx, run, tmp, k, "dpo"), "pairs": len(rows), "summary": run.summary} if run else None
 
 
 # loop.optimizer: grpo. The rewards when the recipe names none in grpo.rewards: the answer, and the verifier's
 # share of valid steps (so a trace with a wrong verdict still earns for its valid steps, and a right verdict
 # reached through invalid steps earns less than a fully valid proof). Weights: loop.grpo_overrides.
-LOOP_REWARDS = [{"fn": "correctness", "weight": 1.0, "name": None}, {"fn": "step_validity", "weight": 1.0, "name": None}]
+LOOP_REWARDS = [{"fn": "correctness", "weight": 1.0, "name": None},
+                {"fn": "step_validity", "weight": 1.0, "name": None}]
 
 
 def grpo_stage_config(cfg: DictConfig, policy: dict[str, Any], k: int, tmp: Path | None) -> DictConfig:
