@@ -106,7 +106,8 @@ LOOP_REWARDS = [{"fn": "correctness", "weight": 1.0, "name": None},
 
 def grpo_stage_config(cfg: DictConfig, policy: dict[str, Any], k: int, tmp: Path | None) -> DictConfig:
     """The GRPO stage's recipe: the recipe's grpo.* and training settings, loop.grpo_overrides on top, trained
-    from `policy` on the loop's training problems (loop.problems or data.train, the first loop.max_problems)."""
+    from `policy` on the loop's training problems (loop.problems or data.train, the first loop.max_problems).
+    Defaults below those: the loop's rewards (LOOP_REWARDS) and loop.engine for grpo.engine."""
     lp, d = cfg.loop, cfg.data
     forced = {"train.method": "grpo", "kind": "grpo", "name": f"iter{k}", "train.save_final": True,
               "data.train": lp.problems or d.train, "data.limit": lp.max_problems, "data.val": None,
@@ -115,7 +116,9 @@ def grpo_stage_config(cfg: DictConfig, policy: dict[str, Any], k: int, tmp: Path
         forced.update({"output_dir": str(tmp), "train.resume": interrupted_run(tmp, "grpo")})
     if OmegaConf.merge(cfg.model, policy).adapter:  # keep training the policy's adapter, not a second one on it
         forced["lora.enabled"] = False
-    defaults = {} if len(cfg.grpo.rewards) else {"grpo.rewards": LOOP_REWARDS}
+    defaults: dict[str, Any] = {} if len(cfg.grpo.rewards) else {"grpo.rewards": LOOP_REWARDS}
+    if cfg.grpo.engine == "hf":  # the loop's engine samples the rounds too, unless grpo.engine says otherwise
+        defaults["grpo.engine"] = lp.engine
     return stage_config(cfg, "loop.grpo_overrides", forced, defaults)
 
 
