@@ -72,8 +72,8 @@ def hf_generate(model: Any, tokenizer: Any, texts: list[str], cfg: Any, autocast
 
 
 def start_vllm(cfg: DictConfig, loop: Any, tokenizer: Any, rank: int, world: int) -> Any:
-    """grpo.engine=vllm: vLLM colocated in this process (`grpo_vllm.py`), or None (the HF engine) with one
-    warning where it cannot run."""
+    """grpo.engine=vllm: vLLM colocated in this process (`VLLMRollouts`), or None (the HF engine) with one warning
+    where it cannot run."""
     why = vllm_unusable(cfg)
     if why:
         log.warning("grpo.engine=vllm: %s", why)
@@ -85,7 +85,6 @@ def start_vllm(cfg: DictConfig, loop: Any, tokenizer: Any, rank: int, world: int
             loop.run.finish("failed", error=line)
 
     return VLLMRollouts(cfg, loop.accelerator.unwrap_model(loop.model), tokenizer, rank, world, failed)
-
 
 
 # -- the deadline --------------------------------------------------------------------------------------------
