@@ -569,3 +569,16 @@ def test_bad_input_is_one_line_and_writes_nothing(kind: str, extra: list[str], n
     assert leftovers == (["out"] if kind == "run" and out.exists() else []), leftovers
     if out.exists():
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_an_export_gets_the_permissions_of_the_users_umask(merged: Path) -> None:
+    """Built in a private temporary directory (and transformers writes safetensors files private): once in place
+    the export is readable as any new file of the user is, so it can be shared or served from another account."""
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(merged.stat().st_mode) == 0o777 & ~mask
+    for f in merged.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f.name

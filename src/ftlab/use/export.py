@@ -288,7 +288,12 @@ def build(src: Exported, tmp: Path, merge: bool, gguf: str | None, name: str) ->
 
 
 def finish(tmp: Path, out: Path) -> None:
-    """Rename the finished export into place (an empty --out directory is replaced)."""
+    """Rename the finished export into place (an empty --out directory is replaced), with the permissions the
+    user's umask gives new files: the temporary directory (and transformers' safetensors files) are private."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [tmp, *tmp.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
     if out.is_dir():
         out.rmdir()  # checked empty; a file appearing meanwhile makes this fail rather than overwrite
     os.replace(tmp, out)
