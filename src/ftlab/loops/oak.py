@@ -128,6 +128,9 @@ def check_recipe(cfg: DictConfig, world: int = 1) -> Any:
     stage_config(cfg, "loop.dpo_overrides", {"train.method": "dpo"})
     if lp.optimizer == "grpo":
         check_grpo_stage(cfg, world)
+        if lp.option_head:
+            log.warning("loop.option_head is left out with loop.optimizer=grpo (the head trains on the DPO "
+                        "iteration's sampled traces)")
     return get_task(d.task, **d.task_options)
 
 
