@@ -35,6 +35,7 @@ from ftlab.train.rewards import (
     fully_valid,
     score_completions,
     step_validity,
+    verified_answer,
 )
 from tests.helpers import tiny_recipe
 
@@ -197,6 +198,11 @@ def test_builtin_rewards_use_the_task_checker_and_the_verifier():
     assert step_validity(completions=gold, examples=traces) == [1.0, 1.0]
     assert fully_valid(completions=gold, examples=traces) == [1.0, 1.0]
     assert fully_valid(completions=broken, examples=traces) == [0.0, 0.0]
+    flipped = [t.replace(f"The answer is {ex.gold}.", f"The answer is {ex.gold == 'False'}.") for t, ex in
+               zip(gold, traces)]
+    mention = [f"Thought: it is {ex.gold}, I think" for ex in traces]  # the right word, no verdict stated
+    assert verified_answer(completions=gold + flipped + mention, examples=traces * 3) == [1.0] * 2 + [0.0] * 4
+    assert correctness(completions=mention, examples=traces, task=sok) == [1.0, 1.0]  # the flexible rule takes it
     assert all(v < 1.0 for v in step_validity(completions=broken, examples=traces))
 
 

@@ -448,8 +448,8 @@ def flaky(completions, **kwargs):
 
 def test_grpo_loop_rewards_steps_and_answers_then_resumes_and_skips(tmp_path, monkeypatch, embedded_tokenizer):
     """loop.optimizer=grpo, one iteration on hand-written traces (a valid proof, a wrong verdict, an invalid step,
-    a malformed step per group): the GRPO stage trains the SFT policy with reward = correctness + 0.5 x step
-    validity (the weights from loop.grpo_overrides), sampling under the Action-line constraint; a stage stopped
+    a malformed step per group): the GRPO stage trains the SFT policy with reward = the verdict + 0.5 x step
+    validity (verified_answer + 0.5 x step_validity, the weights from loop.grpo_overrides), sampling under the Action-line constraint; a stage stopped
     after its step-1 checkpoint resumes from it, and a third run skips every stage."""
     from ftlab.loops.oak import run_loop
     from ftlab.runs.trackers import read_metrics
@@ -469,7 +469,7 @@ def test_grpo_loop_rewards_steps_and_answers_then_resumes_and_skips(tmp_path, mo
     flag = tmp_path / "stop"
     flag.write_text("")
     (tmp_path / "flaky.py").write_text(FLAKY_REWARD.format(flag=str(flag)))
-    rewards = [{"fn": "correctness", "weight": 1.0}, {"fn": "step_validity", "weight": 0.5},
+    rewards = [{"fn": "verified_answer", "weight": 1.0}, {"fn": "step_validity", "weight": 0.5},
                {"fn": f"{tmp_path / 'flaky.py'}:flaky", "weight": 0.0}]
     recipe = loop_recipe(tmp_path, optimizer="grpo", constrained=True, grpo_overrides={
         "train.max_steps": 2, "train.batch_size": 4, "train.save_every": 1, "grpo.num_generations": 4,
@@ -493,7 +493,7 @@ def test_grpo_loop_rewards_steps_and_answers_then_resumes_and_skips(tmp_path, mo
     assert (run / "model.safetensors").is_file()  # the SFT stage's full model, trained further
     assert (path / "iter_1" / "grpo") in run.parents
 
-    # every group: the four hand-written traces; reward = correctness + 0.5 x the verifier's share of valid steps
+    # every group: the four hand-written traces; reward = the verdict + 0.5 x the verifier's share of valid steps
     by_id = {ex.id: ex for ex in train}
     run_dir = run.parent
     written = sorted(path.glob("iter_1/grpo/grpo/2*/completions/step_*.jsonl"))  # step 1: the interrupted run's
@@ -521,7 +521,7 @@ def test_grpo_loop_rewards_steps_and_answers_then_resumes_and_skips(tmp_path, mo
     assert row["iteration"] == 1 and row["grpo_steps"] == 2 and "answer_accuracy" in row
     assert row["grpo_reward_first"] == pytest.approx(metrics[1]["train/reward"])  # the interrupted attempt's step
     assert row["grpo_reward_last"] == pytest.approx(metrics[2]["train/reward"])
-    assert row["grpo_correctness_last"] == pytest.approx(0.5)  # valid + invalid-step traces answer right
+    assert row["grpo_verified_answer_last"] == pytest.approx(0.5)  # valid + invalid-step traces answer right
     before = stage_files(path)
     run_loop(load_recipe(recipe))  # complete: every stage is skipped, nothing is written again
     assert stage_files(path) == before
@@ -547,6 +547,25 @@ def test_another_recipes_loop_directory_is_refused_in_one_line(tmp_path, capsys)
     assert main(["loop", str(recipe), "loop.dpo_overrides={optim.lrr: 1}"]) == 2
     assert "loop.dpo_overrides" in capsys.readouterr().err
     assert not list((tmp_path / "runs").rglob("summary.json"))
+
+
+def test_grpo_stage_recipe_defaults_and_forced_keys(tmp_path):
+    """The stage trains on the loop's problems (loop.problems, the first loop.max_problems), without a val set,
+    rewarded by the verdict and step validity unless told otherwise; a LoRA policy's adapter keeps training."""
+    from ftlab.loops.oak_stages import grpo_stage_config
+
+    recipe = loop_recipe(tmp_path, optimizer="grpo", problems="generate:6,hops=2,seed=9", max_problems=3,
+                         grpo_overrides={"optim.lr": 0.5})
+    cfg = load_recipe(recipe, ["lora.enabled=true"])
+    stage = grpo_stage_config(cfg, {"adapter": "/x/final"}, 2, tmp_path)
+    assert [r.fn for r in stage.grpo.rewards] == ["verified_answer", "step_validity"]
+    assert (stage.train.method, stage.kind, stage.name, stage.output_dir) == ("grpo", "grpo", "iter2", str(tmp_path))
+    assert (stage.data.train, stage.data.limit, stage.data.val) == ("generate:6,hops=2,seed=9", 3, None)
+    assert stage.model.adapter == "/x/final" and not stage.lora.enabled and stage.optim.lr == 0.5
+    assert stage.grpo.engine == "hf" and stage.train.resume is None
+    mine = load_recipe(recipe, ["grpo.rewards=[{fn: fully_valid}]", "loop.engine=vllm"])
+    stage = grpo_stage_config(mine, {}, 1, None)
+    assert [r.fn for r in stage.grpo.rewards] == ["fully_valid"] and stage.grpo.engine == "vllm"
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -12,7 +12,7 @@ With `loop.optimizer: grpo` an iteration is instead
 
     iter_k/grpo     GRPO from the previous policy on the training problems: each step samples G traces per
                     problem (under the Action-line constraint with loop.constrained) and rewards them with the
-                    answer (correctness) and the verifier's share of valid steps (step_validity), weights 1 and 1
+                    verdict the verifier reads (verified_answer) and its share of valid steps (step_validity), weights 1 and 1
                     unless grpo.rewards or loop.grpo_overrides say otherwise; the recipe's grpo.* settings with
                     loop.grpo_overrides on top (`oak_stages.grpo_stage_config`)
     iter_k/eval     as above

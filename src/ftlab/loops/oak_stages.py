@@ -97,10 +97,11 @@ def dpo_stage(ctx: Ctx, policy: dict[str, Any], k: int, tmp: Path) -> dict[str, 
     return {"model": _relative(ctx, run, tmp, k, "dpo"), "pairs": len(rows), "summary": run.summary} if run else None
 
 
-# loop.optimizer: grpo. The rewards when the recipe names none in grpo.rewards: the answer, and the verifier's
-# share of valid steps (so a trace with a wrong verdict still earns for its valid steps, and a right verdict
-# reached through invalid steps earns less than a fully valid proof). Weights: loop.grpo_overrides.
-LOOP_REWARDS = [{"fn": "correctness", "weight": 1.0, "name": None},
+# loop.optimizer: grpo. The rewards when the recipe names none in grpo.rewards: the answer as the verifier reads
+# it (the loop's answer_accuracy) and the verifier's share of valid steps, so a trace with a wrong verdict still
+# earns for its valid steps, and a right verdict reached through invalid steps earns less than a valid proof.
+# Weights: loop.grpo_overrides.
+LOOP_REWARDS = [{"fn": "verified_answer", "weight": 1.0, "name": None},
                 {"fn": "step_validity", "weight": 1.0, "name": None}]
 
 

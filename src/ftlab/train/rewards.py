@@ -25,8 +25,9 @@ number of values or a non-number, stops the run with one line naming it.
 Built-ins (`BUILTINS`): `correctness` (1 when the task's own checker, `task.score`, says correct, else 0),
 `format` (1 when the task's strict answer rule reads an answer, e.g. PrOntoQA's "The answer is True."), and for
 PrOntoQA problems the SOKRATES verifier's `step_validity` (share of Thought/Action steps the verifier accepts,
-0 without steps) and `fully_valid` (1 when every step is valid, the trace ends in CONCLUDE and the verdict is
-right). The verifier checks option traces: with `data.task: sokrates` the prompts ask for them.
+0 without steps), `verified_answer` (1 when the verdict the verifier reads, "The answer is X." in the concluding
+thought, is the gold label) and `fully_valid` (1 when every step is valid, the trace ends in CONCLUDE and the
+verdict is right). The verifier checks option traces: with `data.task: sokrates` the prompts ask for them.
 """
 from __future__ import annotations
 
@@ -79,6 +80,15 @@ def step_validity(completions: list[str], examples: list, **_: Any) -> list[floa
     return out
 
 
+def verified_answer(completions: list[str], examples: list, **_: Any) -> list[float]:
+    """1.0 when the trace's verdict, as the SOKRATES verifier reads it (the concluding thought's "The answer is X."),
+    is the gold label, else 0.0: the OaK loop's answer_accuracy. Stricter than `correctness`, whose flexible rule
+    also takes a right word anywhere in the text."""
+    from ftlab.sokrates import verify_trace
+
+    return [float(verify_trace(_problem(ex), c).answer_correct) for c, ex in zip(completions, examples)]
+
+
 def fully_valid(completions: list[str], examples: list, **_: Any) -> list[float]:
     """1.0 when every step is valid, the trace ends in CONCLUDE and its verdict is the gold label, else 0.0."""
     from ftlab.sokrates import verify_trace
@@ -87,8 +97,10 @@ def fully_valid(completions: list[str], examples: list, **_: Any) -> list[float]
 
 
 BUILTINS: dict[str, RewardFn] = {"correctness": correctness, "format": format_reward,
-                                 "step_validity": step_validity, "fully_valid": fully_valid}
-NEEDS_TASK = ("correctness", "format", "step_validity", "fully_valid")
+                                 "step_validity": step_validity, "verified_answer": verified_answer,
+                                 "fully_valid": fully_valid}
+NEEDS_TASK = ("correctness", "format", "step_validity", "verified_answer", "fully_valid")
+VERIFIER_REWARDS = ("step_validity", "verified_answer", "fully_valid")
 
 
 # -- resolving the recipe's rewards -------------------------------------------------------------------------
@@ -145,7 +157,7 @@ def resolve_rewards(entries: list[Any], task_name: str | None) -> list[Reward]:
             raise UserError(f"{key} is empty: name a built-in ({', '.join(BUILTINS)}) or 'module:function'")
         if spec in NEEDS_TASK and task_name is None:
             raise UserError(f"{key}={spec!r} needs a task's checker, but data.task is generic")
-        if spec in ("step_validity", "fully_valid") and task_name not in VERIFIER_TASKS:
+        if spec in VERIFIER_REWARDS and task_name not in VERIFIER_TASKS:
             raise UserError(f"{key}={spec!r} runs the SOKRATES verifier on PrOntoQA problems: data.task must be one "
                             f"of {', '.join(VERIFIER_TASKS)}, got {task_name!r}")
         weight = float(entry["weight"])
