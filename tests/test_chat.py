@@ -267,11 +267,14 @@ def test_ctrl_c_inside_a_forward_pass_keeps_the_partial_answer_and_the_next_turn
             signal.raise_signal(signal.SIGINT)
 
     hook = model.model.layers[1].register_forward_pre_hook(interrupt)
+    # Ctrl-C as in a terminal: a shell starts background jobs (CI scripts, `&`) with SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     session = ChatSession(model, tok, ChatSettings(max_new_tokens=50))
     try:
         reply = session.ask("hello")
     finally:
         hook.remove()
+        signal.signal(signal.SIGINT, previous)
     assert reply.finish_reason == "interrupted" and len(reply.token_ids) == 5
     kept = tok.decode(reply.token_ids, skip_special_tokens=True).rstrip("\ufffd")  # no half character at the end
     assert session.history[-1] == {"role": "assistant", "content": kept}
