@@ -74,7 +74,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
-from benchlib import print_report, quiet_run, write_section  # noqa: E402  (benchmarks/ is on sys.path)
+from benchlib import cpu_model, print_report, quiet_run, write_section  # noqa: E402  (benchmarks/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## GRPO: ftlab vs TRL's `GRPOTrainer`"
@@ -372,16 +372,6 @@ def section(res: dict[str, Any], meta: dict[str, Any]) -> str:
         f"Date: {meta['date']} ({meta['total_s']} s); versions {meta['versions']}.  ",
         f"Machine: {meta['machine']}; load average {meta['loadavg_1min_start']:.2f} before.  ",
         f"Settings: {meta['settings']}.", "", markdown(res), ""])
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,7 +75,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from benchlib import quiet_run, write_section  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from benchlib import cpu_model, quiet_run, write_section  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -467,13 +467,7 @@ def versions() -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-CPU {cpu} ({platform.machine()}), torch threads {torch.get_num_threads()}"
+    return f"{os.cpu_count()}-CPU {cpu_model()} ({platform.machine()}), torch threads {torch.get_num_threads()}"
 
 
 def commit() -> str:

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import write_section
+from benchlib import cpu_model, write_section
 
 EMBEDDED = "smollm2-135m-instruct"
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "test.jsonl"  # ../shared beside the checkout
@@ -161,16 +161,6 @@ def stats(url: str) -> dict[str, Any]:
 
 
 # -- report -------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def load_average() -> str:
     try:
         return " / ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -1,9 +1,10 @@
-"""What every benchmark script here does the same way: quiet logging and its own section of docs/BENCHMARKS.md."""
+"""What every benchmark script here does the same way: quiet logging, its own section of docs/BENCHMARKS.md, the CPU's name."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,14 @@ def print_report(table: str, meta: dict[str, Any], results: list[dict[str, Any]]
     print(f"\n{meta['date']}, total {meta['total_s']} s, versions {meta['versions']}")
     if json_path:
         Path(json_path).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (every timing says which CPU it came from)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
