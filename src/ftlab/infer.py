@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from ftlab.data.jsonl import append_jsonl, iter_jsonl, text_field
-from ftlab.data.sources import check_messages, render_chat
+from ftlab.data.jsonl import append_jsonl, iter_jsonl
+from ftlab.data.sources import prompt_text
 from ftlab.errors import UserError
 
 log = logging.getLogger("ftlab")
@@ -33,16 +33,7 @@ class Prompt(NamedTuple):
 def read_prompts(path: str, tokenizer: Any, chat_template: bool) -> list[Prompt]:
     items = []
     for lineno, r in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        if "messages" in r:
-            prompt = render_chat(tokenizer, check_messages(r["messages"], where), where)
-        elif "prompt" in r:
-            prompt = text_field(r, "prompt", where)
-            if chat_template and getattr(tokenizer, "chat_template", None):
-                prompt = render_chat(tokenizer, [{"role": "user", "content": prompt}], where)
-        else:
-            raise UserError(f"{where}: missing field 'prompt' (or 'messages')")
-        items.append(Prompt(len(items), lineno, prompt))
+        items.append(Prompt(len(items), lineno, prompt_text(r, f"{path}:{lineno}", tokenizer, chat_template)))
     if not items:
         raise UserError(f"{path}: file is empty (no JSON records)")
     return items

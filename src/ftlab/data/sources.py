@@ -82,6 +82,20 @@ def render_chat(tokenizer: Any, msgs: list[dict], where: str) -> str:
         raise UserError(f"{where}: the chat template rejects these messages: {e}") from None
 
 
+def prompt_text(record: dict, where: str, tokenizer: Any, chat_template: bool) -> str:
+    """A generic row's prompt as a model continues it: chat `messages` rendered with the template and the
+    generation prompt, or a `prompt` text (put in a user turn when the template is used). The one rule of
+    `ftlab infer` and GRPO's generic prompts, so both prompt a model as SFT trained it."""
+    if "messages" in record:
+        return render_chat(tokenizer, check_messages(record["messages"], where), where)
+    if "prompt" in record:
+        text = text_field(record, "prompt", where)
+        if chat_template and getattr(tokenizer, "chat_template", None):
+            text = render_chat(tokenizer, [{"role": "user", "content": text}], where)
+        return text
+    raise UserError(f"{where}: missing field 'prompt' (or chat 'messages')")
+
+
 def generic_conversations(path: str, tokenizer: Any, chat_template: bool, limit: int | None = None) -> list[Turns]:
     samples = []
     for lineno, r in iter_jsonl(path):

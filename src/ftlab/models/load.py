@@ -75,12 +75,7 @@ def embedded_model_dir(name: str) -> Path:
             log.warning("%s; converting the embedded model again", e)
             discard_dir(target)
     gguf = embedded_gguf(name)
-    try:  # before the 20 s conversion: an unwritable FTLAB_CACHE should fail at once
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
-    except OSError as e:
-        raise UserError(f"cannot write the model cache {target.parent} ({e.strerror or e}); "
-                        "set FTLAB_CACHE to a writable directory") from None
+    tmp = cache_tempdir(target)  # before the 20 s conversion: an unwritable FTLAB_CACHE should fail at once
     log.info("converting embedded %s from GGUF (one time, ~20 s) into %s", name, target)
     with progress_bars_only_on_a_terminal():
         try:
@@ -94,6 +89,17 @@ def embedded_model_dir(name: str) -> Path:
     else:
         os.replace(tmp, target)  # atomic: a killed conversion never leaves a half cache
     return target
+
+
+def cache_tempdir(target: Path) -> Path:
+    """A new temporary directory beside `target` in the model cache (converted there, then renamed into place);
+    an unwritable cache is one line that says how to move it."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:
+        raise UserError(f"cannot write the model cache {target.parent} ({e.strerror or e}); "
+                        "set FTLAB_CACHE to a writable directory") from None
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
@@ -130,12 +136,7 @@ def gguf_model_dir(gguf: Path) -> Path:
     target = cache_root() / "models" / f"gguf-{digest.hexdigest()[:24]}"
     if (target / "config.json").is_file():
         return target
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    except OSError as e:
-        raise UserError(f"cannot write the model cache {target.parent} ({e.strerror or e}); "
-                        "set FTLAB_CACHE to a writable directory") from None
+    tmp = cache_tempdir(target)
     log.info("converting %s from GGUF (one time) into %s", gguf, target)
     try:
         # transformers reads tokenizer files lying beside a .gguf instead of the file's own tokenizer metadata

@@ -449,24 +449,15 @@ def example_fields(ex: Any) -> dict[str, Any]:
 
 
 def generic_prompts(path: str, tokenizer: Any, chat_template: bool, limit: int | None) -> list[PromptRow]:
-    from ftlab.data.jsonl import iter_jsonl, text_field
-    from ftlab.data.sources import check_messages, render_chat
+    from ftlab.data.jsonl import iter_jsonl
+    from ftlab.data.sources import check_messages, prompt_text
 
     rows = []
     for lineno, r in iter_jsonl(path):
         where = f"{path}:{lineno}"
-        if "messages" in r:
-            msgs = check_messages(r["messages"], where)
-            if msgs[-1]["role"] != "user":
-                raise UserError(f"{where}: for GRPO 'messages' must end with a user turn (the model answers it)")
-            text = render_chat(tokenizer, msgs, where)
-        elif "prompt" in r:
-            text = text_field(r, "prompt", where)
-            if chat_template and getattr(tokenizer, "chat_template", None):
-                text = render_chat(tokenizer, [{"role": "user", "content": text}], where)
-        else:
-            raise UserError(f"{where}: missing field 'prompt' (or chat 'messages')")
-        rows.append(PromptRow(text, [], dict(r)))
+        if "messages" in r and check_messages(r["messages"], where)[-1]["role"] != "user":
+            raise UserError(f"{where}: for GRPO 'messages' must end with a user turn (the model answers it)")
+        rows.append(PromptRow(prompt_text(r, where, tokenizer, chat_template), [], dict(r)))
         if limit is not None and len(rows) >= limit:
             break
     if not rows:
