@@ -174,6 +174,25 @@ def test_chat_at_temperature_0_is_hfengines_answer_with_usage(server, base, expe
     assert {c.finish_reason for c in expected["chat"][:3]} == {"stop", "length"}  # both kinds were checked
 
 
+def test_chat_at_temperature_0_is_what_ftlab_infer_writes(server, base, tmp_path):
+    """The literal promise: the same chat messages through `ftlab infer` (its own model load, prompt rendering and
+    engine) and through the server give the same greedy answers."""
+    import yaml
+
+    from ftlab.cli import main
+
+    recipe = tmp_path / "infer.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "infer", "output_dir": str(tmp_path / "runs"), "model": {"name": EMBEDDED},
+                                      "eval": {"max_new_tokens": MAX_TOKENS, "temperature": 0.0}}))
+    questions = QUESTIONS[:4]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n" for q in questions))
+    assert main(["infer", str(recipe), "--input", str(inp), "--output", str(out)]) == 0
+    written = {r["index"]: r["output"] for r in map(json.loads, out.read_text().splitlines())}
+    served = [ask(server, q).choices[0].message.content for q in questions]
+    assert [written[i] for i in range(len(questions))] == served
+
+
 def test_completions_take_raw_text_several_prompts_and_n(server, base, expected):
     r = server.client().completions.create(model=EMBEDDED, prompt=RAW_PROMPTS, temperature=0,
                                            max_tokens=MAX_TOKENS, n=2)
