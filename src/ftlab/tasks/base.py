@@ -68,7 +68,8 @@ class Task:
 
     # -- shared machinery -------------------------------------------------------------------
     def load(self, source: str, split: str | None = None, limit: int | None = None) -> list[Example]:
-        """Load from a local JSONL file, or a Hugging Face datasets id (`hf:org/name` or `org/name`)."""
+        """Load from a local JSONL file, or a Hugging Face dataset (`hf:org/name[:config[:split]]`, see
+        `parse_hub_spec`)."""
         return self.examples_from(self.load_records(source, split, limit))
 
     def load_records(self, source: str, split: str | None = None, limit: int | None = None) -> list[tuple[str, dict]]:
@@ -78,8 +79,8 @@ class Task:
             records = read_jsonl(source, required=self.required_fields, limit=limit)
             where = source
         else:
-            records = load_hub_records(source.removeprefix("hf:"), split or "test", limit)
-            where = f"{source}[{split}]"
+            records = load_hub_records(source, split, limit)
+            where = str(parse_hub_spec(source, split))
         return [(f"{where}: record {i + 1}", r) for i, r in enumerate(records)]
 
     def examples_from(self, located: list[tuple[str, dict]]) -> list[Example]:
@@ -120,16 +121,47 @@ class Task:
         return "\n\n".join(parts) + " "
 
 
-def load_hub_records(dataset_id: str, split: str, limit: int | None) -> list[dict]:
-    """Real `datasets.load_dataset` path; offline, fail fast with one line."""
-    from ftlab.hub import require_hub
+@dataclass(frozen=True)
+class HubSpec:
+    """A Hugging Face dataset as `datasets.load_dataset(repo, config, split=split)` takes it."""
 
-    require_hub(dataset_id, hint="pass a local JSONL file instead")
+    repo: str                # "org/name", or a local directory laid out as a hub dataset repository
+    config: str | None       # the dataset's configuration ("main", "socratic"), None for the default one
+    split: str
+
+    def __str__(self) -> str:
+        return f"hf:{self.repo}:{self.config or ''}:{self.split}"
+
+
+def parse_hub_spec(source: str, split: str | None = None) -> HubSpec:
+    """`hf:org/name[:config[:split]]` (the `hf:` prefix is optional): a split named in the source wins over
+    `split` (the recipe's split key), which defaults to "test". `hf:openai/gsm8k:socratic:train`,
+    `hf:openai/gsm8k:socratic` + split "train" and `hf:openai/gsm8k::train` (default config) all parse."""
+    parts = source.removeprefix("hf:").split(":")
+    if len(parts) > 3 or not parts[0].strip() or any(p != p.strip() for p in parts):
+        raise UserError(f"{source!r}: a hub dataset is 'hf:org/name', 'hf:org/name:config' or "
+                        "'hf:org/name:config:split' (config may be empty: 'hf:org/name::split')")
+    repo, config, named_split = parts[0], (parts[1] if len(parts) > 1 else ""), (parts[2] if len(parts) > 2 else "")
+    return HubSpec(repo, config or None, named_split or split or "test")
+
+
+def load_hub_records(source: str, split: str | None, limit: int | None) -> list[dict]:
+    """The rows of a hub dataset (`parse_hub_spec`) through the real `datasets.load_dataset`; offline, one line
+    at once. A local directory in the layout of a hub dataset repository (data files + a README whose `configs`
+    name them) loads the same way without the network."""
+    spec = parse_hub_spec(source, split)
+    if not os.path.isdir(spec.repo):
+        from ftlab.hub import require_hub
+
+        require_hub(spec.repo, hint="pass a local JSONL file instead")
     import datasets
 
-    ds = datasets.load_dataset(dataset_id, split=split)
+    try:
+        ds = datasets.load_dataset(spec.repo, spec.config, split=spec.split)
+    except (ValueError, FileNotFoundError) as e:  # no such dataset, config or split (datasets names those there are)
+        raise UserError(f"{spec}: {' '.join(str(e).split())}") from None
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     if len(ds) == 0:
-        raise UserError(f"{dataset_id}[{split}]: dataset is empty")
+        raise UserError(f"{spec}: dataset is empty")
     return [dict(r) for r in ds]
