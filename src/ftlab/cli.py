@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--limit", type=int, default=None, help="first N records only")
     ver.add_argument("--output-dir", default="runs", help="where runs/verify/<run> is written (default: runs)")
     ver.set_defaults(fn=cmd_verify)
+    from ftlab.data.traces import add_traces_verbs  # sample, filter
+    add_traces_verbs(sub)
     add_use_verbs(sub)
     from ftlab.pretrain_cli import add_verbs  # the pretraining verbs (prepare-corpus, ...)
 

@@ -56,9 +56,10 @@ def settings_path(out: Path) -> Path:
     return out.with_name(out.name + ".settings.json")
 
 
-def done_rows(out: Path) -> list[tuple[int, dict]]:
-    """(line, row) of the rows already written. A torn last line (killed mid-write: no final newline) is
-    dropped from the file, to be generated again; any other unreadable line is an error naming it."""
+def done_rows(out: Path, writer: str = "ftlab infer") -> list[tuple[int, dict]]:
+    """(line, row) of the rows already written (by `writer`: `ftlab sample` resumes the same way). A torn last
+    line (killed mid-write: no final newline) is dropped from the file, to be generated again; any other
+    unreadable line is an error naming it."""
     if not out.is_file():
         return []
     data = out.read_bytes()
@@ -75,7 +76,7 @@ def done_rows(out: Path) -> list[tuple[int, dict]]:
         except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             if lineno == torn:
                 break
-            raise UserError(f"{out}:{lineno}: not a row ftlab infer wrote (JSON with 'index' and 'prompt'); "
+            raise UserError(f"{out}:{lineno}: not a row {writer} wrote (JSON with 'index' and 'prompt'); "
                             f"pass another --output, or delete {out} to start over") from None
         rows.append((lineno, row))
         good.append(raw + b"\n")

@@ -11,6 +11,9 @@ task's usual fields (which give the prompt and the gold answer) plus a `response
   against the gold (primary rule: strict, else flexible) and logs the kept count and retention rate;
   without responses it refuses, since it could remove nothing. Only the training split is filtered
   (`ftlab.data.sources.load_conversations`).
+
+`ftlab sample` writes such files from a model (`ftlab.data.traces`); `ftlab filter` applies the same
+checker ahead of training and writes the kept rows, their retention rate and `checker_rule` beside them.
 """
 from __future__ import annotations
 
@@ -63,3 +66,11 @@ def keep_correct(task: Any, examples: list, source: str) -> list:
         raise UserError(f"{source}: data.filter_correct kept no example (0 of {len(examples)} responses "
                         "are correct)")
     return kept
+
+
+def checker_rule(task: Any, scores: list[dict], examples: list) -> dict[str, Any]:
+    """What "correct" means for `task`, as its metrics state it: the primary rule (strict, else flexible) and
+    the extraction rule's text."""
+    metrics = task.aggregate(scores, examples)
+    return {"task": task.name, "primary_rule": metrics.get("primary_rule"),
+            "extraction_rule": metrics.get("extraction_rule")}
