@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.data.jsonl import append_jsonl, iter_jsonl
@@ -135,6 +136,7 @@ def run_infer(cfg: DictConfig, input_path: str, output_path: str) -> int:
     if out.exists() and Path(input_path).exists() and out.samefile(input_path):
         raise UserError(f"--output {out} is the --input file; write the outputs elsewhere")
     settings = generation_settings(cfg)
+    torch.manual_seed(cfg.seed)  # a model.scratch model is the same random model on every (resumed) run
     model, tokenizer, engine = load_for_generation(cfg.model, cfg.eval.engine)
     items = read_prompts(input_path, tokenizer, cfg.eval.chat_template)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.data.jsonl import iter_jsonl, json_type, write_jsonl
@@ -177,6 +178,7 @@ def run_sample(cfg: DictConfig, out_path: str, samples: int | None = None, which
     cfg = with_samples(cfg, samples)
     records, examples = source_examples(task, src)
     settings = sampling_settings(cfg, src)
+    torch.manual_seed(cfg.seed)  # a model.scratch model is the same random model on every (resumed) run
     model, tokenizer, engine = load_for_generation(cfg.model, cfg.eval.engine)
     rendered = [task.render_prompt(ex, shots=src.shots, tokenizer=tokenizer, chat_template=src.chat_template)
                 for ex in examples]
