@@ -73,8 +73,25 @@ def test_load_conversations_filters_task_data_and_refuses_generic(tmp_path, tiny
     val = write_jsonl(tmp_path / "val.jsonl", TRACES)
     cfg = DataConfig(task="gsm8k", filter_correct=True, chat_template=False, train=src, val=val)
     conversations = load_conversations(cfg, src, "train", tiny_tokenizer, None)
-    assert [list(c)[0][1] for c in conversations] == [TRACES[0]["response"], TRACES[2]["response"]]
+    assert [c[0][1] for c in conversations] == [TRACES[0]["response"], TRACES[2]["response"]]
     assert len(load_conversations(cfg, val, "validation", tiny_tokenizer, None)) == 4   # val is not filtered
     generic = write_jsonl(tmp_path / "generic.jsonl", [{"prompt": "p", "response": "r"}])
     with pytest.raises(UserError, match="data.filter_correct needs a task to check answers"):
         load_conversations(DataConfig(task="generic", filter_correct=True), generic, "train", tiny_tokenizer, None)
+
+
+def test_ftlab_filter_keeps_the_rows_data_filter_correct_keeps(tmp_path):
+    """One checker, two places: `ftlab filter` ahead of training and data.filter_correct at its start."""
+    from ftlab.config import load_recipe
+    from ftlab.data.traces import run_filter
+
+    src = write_jsonl(tmp_path / "traces.jsonl", TRACES)
+    out = tmp_path / "kept.jsonl"
+    stats = run_filter(load_recipe(None, ["data.task=gsm8k"]), src, str(out))
+    kept_rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    in_training = training_examples(get_task("gsm8k"), src, None, None, filter_correct=True)
+    assert [r["response"] for r in kept_rows] == [ex.target for ex in in_training] == [TRACES[0]["response"],
+                                                                                       TRACES[2]["response"]]
+    assert (stats["original"], stats["kept"], stats["retention"]) == (4, 2, 0.5)
+    # filtering the kept rows again removes nothing
+    assert len(training_examples(get_task("gsm8k"), str(out), None, None, filter_correct=True)) == 2

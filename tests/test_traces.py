@@ -265,6 +265,6 @@ def test_socratic_toy_recipe_trains_a_couple_of_steps(tmp_path, monkeypatch, emb
         "model": {"scratch": TINY_SCRATCH}, "data": {"limit": 8}, "train": {"max_steps": 2, "batch_size": 4}}))
     cfg = load_recipe(variant)
     conversations = load_conversations(cfg.data, cfg.data.train, cfg.data.train_split, embedded_tokenizer, cfg.data.limit)
-    assert len(conversations) == 8 and all(" ** " in list(c)[0][1] for c in conversations)   # socratic targets
+    assert len(conversations) == 8 and all(" ** " in c[0][1] for c in conversations)   # socratic targets
     assert main(["train", str(variant)]) == 0
     assert read_status(tmp_path / "runs" / "sft" / "latest") == "complete"
