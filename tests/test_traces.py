@@ -102,6 +102,15 @@ def test_sample_refusals_are_one_line_and_write_nothing(tmp_path, capsys, data, 
     assert not out.exists()
 
 
+def test_sample_from_the_eval_source_takes_its_offset_and_limit(tmp_path):
+    recipe, out = gsm_recipe(tmp_path), tmp_path / "traces.jsonl"
+    evals = write_jsonl(tmp_path / "eval.jsonl", GSM[::-1])
+    argv = ["sample", str(recipe), "--out", str(out), "--from", "eval", "--samples", "1", "eval.task=gsm8k",
+            f"eval.source={evals}", "eval.offset=1", "eval.limit=1"]
+    assert main(argv) == 0
+    assert [(r["index"], r["sample"], r["question"]) for r in read_jsonl(out)] == [(0, 0, GSM[1]["question"])]
+
+
 # -- filter ---------------------------------------------------------------------------------------
 def traces(responses: dict[tuple[int, int], str]) -> list[dict]:
     """Rows in the shape `ftlab sample` writes, with the given responses."""

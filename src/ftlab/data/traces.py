@@ -8,13 +8,16 @@ settings. One row per (question, sample), in the shape training reads:
   the file trains with `data.task: <task>` and `data.filter_correct` (`ftlab.data.responses`);
 * `prompt` + `response`, so it trains with `data.task: generic` on the prompt the task renders: with the
   chat template, `prompt` is the user message; without it, the whole plain-text prompt;
-* `id` (the task's example id), `index` (the record's position in the source), `sample` (0..N-1) and
+* `id` (the task's example id), `index` (the question's position among those sampled), `sample` (0..N-1) and
   `settings` (a hash of what generated it, spelled out in `<out>.settings.json`).
 
 Rows are appended as each question finishes; re-running the command resumes after the questions already
 complete (a question counts when all N samples are there), and refuses a file written for another model,
 source or settings, as `ftlab infer` does. Samples are seeded per (prompt, sample) (`ftlab.generate`), so
 a resumed file holds the samples an uninterrupted run would have written.
+
+A verb of its own rather than `ftlab infer --samples`: infer answers a file of bare prompts and knows no gold
+answer; sample reads the task's data, so each row carries the fields its checker needs.
 
 `ftlab filter RECIPE --input traces.jsonl --out kept.jsonl` keeps the rows whose `response` the task's
 checker scores correct (its primary rule, as evaluation scores) and writes `kept.stats.json` beside the
