@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.set_defaults(fn=cmd_verify)
     from ftlab.data.traces import add_traces_verbs  # sample, filter
     add_traces_verbs(sub)
+    from ftlab.launch.planner import add_plan_verbs  # plan
+    add_plan_verbs(sub)
     add_use_verbs(sub)
     from ftlab.pretrain_cli import add_verbs  # the pretraining verbs (prepare-corpus, ...)
 

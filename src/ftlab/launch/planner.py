@@ -1,0 +1,532 @@
+"""`ftlab plan`: before a long run, what it needs per GPU, how many steps and tokens, and what it costs.
+
+    ftlab plan recipes/socrates/base.yaml --gpus 8 --gpu-type a100-80gb --profile zero2 \
+        --examples 2900000 --mean-tokens 220
+    ftlab plan recipes/quickstart.yaml --gpus 2 --gpu-type h100-80gb --measure
+
+One table, every figure with how it was found:
+
+* memory per GPU: `ftlab memory`'s estimate (ftlab.models.memory) for the recipe's model, method, micro-batch and
+  data.max_length, with what the profile shards divided by the data-parallel world: ZeRO-2 shards gradients and
+  optimizer states, ZeRO-3 and FSDP2 also the weights (plus one or two layers gathered whole at a time); single
+  and DDP shard nothing;
+* data: examples counted in data.train when it is a local file, tokens per example from an evenly spaced sample
+  encoded as training encodes it; or `--examples N --mean-tokens T`;
+* steps: epochs x examples / global batch (train.global_batch, else batch_size x grad_accum x processes);
+* time: tokens / (tokens/s per GPU x GPUs), tokens/s from gpu_table.yaml (measured rows, each citing its source,
+  turned into a utilisation of the GPU's peak and applied to this model's FLOPs per token), or from `--measure`
+  (a few real steps of the recipe on this machine, scaled the same way), or `--tokens-per-s`;
+* cost: hours x GPUs x $ per GPU-hour (gpu_table.yaml, or `--usd-per-gpu-hour`).
+
+FLOPs per token are k x N for N parameters: k = 6 for full fine-tuning (forward 2N, backward 4N), 4 for LoRA and
+QLoRA (the frozen base needs input gradients, not weight gradients: backward 2N), + 2 with gradient checkpointing
+(one more forward). Left out: evaluation, checkpoints, start-up, data loading and padding.
+
+`estimate_for_launch(cfg, profile, gpus, nodes)` is the same table, cheap and never raising, printed by
+`ftlab launch` before a run starts.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from ftlab.errors import UserError
+from ftlab.models.memory import GiB, OPTIMIZERS, Architecture, architecture, estimate_memory, load_config
+
+log = logging.getLogger("ftlab")
+
+HERE = Path(__file__).parent
+TABLE = HERE / "gpu_table.yaml"
+PROFILES = HERE / "profiles"
+MODEL_CONFIGS = HERE / "model_configs"     # configs of hub models the seeds use, for planning without the hub
+CUDA_CONTEXT_GIB = 1.0                     # CUDA context + allocator slack added before "fits"
+SHARDED_ROWS = {"none": (), "zero2": ("gradients", "optimizer states"),
+                "full": ("weights", "gradients", "optimizer states")}
+KNOWN_PROFILES = {"single": "none", "ddp": "none", "zero2": "zero2", "zero3": "full", "fsdp2": "full"}
+MEASURE_LAYERS = 2                         # decoder layers of the stand-in model `--measure` times for a hub model
+
+
+# -- the table of GPUs and throughputs ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    peak_tflops: float           # dense bf16 tensor-core peak
+    memory_gib: float
+    usd_per_gpu_hour: float
+    peak_source: str
+    price_source: str
+
+
+@dataclass(frozen=True)
+class ThroughputRow:
+    gpu: str
+    method: str                  # full | lora | qlora
+    params_b: float              # the measured model's parameters, billions
+    micro_batch_tokens: int      # tokens per micro-batch on one GPU
+    tokens_per_s: float          # per GPU
+    gradient_checkpointing: bool
+    source: str
+    how: str = ""
+
+    def utilisation(self, peak_tflops: float) -> float:
+        """The share of the GPU's peak the measured run used, counting the FLOPs its method really runs."""
+        flops = flops_per_token(self.params_b * 1e9, self.method, self.gradient_checkpointing)
+        return self.tokens_per_s * flops / (peak_tflops * 1e12)
+
+
+@dataclass
+class GpuTable:
+    gpus: dict[str, Gpu]
+    rows: list[ThroughputRow]
+
+    def gpu(self, name: str) -> Gpu:
+        if name not in self.gpus:
+            raise UserError(f"unknown GPU type {name!r}; the table ({TABLE.name}) has: {', '.join(self.gpus)}")
+        return self.gpus[name]
+
+    def nearest(self, gpu: str, method: str, params: float, micro_tokens: float) -> ThroughputRow:
+        """The row of this GPU and method closest in model size and micro-batch tokens (on log scales: a 2x
+        bigger model is as far as a 2x smaller one)."""
+        rows = [r for r in self.rows if r.gpu == gpu and r.method == method]
+        if not rows:
+            raise UserError(f"{TABLE.name} has no {method} throughput for {gpu}; pass --tokens-per-s or --measure")
+
+        def distance(r: ThroughputRow) -> float:
+            return abs(math.log(params / (r.params_b * 1e9))) + abs(math.log(max(micro_tokens, 1) / r.micro_batch_tokens))
+
+        return min(rows, key=distance)
+
+
+def flops_per_token(params: float, method: str, gradient_checkpointing: bool) -> float:
+    """Training FLOPs per token: 6N full, 4N LoRA/QLoRA (no weight gradients for the frozen base), +2N when
+    gradient checkpointing repeats the forward pass."""
+    k = (6 if method == "full" else 4) + (2 if gradient_checkpointing else 0)
+    return k * params
+
+
+def load_gpu_table(path: Path = TABLE) -> GpuTable:
+    """Read gpu_table.yaml: GPUs, measured rows, and derived rows (another GPU's rows x a stated speed-up)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        gpus = {name: Gpu(name=name, **spec) for name, spec in data["gpus"].items()}
+        rows = [ThroughputRow(**row) for row in data["throughput"]]
+        for d in data.get("derived", []):
+            rows += [ThroughputRow(d["gpu"], r.method, r.params_b, r.micro_batch_tokens, r.tokens_per_s * d["speedup"],
+                                   r.gradient_checkpointing, f"{r.source}; x {d['speedup']} ({d['source']})",
+                                   f"{r.how} on {d['from']}") for r in rows if r.gpu == d["from"]]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not a readable GPU table: {type(e).__name__}: {e}") from None
+    for r in rows:
+        if r.gpu not in gpus or not r.source:
+            raise UserError(f"{path}: throughput row {r} names an unknown GPU or no source")
+    return GpuTable(gpus, rows)
+
+
+# -- profiles ----------------------------------------------------------------------------------------
+def sharding_of(profile: str) -> str:
+    """"none", "zero2" or "full" for a profile name (ftlab/launch/profiles/NAME.yaml) or a profile file: an
+    accelerate config, at the top or under `accelerate:`."""
+    path = PROFILES / f"{profile}.yaml" if "/" not in profile and not profile.endswith(".yaml") else Path(profile)
+    if not path.is_file():
+        if profile in KNOWN_PROFILES:
+            return KNOWN_PROFILES[profile]
+        raise UserError(f"unknown profile {profile!r}; choose from {', '.join(KNOWN_PROFILES)} or a profile file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: cannot read the profile: {e}") from None
+    acc = data.get("accelerate", data) if isinstance(data, dict) else {}
+    kind = str(acc.get("distributed_type", "")).upper()
+    if kind == "DEEPSPEED":
+        stage = int((acc.get("deepspeed_config") or {}).get("zero_stage", 0))
+        return "full" if stage == 3 else "zero2" if stage in (1, 2) else "none"
+    return "full" if kind == "FSDP" else "none"
+
+
+def sharding_words(sharding: str, world: int) -> str:
+    return {"none": "nothing sharded (a whole copy per GPU)",
+            "zero2": f"gradients and optimizer states sharded over {world}",
+            "full": f"weights, gradients and optimizer states sharded over {world}"}[sharding]
+
+
+# -- the model ---------------------------------------------------------------------------------------
+def method_of(cfg: DictConfig) -> str:
+    if not cfg.lora.enabled:
+        return "full"
+    return "qlora" if cfg.lora.quantize else "lora"
+
+
+def model_config(cfg: DictConfig) -> tuple[Any, str]:
+    """(transformers config, where it came from) for the recipe's model; nothing but a config is read."""
+    from transformers import AutoConfig
+
+    if cfg.model.scratch:
+        scratch = dict(cfg.model.scratch)
+        scratch.setdefault("vocab_size", len(recipe_tokenizer(cfg)[0]))
+        return AutoConfig.for_model(scratch.pop("model_type", "llama"), **scratch), "model.scratch"
+    name = cfg.model.name
+    try:
+        return load_config(name), name
+    except UserError:
+        copy = MODEL_CONFIGS / (name.replace("/", "__") + ".json")
+        if not copy.is_file():
+            raise
+        return load_config(str(copy)), f"{name} (config from ftlab's copy: the hub is not reachable)"
+
+
+def recipe_tokenizer(cfg: DictConfig) -> tuple[Any, str]:
+    """The recipe's tokenizer when it is here, else the embedded model's (saying so)."""
+    from ftlab.config.schema import EMBEDDED_MODEL
+    from ftlab.models.load import hub_cached, load_tokenizer, resolve_model_path
+
+    name = cfg.model.tokenizer or (EMBEDDED_MODEL if cfg.model.scratch else cfg.model.name)
+    path = Path(name).expanduser()
+    if name == EMBEDDED_MODEL or path.is_dir() or path.suffix == ".gguf" or hub_cached(name):
+        return load_tokenizer(resolve_model_path(name)), f"{name} tokenizer"
+    return load_tokenizer(resolve_model_path(EMBEDDED_MODEL)), f"{EMBEDDED_MODEL} tokenizer ({name}'s is not here)"
+
+
+# -- the data ----------------------------------------------------------------------------------------
+@dataclass
+class Dataset:
+    examples: int
+    mean_tokens: float
+    how: str
+
+
+def count_lines(path: Path) -> int:
+    """Non-blank lines (JSONL records), streamed: constant memory for a 2.9M-row file."""
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def count_dataset(cfg: DictConfig, sample: int = 1000) -> Dataset:
+    """Examples in data.train (a local JSONL) and mean tokens per example over `sample` evenly spaced rows,
+    encoded as training encodes them (prompt template, answer terminator, data.max_length truncation)."""
+    from ftlab.data.sources import load_conversations
+    from ftlab.train.sft import encode_conversations
+
+    d = cfg.data
+    path = Path(str(d.train)) if d.train else None
+    if path is None or not path.is_file():
+        raise UserError(f"data.train ({d.train}) is not a local file: pass --examples N --mean-tokens T")
+    total = count_lines(path)
+    examples = min(total, d.limit) if d.limit else total
+    if examples < 1:
+        raise UserError(f"{path}: no examples")
+    stride = max(1, examples // max(sample, 1))
+    tokenizer, which = recipe_tokenizer(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        subset = Path(tmp) / path.name
+        with path.open("rb") as src, subset.open("wb") as out:
+            lines = (line for line in src if line.strip())
+            for i, line in zip(range(examples), lines):
+                if i % stride == 0:
+                    out.write(line.rstrip(b"\r\n") + b"\n")
+        samples = load_conversations(d, str(subset), d.train_split, tokenizer, sample)
+    lengths = [len(e["input_ids"]) for e in encode_conversations(samples, tokenizer, d.max_length) if e is not None]
+    if not lengths:
+        raise UserError(f"{path}: no sampled example fits data.max_length={d.max_length}")
+    return Dataset(examples, sum(lengths) / len(lengths),
+                   f"{len(lengths)} rows (every {stride}th) of {path.name}, {which}")
+
+
+# -- throughput --------------------------------------------------------------------------------------
+@dataclass
+class Throughput:
+    tokens_per_s: float          # per GPU
+    how: str
+
+
+def table_throughput(table: GpuTable, gpu: Gpu, method: str, params: float, micro_tokens: float,
+                     checkpointing: bool) -> Throughput:
+    row = table.nearest(gpu.name, method, params, micro_tokens)
+    u = row.utilisation(gpu.peak_tflops)
+    tps = u * gpu.peak_tflops * 1e12 / flops_per_token(params, method, checkpointing)
+    return Throughput(tps, f"row {row.method} {row.params_b:g}B, {row.micro_batch_tokens}-token micro-batches: "
+                           f"{row.tokens_per_s:,.0f} tok/s ({row.how}; {row.source}) = {u:.1%} of "
+                           f"{gpu.peak_tflops:g} TFLOPS, applied to {flops_per_token(params, method, checkpointing):.3g}"
+                           " FLOPs/token")
+
+
+def scale_measured(tokens_per_s: float, params_measured: float, device_tflops: float, gpu: Gpu, params: float,
+                   method: str, checkpointing: bool) -> tuple[float, float]:
+    """(target tokens/s per GPU, utilisation): the measured run's share of its device's peak, applied to the
+    target GPU's peak and the target model's FLOPs per token."""
+    u = tokens_per_s * flops_per_token(params_measured, method, checkpointing) / (device_tflops * 1e12)
+    return u * gpu.peak_tflops * 1e12 / flops_per_token(params, method, checkpointing), u
+
+
+def device_peak_tflops(table: GpuTable, dtype: str) -> tuple[float, str]:
+    """This machine's device peak: the table's for a GPU it knows, else a timed dense matmul in `dtype`."""
+    import time
+
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().lower()
+        for key, gpu in table.gpus.items():
+            if key.split("-")[0] in name:
+                return gpu.peak_tflops, f"{gpu.name} peak ({gpu.peak_source.split(':')[0]})"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 4096 if device == "cuda" else 1024
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dt)
+    a @ a  # warm-up
+    reps, began = 5, time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    if device == "cuda":
+        torch.cuda.synchronize()
+    tflops = 2 * n ** 3 * reps / (time.perf_counter() - began) / 1e12
+    return tflops, f"timed {n}x{n} {dtype} matmul on this {device}"
+
+
+def measure_config(cfg: DictConfig, config: Any, out: Path, steps: int) -> tuple[DictConfig, Any]:
+    """The recipe cut to `steps` optimizer steps without evaluation or saving; a hub model whose weights are
+    not here is replaced by a random model of its config with MEASURE_LAYERS decoder layers (its width, hence
+    its matmul shapes, kept). Returns (config to run, the config of the model it runs)."""
+    from ftlab.models.load import hub_cached
+
+    run = OmegaConf.merge(cfg, {"output_dir": str(out), "train": {
+        "max_steps": steps, "eval_every": None, "save_every": None, "log_generations_every": None,
+        "save_final": False, "resume": None}, "track": {"wandb": False}})
+    name = cfg.model.name
+    if not cfg.model.scratch and not Path(name).expanduser().exists() and not _embedded(name) and not hub_cached(name):
+        small = config.to_diff_dict()
+        for key in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
+            small.pop(key, None)
+        small.update(num_hidden_layers=MEASURE_LAYERS, model_type=config.model_type)
+        run.model.scratch = small
+        config = type(config)(**{**config.to_dict(), "num_hidden_layers": MEASURE_LAYERS})
+    return run, config
+
+
+def _embedded(name: str) -> bool:
+    from ftlab.models.load import EMBEDDED
+
+    return name in EMBEDDED
+
+
+def measured_throughput(cfg: DictConfig, config: Any, table: GpuTable, gpu: Gpu, params: float, method: str,
+                        steps: int = 4) -> Throughput:
+    """Train `steps` real steps of the recipe on this machine's device and scale by FLOPs to the target."""
+    from ftlab.train import run_training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_cfg, run_model = measure_config(cfg, config, Path(tmp), steps)
+        log.info("--measure: %d training steps of %s on this machine", steps,
+                 "the recipe's model" if run_model is config else f"a {MEASURE_LAYERS}-layer random model of its config")
+        run = run_training(run_cfg)
+        measured = (run.summary().get("step_tokens_per_s") if run else None) or 0.0
+    if measured <= 0:
+        raise UserError("--measure: the training steps reported no throughput")
+    n_measured = architecture(run_model).total_params
+    device_tflops, device_how = device_peak_tflops(table, cfg.train.precision)
+    tps, u = scale_measured(measured, n_measured, device_tflops, gpu, params, method, cfg.train.gradient_checkpointing)
+    return Throughput(tps, f"measured {measured:,.0f} tok/s over {steps} steps (first step's warm-up included) of a "
+                           f"{n_measured / 1e6:,.1f}M-param model = {u:.1%} of {device_tflops:.3g} TFLOPS "
+                           f"({device_how}), applied to {gpu.name}")
+
+
+# -- the plan ----------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    title: str
+    rows: list[tuple[str, str, str]] = field(default_factory=list)   # (quantity, value, how)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, quantity: str, value: str, how: str = "") -> None:
+        self.rows.append((quantity, value, how))
+
+
+def memory_rows(plan: Plan, arch: Architecture, cfg: DictConfig, method: str, sharding: str, world: int,
+                gpu: Gpu | None) -> float:
+    """Add the per-GPU memory rows; returns the total in GiB."""
+    t, lora = cfg.train, cfg.lora
+    est = estimate_memory(arch, method=method, optim=cfg.optim.name if cfg.optim.name in OPTIMIZERS else "adamw",
+                          precision=t.precision if t.precision != "auto" else "bf16", batch_size=t.batch_size,
+                          seq_len=cfg.data.max_length, lora_r=lora.r, target_modules=list(lora.target_modules),
+                          gradient_checkpointing=t.gradient_checkpointing,
+                          attn_implementation=cfg.model.attn_implementation, lora_dropout=lora.dropout,
+                          weight_dtype=cfg.model.dtype)
+    total = 0.0
+    for name, nbytes, how in est.rows:
+        if name in SHARDED_ROWS[sharding] and world > 1:
+            how, nbytes = f"1/{world} of {nbytes / GiB:.2f} GiB ({how})", nbytes / world
+            if name == "weights":  # each layer is gathered whole for its forward and backward, the next prefetched
+                gathered = 2 * nbytes * world / arch.n_layers
+                plan.add("gathered layers", f"{gathered / GiB:.2f} GiB", "2 decoder layers' whole weights (the one "
+                         "computing and the prefetched next)")
+                total += gathered
+        plan.add(name, f"{nbytes / GiB:.2f} GiB", how)
+        total += nbytes
+    total_gib = total / GiB + CUDA_CONTEXT_GIB
+    verdict = "" if gpu is None else (("fits in" if total_gib <= gpu.memory_gib else "DOES NOT FIT in")
+                                      + f" {gpu.name}'s {gpu.memory_gib:g} GiB; ")
+    plan.add("memory per GPU", f"{total_gib:.1f} GiB",
+             f"{verdict}sum of the rows + {CUDA_CONTEXT_GIB:g} GiB CUDA context; micro-batch {t.batch_size} x "
+             f"data.max_length {cfg.data.max_length}, every token supervised (an upper bound)")
+    return total_gib
+
+
+def global_batch(cfg: DictConfig, world: int) -> tuple[int, str]:
+    t = cfg.train
+    fixed = OmegaConf.select(cfg, "train.global_batch", default=None)
+    if fixed:
+        return int(fixed), f"train.global_batch (accumulation {fixed / (t.batch_size * world):g} at this size)"
+    return t.batch_size * t.grad_accum * world, f"batch_size {t.batch_size} x grad_accum {t.grad_accum} x {world} GPUs"
+
+
+def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_type: str | None = None, *,
+               examples: int | None = None, mean_tokens: float | None = None, measure: bool = False,
+               measure_steps: int = 4, tokens_per_s: float | None = None, usd_per_gpu_hour: float | None = None,
+               sample: int = 1000, lenient: bool = False, table: GpuTable | None = None,
+               title: str = "") -> Plan:
+    """The plan for `gpus` GPUs per node on `nodes` nodes. `lenient`: a part that cannot be worked out (no config,
+    no local data, no GPU type) becomes an "unknown" row instead of an error (ftlab launch must never fail here)."""
+    if gpus < 1 or nodes < 1:
+        raise UserError(f"--gpus and --nodes must be >= 1, got {gpus} and {nodes}")
+    if (examples is None) != (mean_tokens is None):
+        raise UserError("pass --examples and --mean-tokens together (or neither, to count data.train)")
+    if examples is not None and (examples < 1 or mean_tokens <= 0):
+        raise UserError(f"--examples must be >= 1 and --mean-tokens > 0, got {examples} and {mean_tokens}")
+    table = table or load_gpu_table()
+    gpu = table.gpu(gpu_type) if gpu_type else None
+    world, method, sharding = gpus * nodes, method_of(cfg), sharding_of(profile)
+    where = f"{world} x {gpu.name if gpu else 'GPU'}" + (f" ({nodes} nodes x {gpus})" if nodes > 1 else "")
+    plan = Plan(f"ftlab plan: {title or cfg.name} on {where}, profile {profile}: {sharding_words(sharding, world)}")
+
+    def attempt(what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except UserError as e:
+            if not lenient:
+                raise
+            plan.add(what, "unknown", str(e))
+            return None
+
+    found = attempt("model", lambda: model_config(cfg))
+    arch = None
+    if found:
+        arch = architecture(found[0], name=found[1])
+        detail = f"r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}" if method != "full" else "every weight"
+        plan.add("model", f"{arch.total_params / 1e9:.2f}B params", f"{found[1]}, {method} ({detail})")
+        attempt("memory per GPU", lambda: memory_rows(plan, arch, cfg, method, sharding, world, gpu))
+    if examples is not None:
+        data = Dataset(examples, float(mean_tokens), "given (--examples, --mean-tokens)")
+    else:
+        data = attempt("examples", lambda: count_dataset(cfg, sample))
+    batch, batch_how = global_batch(cfg, world)
+    plan.add("global batch", f"{batch:,}", batch_how)
+    if data is None:
+        return plan
+    t = cfg.train
+    limit = f" (data.limit {cfg.data.limit})" if cfg.data.limit and examples is None else ""
+    plan.add("examples", f"{data.examples:,}", f"lines of data.train{limit}" if examples is None else data.how)
+    plan.add("tokens per example", f"{data.mean_tokens:,.0f}", f"mean of {data.how}" if examples is None else data.how)
+    if t.max_steps:
+        steps, tokens = t.max_steps, t.max_steps * batch * data.mean_tokens
+        plan.add("steps", f"{steps:,}", "train.max_steps")
+    else:
+        steps, tokens = math.ceil(t.epochs * data.examples / batch), t.epochs * data.examples * data.mean_tokens
+        plan.add("steps", f"{steps:,}", f"{t.epochs:g} epoch(s) x {data.examples:,} / {batch:,}")
+    plan.add("tokens", f"{tokens / 1e6:,.1f}M", "real tokens (padding left out)")
+    if gpu is None and tokens_per_s is None:
+        plan.add("time", "unknown", "no GPU type (ftlab plan --gpu-type " + "|".join(table.gpus) + ")")
+        return plan
+    speed = None
+    if tokens_per_s is not None:
+        speed = Throughput(tokens_per_s, "given (--tokens-per-s)")
+    elif arch is not None:
+        ckpt = t.gradient_checkpointing
+        if measure:
+            speed = attempt("throughput", lambda: measured_throughput(cfg, found[0], table, gpu, arch.total_params,
+                                                                      method, measure_steps))
+        else:
+            micro = t.batch_size * data.mean_tokens
+            speed = attempt("throughput", lambda: table_throughput(table, gpu, method, arch.total_params, micro, ckpt))
+    if speed is None:
+        return plan
+    hours = tokens / (speed.tokens_per_s * world) / 3600
+    plan.add("throughput", f"{speed.tokens_per_s:,.0f} tok/s/GPU", speed.how)
+    plan.add("time", f"{hours:,.1f} h", f"{tokens / 1e6:,.1f}M tokens / ({speed.tokens_per_s:,.0f} x {world} tok/s); "
+                                       "evaluation, checkpoints and start-up not included")
+    price = usd_per_gpu_hour if usd_per_gpu_hour is not None else gpu.usd_per_gpu_hour if gpu else None
+    if price is not None:
+        source = "--usd-per-gpu-hour" if usd_per_gpu_hour is not None else gpu.price_source.split(";")[0]
+        plan.add("cost", f"${hours * world * price:,.0f}", f"{world} GPUs x {hours:,.1f} h x ${price:.2f} ({source})")
+    return plan
+
+
+def format_plan(plan: Plan) -> str:
+    width = max(len(q) for q, _, _ in plan.rows) if plan.rows else 8
+    vwidth = max(len(v) for _, v, _ in plan.rows) if plan.rows else 8
+    lines = [plan.title, ""]
+    lines += [f"  {q:<{width}}  {v:>{vwidth}}   {how}".rstrip() for q, v, how in plan.rows]
+    return "\n".join(lines + [f"  - {n}" for n in plan.notes])
+
+
+# -- ftlab launch ------------------------------------------------------------------------------------
+def local_gpu_type(table: GpuTable) -> str | None:
+    """The table's name for this machine's GPU, or None (no CUDA, or a GPU the table does not list)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name().lower()
+    return next((key for key in table.gpus if key.split("-")[0] in name), None)
+
+
+def estimate_for_launch(cfg: DictConfig, profile: str, gpus: int, nodes: int) -> str:
+    """The plan printed before a launch: cheap (a model config, a 200-row data sample, no download, no training)
+    and never raising: what cannot be worked out reads "unknown"."""
+    try:
+        table = load_gpu_table()
+        plan = build_plan(cfg, profile, gpus, nodes, local_gpu_type(table), sample=200, lenient=True, table=table)
+        return format_plan(plan)
+    except Exception as e:  # noqa: BLE001 - an estimate must never stop a launch; say why it is missing
+        log.debug("plan failed", exc_info=True)
+        return f"ftlab plan: unknown ({type(e).__name__}: {e})"
+
+
+# -- the command line --------------------------------------------------------------------------------
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ftlab.config import load_recipe
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    plan = build_plan(cfg, args.profile, args.gpus, args.nodes, args.gpu_type, examples=args.examples,
+                      mean_tokens=args.mean_tokens, measure=args.measure, measure_steps=args.measure_steps,
+                      tokens_per_s=args.tokens_per_s, usd_per_gpu_hour=args.usd_per_gpu_hour, sample=args.sample,
+                      title=args.recipe)
+    print(format_plan(plan))
+    return 0
+
+
+def add_plan_verbs(sub: argparse._SubParsersAction) -> None:
+    """`ftlab plan`."""
+    p = sub.add_parser("plan", help="memory per GPU, steps, tokens, hours and cost of a recipe on N GPUs",
+                       description="plan a run: memory per GPU by profile, steps, tokens, hours and cost "
+                                   f"(throughput from {TABLE.name}, --measure or --tokens-per-s)")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=4")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per node (default 1)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpu-type", help=f"a GPU type of {TABLE.name}: a100-80gb, h100-80gb, h200, ...")
+    p.add_argument("--profile", default="ddp", help="single, ddp, zero2, zero3, fsdp2 or a profile file (default ddp)")
+    p.add_argument("--examples", type=int, help="training examples, when data.train is not a local file")
+    p.add_argument("--mean-tokens", type=float, help="mean tokens per example (with --examples)")
+    p.add_argument("--sample", type=int, default=1000, help="rows of data.train encoded for tokens per example")
+    p.add_argument("--measure", action="store_true", help="time a few real steps here and scale by FLOPs")
+    p.add_argument("--measure-steps", type=int, default=4, help="steps --measure trains (default 4)")
+    p.add_argument("--tokens-per-s", type=float, help="training tokens/s per GPU, instead of the table")
+    p.add_argument("--usd-per-gpu-hour", type=float, help="price per GPU-hour, instead of the table's")
+    p.set_defaults(fn=cmd_plan)
