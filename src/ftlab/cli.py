@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.set_defaults(fn=cmd_verify)
     from ftlab.data.traces import add_traces_verbs  # sample, filter
     add_traces_verbs(sub)
+    from ftlab.runs.sweep_cli import add_sweep_verbs  # sweep
+    add_sweep_verbs(sub)
     from ftlab.launch.planner import add_plan_verbs  # plan
     add_plan_verbs(sub)
     add_use_verbs(sub)

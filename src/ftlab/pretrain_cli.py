@@ -3,7 +3,6 @@
     ftlab prepare-corpus INPUT --out DIR [--full | --max-examples-per-split N] [--s3-bucket B ...]
     ftlab replay RUN --step N                   # rebuild step N's batch from (seed, step), rerun it with anomaly detection
     ftlab in-context-loss RECIPE [key=value]    # mean loss by position over validation windows -> CSV, plot, ICL score
-    ftlab sweep RECIPE [key=value]              # sweep.seeds x sweep.num_categories -> one run each, table and plot
 """
 from __future__ import annotations
 
@@ -45,16 +44,6 @@ def cmd_in_context_loss(args: argparse.Namespace) -> int:
     cfg = load_recipe(args.recipe, model + list(args.overrides))
     summary = run_in_context_loss(cfg)
     print(json.dumps(summary, indent=2))
-    return 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from ftlab.config import load_recipe
-    from ftlab.runs.sweep import run_sweep
-
-    cfg = load_recipe(args.recipe, args.overrides)
-    out = run_sweep(args.recipe, list(args.overrides), cfg)
-    print(out)
     return 0
 
 
@@ -107,10 +96,3 @@ def add_verbs(sub: Any) -> None:
     ic.add_argument("--model", default=None, help="the model to measure instead of the recipe's (a run's final/ or "
                     "best/, a local dir, a hub id, the embedded model): sets model.name and clears model.preset/scratch")
     ic.set_defaults(fn=cmd_in_context_loss)
-
-    sw = sub.add_parser("sweep", help="pretraining sweep: sweep.seeds x sweep.num_categories, one run each",
-                        description="one pretraining run per (seed, K) in a plain loop, then a summary table and "
-                                    "a plot of the final validation loss (and bits per byte) against K")
-    sw.add_argument("recipe", help="recipe YAML file")
-    sw.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
-    sw.set_defaults(fn=cmd_sweep)

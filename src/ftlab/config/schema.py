@@ -179,10 +179,13 @@ class PretrainConfig:
 
 @dataclass
 class SweepConfig:
-    """`ftlab sweep`: one pretraining run per (seed, K)."""
+    """`ftlab sweep` (ftlab.runs.sweep): one run per point of the grid's product x seeds, in sequence, resumable."""
 
-    seeds: list[int] = field(default_factory=lambda: [0])
-    num_categories: list[int] = field(default_factory=list)   # K values (pretrain.num_categories)
+    verb: str = "train"                  # what every point runs: train (SFT, DPO, GRPO, pretraining) | eval | loop
+    grid: dict[str, Any] = field(default_factory=dict)  # dotted key -> its values, e.g. {data.limit: [128, 256]}
+    seeds: Optional[list[int]] = None    # every grid point once per seed (null: the recipe's seed)
+    num_categories: list[int] = field(default_factory=list)   # K values: shorthand for grid pretrain.num_categories
+    dir: Optional[str] = None            # the sweep directory (re-running with it resumes); null: runs/sweep/<stamp>_<name>
 
 
 @dataclass
@@ -308,6 +311,7 @@ CHOICES = {
     "eval.engine": ("hf", "vllm"),
     "loop.engine": ("hf", "vllm"),
     "loop.optimizer": ("dpo", "grpo"),
+    "sweep.verb": ("train", "eval", "loop"),
     "grpo.engine": ("hf", "vllm"),
     "eval.precision": ("fp32", "bf16", "fp16", "auto"),
 }
@@ -446,4 +450,5 @@ NULL_MEANS: dict[str, str] = {
     "loop.max_problems": "every problem",
     "loop.heldout_limit": "every held-out problem",
     "loop.max_pairs_per_problem": "every pair",
+    "sweep.seeds": "the recipe's seed",
 }
