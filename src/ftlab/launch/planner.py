@@ -31,15 +31,16 @@ import argparse
 import logging
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.errors import UserError
-from ftlab.models.memory import GiB, OPTIMIZERS, Architecture, architecture, estimate_memory, load_config
+from ftlab.models.memory import OPTIMIZERS, Architecture, GiB, architecture, estimate_memory, load_config
 
 log = logging.getLogger("ftlab")
 
@@ -493,7 +494,7 @@ def estimate_for_launch(cfg: DictConfig, profile: str, gpus: int, nodes: int) ->
         table = load_gpu_table()
         plan = build_plan(cfg, profile, gpus, nodes, local_gpu_type(table), sample=200, lenient=True, table=table)
         return format_plan(plan)
-    except Exception as e:  # noqa: BLE001 - an estimate must never stop a launch; say why it is missing
+    except Exception as e:  # an estimate must never stop a launch: say why it is missing instead
         log.debug("plan failed", exc_info=True)
         return f"ftlab plan: unknown ({type(e).__name__}: {e})"
 

@@ -40,6 +40,7 @@ from ftlab.train.objective import Objective
 from ftlab.train.optim import build_optimizer, build_scheduler
 from ftlab.train.setup import (check_resumable, check_trainable_dtype, is_deepspeed, make_accelerator,
                                model_identity, prepare_model, resolve_resume)
+from ftlab.train.telemetry import gpu_metrics
 
 log = logging.getLogger("ftlab")
 
@@ -143,6 +144,7 @@ class Loop:
                     stats["tokens_per_s"] = tokens / max(time.time() - started, 1e-9)
                     stats["step_tokens_per_s"] = tokens / max(step_seconds, 1e-9)
                     stats.update(self.objective.more_metrics(self, stats, "train"))
+                    stats.update(gpu_metrics(self.device))  # CUDA memory, utilisation; {} on CPU
                     last = stats
                     bar.set_postfix(loss=f"{stats['loss']:.4f}")
                     if self.tracker and (self.done % t.log_every == 0 or self.done == self.total_steps):
