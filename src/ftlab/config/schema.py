@@ -450,5 +450,4 @@ NULL_MEANS: dict[str, str] = {
     "loop.max_problems": "every problem",
     "loop.heldout_limit": "every held-out problem",
     "loop.max_pairs_per_problem": "every pair",
-    "sweep.seeds": "the recipe's seed",
 }
