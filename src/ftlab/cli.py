@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--limit", type=int, default=None, help="first N records only")
     ver.add_argument("--output-dir", default="runs", help="where runs/verify/<run> is written (default: runs)")
     ver.set_defaults(fn=cmd_verify)
+    from ftlab.data.socsci_prepare import add_socsci_verbs  # prepare-socsci
+    add_socsci_verbs(sub)
     from ftlab.data.traces import add_traces_verbs  # sample, filter
     add_traces_verbs(sub)
     from ftlab.runs.sweep_cli import add_sweep_verbs  # sweep
