@@ -237,7 +237,7 @@ def count_dataset(cfg: DictConfig, sample: int = 1000) -> Dataset:
     if not lengths:
         raise UserError(f"{path}: no sampled example fits data.max_length={d.max_length}")
     return Dataset(examples, sum(lengths) / len(lengths),
-                   f"{len(lengths)} rows (every {stride}th) of {path.name}, {which}")
+                   f"{len(lengths)} rows ({'every row' if stride == 1 else f'every {stride}th'}) of {path.name}, {which}")
 
 
 # -- throughput --------------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def measured_throughput(cfg: DictConfig, config: Any, table: GpuTable, gpu: Gpu,
         log.info("--measure: %d training steps of %s on this machine", steps,
                  "the recipe's model" if run_model is config else f"a {MEASURE_LAYERS}-layer random model of its config")
         run = run_training(run_cfg)
-        measured = (run.summary().get("step_tokens_per_s") if run else None) or 0.0
+        measured = (run.summary.get("step_tokens_per_s") if run else None) or 0.0
     if measured <= 0:
         raise UserError("--measure: the training steps reported no throughput")
     n_measured = architecture(run_model).total_params
@@ -342,16 +342,33 @@ def measured_throughput(cfg: DictConfig, config: Any, table: GpuTable, gpu: Gpu,
 @dataclass
 class Plan:
     title: str
-    rows: list[tuple[str, str, str]] = field(default_factory=list)   # (quantity, value, how)
-    notes: list[str] = field(default_factory=list)
+    rows: list[tuple[str, str, str]] = field(default_factory=list)   # (quantity, value, how), as printed
+    values: dict[str, float] = field(default_factory=dict)           # the numbers behind them, unrounded
 
     def add(self, quantity: str, value: str, how: str = "") -> None:
         self.rows.append((quantity, value, how))
 
 
+def shard_rows(rows: list[tuple[str, float, str]], sharding: str, world: int,
+               n_layers: int) -> list[tuple[str, float, str]]:
+    """Per-GPU memory rows (name, bytes, how): what the profile shards divided by the data-parallel world. With the
+    weights sharded, each decoder layer is gathered whole for its forward and backward and the next one prefetched:
+    about two layers' worth of the unsharded weights stay resident."""
+    out = []
+    for name, nbytes, how in rows:
+        if name not in SHARDED_ROWS[sharding] or world == 1:
+            out.append((name, nbytes, how))
+            continue
+        out.append((name, nbytes / world, f"1/{world} of {nbytes / GiB:.2f} GiB ({how})"))
+        if name == "weights":
+            out.append(("gathered layers", 2 * nbytes / n_layers, "2 decoder layers' whole weights (the one "
+                        "computing and the prefetched next)"))
+    return out
+
+
 def memory_rows(plan: Plan, arch: Architecture, cfg: DictConfig, method: str, sharding: str, world: int,
-                gpu: Gpu | None) -> float:
-    """Add the per-GPU memory rows; returns the total in GiB."""
+                gpu: Gpu | None) -> None:
+    """Add the per-GPU memory rows and their total (`ftlab memory`'s estimate, sharded as the profile says)."""
     t, lora = cfg.train, cfg.lora
     est = estimate_memory(arch, method=method, optim=cfg.optim.name if cfg.optim.name in OPTIMIZERS else "adamw",
                           precision=t.precision if t.precision != "auto" else "bf16", batch_size=t.batch_size,
@@ -359,24 +376,16 @@ def memory_rows(plan: Plan, arch: Architecture, cfg: DictConfig, method: str, sh
                           gradient_checkpointing=t.gradient_checkpointing,
                           attn_implementation=cfg.model.attn_implementation, lora_dropout=lora.dropout,
                           weight_dtype=cfg.model.dtype)
-    total = 0.0
-    for name, nbytes, how in est.rows:
-        if name in SHARDED_ROWS[sharding] and world > 1:
-            how, nbytes = f"1/{world} of {nbytes / GiB:.2f} GiB ({how})", nbytes / world
-            if name == "weights":  # each layer is gathered whole for its forward and backward, the next prefetched
-                gathered = 2 * nbytes * world / arch.n_layers
-                plan.add("gathered layers", f"{gathered / GiB:.2f} GiB", "2 decoder layers' whole weights (the one "
-                         "computing and the prefetched next)")
-                total += gathered
+    rows = shard_rows(est.rows, sharding, world, arch.n_layers)
+    for name, nbytes, how in rows:
         plan.add(name, f"{nbytes / GiB:.2f} GiB", how)
-        total += nbytes
-    total_gib = total / GiB + CUDA_CONTEXT_GIB
+    total_gib = sum(b for _, b, _ in rows) / GiB + CUDA_CONTEXT_GIB
+    plan.values["memory_gib"] = total_gib
     verdict = "" if gpu is None else (("fits in" if total_gib <= gpu.memory_gib else "DOES NOT FIT in")
                                       + f" {gpu.name}'s {gpu.memory_gib:g} GiB; ")
     plan.add("memory per GPU", f"{total_gib:.1f} GiB",
              f"{verdict}sum of the rows + {CUDA_CONTEXT_GIB:g} GiB CUDA context; micro-batch {t.batch_size} x "
              f"data.max_length {cfg.data.max_length}, every token supervised (an upper bound)")
-    return total_gib
 
 
 def global_batch(cfg: DictConfig, world: int) -> tuple[int, str]:
@@ -420,7 +429,7 @@ def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_typ
     if found:
         arch = architecture(found[0], name=found[1])
         detail = f"r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}" if method != "full" else "every weight"
-        plan.add("model", f"{arch.total_params / 1e9:.2f}B params", f"{found[1]}, {method} ({detail})")
+        plan.add("model", f"{human(arch.total_params)} params", f"{found[1]}, {method} ({detail})")
         attempt("memory per GPU", lambda: memory_rows(plan, arch, cfg, method, sharding, world, gpu))
     if examples is not None:
         data = Dataset(examples, float(mean_tokens), "given (--examples, --mean-tokens)")
@@ -428,6 +437,7 @@ def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_typ
         data = attempt("examples", lambda: count_dataset(cfg, sample))
     batch, batch_how = global_batch(cfg, world)
     plan.add("global batch", f"{batch:,}", batch_how)
+    plan.values["global_batch"] = batch
     if data is None:
         return plan
     t = cfg.train
@@ -440,7 +450,8 @@ def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_typ
     else:
         steps, tokens = math.ceil(t.epochs * data.examples / batch), t.epochs * data.examples * data.mean_tokens
         plan.add("steps", f"{steps:,}", f"{t.epochs:g} epoch(s) x {data.examples:,} / {batch:,}")
-    plan.add("tokens", f"{tokens / 1e6:,.1f}M", "real tokens (padding left out)")
+    plan.add("tokens", human(tokens), "real tokens (padding left out)")
+    plan.values.update(examples=data.examples, mean_tokens=data.mean_tokens, steps=steps, tokens=tokens)
     if gpu is None and tokens_per_s is None:
         plan.add("time", "unknown", "no GPU type (ftlab plan --gpu-type " + "|".join(table.gpus) + ")")
         return plan
@@ -458,14 +469,31 @@ def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_typ
     if speed is None:
         return plan
     hours = tokens / (speed.tokens_per_s * world) / 3600
+    plan.values.update(tokens_per_s=speed.tokens_per_s, hours=hours)
     plan.add("throughput", f"{speed.tokens_per_s:,.0f} tok/s/GPU", speed.how)
-    plan.add("time", f"{hours:,.1f} h", f"{tokens / 1e6:,.1f}M tokens / ({speed.tokens_per_s:,.0f} x {world} tok/s); "
+    plan.add("time", duration(hours), f"{human(tokens)} tokens / ({speed.tokens_per_s:,.0f} x {world} tok/s); "
                                        "evaluation, checkpoints and start-up not included")
     price = usd_per_gpu_hour if usd_per_gpu_hour is not None else gpu.usd_per_gpu_hour if gpu else None
     if price is not None:
         source = "--usd-per-gpu-hour" if usd_per_gpu_hour is not None else gpu.price_source.split(";")[0]
-        plan.add("cost", f"${hours * world * price:,.0f}", f"{world} GPUs x {hours:,.1f} h x ${price:.2f} ({source})")
+        cost = plan.values["usd"] = hours * world * price
+        plan.add("cost", f"${cost:,.0f}" if cost >= 10 else f"${cost:.2f}",
+                 f"{world} GPUs x {duration(hours)} x ${price:.2f}/h ({source})")
     return plan
+
+
+def human(n: float) -> str:
+    """1.23B, 456.7M, 8.9K, 12."""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}" if unit == "B" else f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def duration(hours: float) -> str:
+    if hours >= 1:
+        return f"{hours:,.1f} h"
+    return f"{hours * 60:.1f} min" if hours * 60 >= 1 else f"{hours * 3600:.1f} s"
 
 
 def format_plan(plan: Plan) -> str:
@@ -473,7 +501,7 @@ def format_plan(plan: Plan) -> str:
     vwidth = max(len(v) for _, v, _ in plan.rows) if plan.rows else 8
     lines = [plan.title, ""]
     lines += [f"  {q:<{width}}  {v:>{vwidth}}   {how}".rstrip() for q, v, how in plan.rows]
-    return "\n".join(lines + [f"  - {n}" for n in plan.notes])
+    return "\n".join(lines)
 
 
 # -- ftlab launch ------------------------------------------------------------------------------------
