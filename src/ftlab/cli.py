@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_traces_verbs(sub)
     from ftlab.runs.sweep_cli import add_sweep_verbs  # sweep
     add_sweep_verbs(sub)
+    from ftlab.launch.launcher import add_launch_verbs  # launch
+    add_launch_verbs(sub)
     from ftlab.launch.planner import add_plan_verbs  # plan
     add_plan_verbs(sub)
     add_use_verbs(sub)

@@ -88,6 +88,9 @@ class TrainConfig:
     max_minutes: Optional[float] = None  # wall-clock budget: stop cleanly after this many minutes
     batch_size: int = 8                  # examples (or packed rows) per micro-batch
     grad_accum: int = 1
+    global_batch: Optional[int] = None   # examples (pairs, windows, GRPO completions) per optimizer step = batch_size x
+                                         # grad_accum x processes; when set, grad_accum is computed from it at start
+    dist_timeout: Optional[float] = None # seconds a collective may wait (the NCCL/gloo process-group time-out)
     precision: str = "fp32"              # fp32 | bf16 | fp16 (autocast) | auto (see config.load.resolve_precision)
     fp16_init_scale: float = 65536.0     # first loss scale of the fp16 gradient scaler (halved on each overflow)
     grad_clip: Optional[float] = 1.0
@@ -346,6 +349,8 @@ RANGES: dict[str, str] = {
     "train.batch_size": ">= 1",
     "train.fp16_init_scale": "> 0",
     "train.grad_accum": ">= 1",
+    "train.global_batch": ">= 1",
+    "train.dist_timeout": "> 0",
     "train.grad_clip": "> 0",
     "train.log_every": ">= 1",
     "train.eval_every": ">= 1",
@@ -441,6 +446,8 @@ NULL_MEANS: dict[str, str] = {
     "pretrain.peak_tflops": "no MFU",
     "pretrain.spike_factor": "no spike detection",
     "train.grad_clip": "no clipping",
+    "train.global_batch": "train.batch_size x train.grad_accum x processes",
+    "train.dist_timeout": "torch's default time-out",
     "grpo.epsilon_high": "grpo.epsilon",
     "grpo.log_completions_every": "never printed",
     "train.eval_every": "no periodic validation",

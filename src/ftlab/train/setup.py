@@ -1,12 +1,13 @@
-"""Setting up a training run before the loop starts: the accelerator (one process, DDP, DeepSpeed), the model
-as the recipe says (full, LoRA, QLoRA), and the checks that refuse, in one line and before a run directory
-exists, what would fail or silently run as something else (launches, half-precision weights, checkpoints of
-another model or method)."""
+"""Setting up a training run before the loop starts: the accelerator (one process, DDP, DeepSpeed; the global
+batch and the process-group time-out), the model as the recipe says (full, LoRA, QLoRA), and the checks that
+refuse, in one line and before a run directory exists, what would fail or silently run as something else
+(launches, half-precision weights, checkpoints of another model or method)."""
 from __future__ import annotations
 
 import json
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ log = logging.getLogger("ftlab")
 def make_accelerator(cfg: DictConfig) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     # accelerate keeps one global state per process; a second run in one process (the quickstart,
     # notebooks, tests) may use another precision. The process group (PartialState) is kept.
@@ -33,8 +34,11 @@ def make_accelerator(cfg: DictConfig) -> Any:
     # casts the model itself and must know the precision from accelerate.
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision] if deepspeed else "no"
     check_launch(deepspeed)
+    apply_global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    # Only takes effect where this call forms the process group (not when an earlier run in this process did).
+    group = [InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout))] if t.dist_timeout else []
     accelerator = Accelerator(mixed_precision=precision, cpu=not (torch.cuda.is_available() or deepspeed),
-                              gradient_accumulation_steps=t.grad_accum if deepspeed else 1)
+                              gradient_accumulation_steps=t.grad_accum if deepspeed else 1, kwargs_handlers=group)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         # Without a dataloader in prepare(), "auto" batch sizes cannot be resolved: say them. The engine
@@ -49,13 +53,50 @@ def make_accelerator(cfg: DictConfig) -> Any:
     return accelerator
 
 
-def check_launch(deepspeed: bool) -> None:
-    """Launches that would silently run as something else: refuse them with one line."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+def global_batch_accum(cfg: DictConfig, world: int) -> int:
+    """The accumulation that makes train.global_batch examples (pairs, windows, GRPO completions) per optimizer
+    step: global_batch / (batch_size x world). One line naming values that would divide where it does not."""
+    t, gb = cfg.train, cfg.train.global_batch
+    per_micro = t.batch_size * world
+    if cfg.train.method == "grpo" and gb % cfg.grpo.num_generations:
+        raise UserError(f"train.global_batch={gb} completions per step is not a multiple of grpo.num_generations="
+                        f"{cfg.grpo.num_generations} (each prompt's group must be whole)")
+    if gb % per_micro == 0:
+        return gb // per_micro
+    below, above = gb // per_micro * per_micro, (gb // per_micro + 1) * per_micro
+    would = " or ".join(str(v) for v in (below, above) if v > 0)
+    sizes = [b for b in range(1, gb // world + 1) if gb % (b * world) == 0] if gb % world == 0 else []
+    other = (f"; or train.batch_size in {{{', '.join(map(str, sizes))}}}" if sizes else
+             f"; no train.batch_size divides it over {world} processes")
+    raise UserError(f"train.global_batch={gb} is not a multiple of train.batch_size x processes = {t.batch_size} x "
+                    f"{world} = {per_micro}: global batches that would are {would}{other}")
+
+
+def apply_global_batch(cfg: DictConfig, world: int) -> None:
+    """Set train.grad_accum from train.global_batch for this world size (nothing when it is null): the same rule
+    at `ftlab launch` and in every process, so a recipe means the same batch under any launcher."""
+    if cfg.train.global_batch is None:
+        return
+    accum = global_batch_accum(cfg, world)
+    if accum != cfg.train.grad_accum:
+        log.info("train.global_batch=%d over %d process(es) x batch %d: train.grad_accum=%d",
+                 cfg.train.global_batch, world, cfg.train.batch_size, accum)
+    cfg.train.grad_accum = accum
+
+
+def check_distributed_type(distributed_type: str) -> None:
+    """Refuse an accelerate distributed type the loop does not drive (also asked by `ftlab launch` of a profile)."""
+    if distributed_type == "FSDP":
         # Not wired (sharded checkpoints, state-dict gathering) and without CUDA accelerate would quietly
         # run plain DDP instead: refuse rather than pretend.
         raise UserError("FSDP launches are not supported by ftlab's training loop; shard with DeepSpeed ZeRO "
-                        "(accelerate launch --config_file launch/zero2.yaml ...)")
+                        "(ftlab launch RECIPE --profile zero2, or accelerate launch with a DEEPSPEED config)")
+
+
+def check_launch(deepspeed: bool) -> None:
+    """Launches that would silently run as something else: refuse them with one line."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        check_distributed_type("FSDP")
     if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Measured: on CPU, accelerate forms no process group under DeepSpeed; each process sees a world of one.
         raise UserError("DeepSpeed with several processes needs CUDA GPUs (on CPU accelerate forms no process "
