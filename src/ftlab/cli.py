@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_verbs(sub)
     from ftlab.launch.planner import add_plan_verbs  # plan
     add_plan_verbs(sub)
+    from ftlab.report.build import add_report_verbs  # report
+    add_report_verbs(sub)
     add_use_verbs(sub)
     from ftlab.pretrain_cli import add_verbs  # the pretraining verbs (prepare-corpus, ...)
 

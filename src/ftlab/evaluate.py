@@ -189,8 +189,12 @@ def run_eval(cfg: DictConfig, model_name: str | None = None, adapter: str | None
     from ftlab.data.jsonl import write_jsonl
 
     write_jsonl(pred_path, rows)
+    from ftlab.report.fingerprint import eval_set_hash, tokenizer_fingerprint
+
+    # hashes that let `ftlab report` tell whether two accuracies were measured on the same rows and prompts
     metrics.update({"model": mcfg.name, "adapter": mcfg.adapter, "task": task_name, "source": source,
-                    "split": cfg.eval.split})
+                    "split": cfg.eval.split, "eval_set_hash": eval_set_hash(examples),
+                    **tokenizer_fingerprint(tokenizer, cfg.eval.chat_template)})
     write_json(run.path / "metrics.json", metrics)
     run.finish("complete", metrics=headline(metrics))
     log.info("%s: %s -> %s", name, format_metrics(metrics), run.path)

@@ -73,9 +73,10 @@ class Trackers:
             self.tb.close()
 
 
-def read_metrics(path: Any) -> list[dict[str, Any]]:
+def read_metrics(path: Any, damaged: list[str] | None = None) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl. A last line cut short (the run was killed mid-write) is left out;
-    any other unreadable line is an error naming it."""
+    any other unreadable line is an error naming it, or, when a `damaged` list is given (a report that
+    must still be made), named there ("file:line: ...") and skipped."""
     from ftlab.errors import UserError
 
     lines = Path(path).read_bytes().split(b"\n")
@@ -84,9 +85,16 @@ def read_metrics(path: Any) -> list[dict[str, Any]]:
         if not raw.strip():
             continue
         try:
-            rows.append(json.loads(raw.decode("utf-8")))
+            row = json.loads(raw.decode("utf-8"))
         except ValueError:  # JSONDecodeError and UnicodeDecodeError
-            if lineno == len(lines):  # no newline after it: a write that never finished
-                break
-            raise UserError(f"{path}:{lineno}: damaged metrics line") from None
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+            continue
+        if lineno == len(lines):  # no newline after it: a write that never finished
+            break
+        problem = f"{path}:{lineno}: damaged metrics line"
+        if damaged is None:
+            raise UserError(problem)
+        damaged.append(problem)
     return rows
