@@ -164,3 +164,31 @@ def test_an_eval_sweep_tabulates_each_points_accuracy(tmp_path, capsys):
         predictions = [json.loads(line) for line in (run / "predictions.jsonl").open()]
         assert len(predictions) == int(r["n"]) == int(r["eval.limit"])
         assert float(r["accuracy"]) == sum(x["correct"] for x in predictions) / len(predictions)
+
+
+def test_a_loop_sweep_gives_each_point_its_own_loop_directory(tmp_path, capsys):
+    from tests.test_sokrates_loop import loop_recipe
+
+    recipe = loop_recipe(tmp_path, iterations=0, eval_samples=0, dir=str(tmp_path / "shared_loop"))
+    capsys.readouterr()
+    assert main(["sweep", str(recipe), "--verb", "loop", "--seeds", "0"]) == 0
+    sweep = sweep_dir_from(capsys, tmp_path)
+    [point] = points(sweep)
+    loop_dir = sweep / "s0" / "loop" / "oak_s0"  # not the recipe's loop.dir, which every point would share
+    assert point["status"] == "complete" and sweep / point["run"] == loop_dir and not (tmp_path / "shared_loop").exists()
+    summary = json.loads((loop_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and (loop_dir / "iter_0" / "eval" / "DONE").is_file()
+    [row] = csv.DictReader((sweep / "summary.csv").open())
+    assert float(row["answer_accuracy"]) == summary["last"]["answer_accuracy"] and row["problems"] == "4"
+
+
+def test_a_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, schedule={"name": "constant"}, train={"max_steps": 2, "grad_clip": None})
+    assert main(["sweep", str(recipe), "--grid", "optim.lr=[1e30,1e-3]", f"sweep.dir={tmp_path / 'sw'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ftlab: error: ") and "1 of 2 points failed (first: lr1e+30: TrainingDiverged:" in err
+    failed, done = points(tmp_path / "sw")
+    assert (failed["status"], done["status"]) == ("failed", "complete") and "non-finite" in failed["error"]
+    assert json.loads((tmp_path / "sw" / failed["run"] / "summary.json").read_text())["status"] == "failed"
+    assert json.loads((tmp_path / "sw" / "summary.json").read_text())["status"] == "failed"
+    assert [r["status"] for r in csv.DictReader((tmp_path / "sw" / "summary.csv").open())] == ["failed", "complete"]

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -98,8 +99,6 @@ def dry_run(recipe: str, overrides: list[str], cfg: DictConfig, grid_args: Seque
 # -- the sweep directory -----------------------------------------------------------------------------------
 def new_sweep_dir(cfg: DictConfig) -> Path:
     """runs/sweep/<stamp>_<name>, not yet created (a second sweep in the same second gets a suffix)."""
-    import re
-
     parent = Path(cfg.output_dir) / "sweep"
     base = f"{time.strftime('%Y%m%d_%H%M%S')}_{re.sub(r'[^A-Za-z0-9._+-]+', '-', cfg.name).strip('-') or 'sweep'}"
     return next(p for i in range(1000) if not (p := parent / (base + (f"_{i + 1}" if i else ""))).exists())
@@ -138,14 +137,16 @@ def same_sweep(stored: Sweep, planned: Sweep, sweep_dir: Path) -> Sweep:
 
 
 def check_same_config(sweep_dir: Path, cfg: DictConfig) -> None:
-    """A resumed sweep runs the recipe it started with: a changed recipe would mix two studies in one table."""
+    """A resumed sweep runs the recipe it started with: a changed recipe would mix two studies in one table (the
+    sweep section aside: the plan's own comparison is `same_sweep`)."""
     import yaml
 
     path = sweep_dir / "config.yaml"
     if not path.is_file():
         return
     before, now = flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {}), flat(config_dict(cfg))
-    differ = [k for k in sorted(set(before) | set(now)) if before.get(k, "<unset>") != now.get(k, "<unset>")]
+    differ = [k for k in sorted(set(before) | set(now))
+              if before.get(k, "<unset>") != now.get(k, "<unset>") and not k.startswith("sweep.")]
     if differ:
         raise UserError(f"{sweep_dir}: the recipe changed since the sweep started (first difference: {differ[0]}: "
                         f"{before.get(differ[0], '<unset>')!r} then, {now.get(differ[0], '<unset>')!r} now); "

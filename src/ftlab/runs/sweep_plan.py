@@ -70,7 +70,9 @@ def plan_sweep(recipe: str, overrides: list[str], cfg: DictConfig, grid_args: li
                         "with grid, seeds or num_categories)")
     if seeds is not None and "seed" in grid:
         raise UserError("the seed is swept twice: by the grid key 'seed' and by the seeds; keep one")
-    sweep = Sweep(name=cfg.name, recipe=str(recipe), verb=cfg.sweep.verb, overrides=list(overrides), grid=grid,
+    # sweep.* overrides shape the plan, not a run: the points (and a re-run's comparison) leave them out
+    runs_overrides = [o for o in overrides if o.split("=", 1)[0].split(".")[0] != "sweep"]
+    sweep = Sweep(name=cfg.name, recipe=str(recipe), verb=cfg.sweep.verb, overrides=runs_overrides, grid=grid,
                   seeds=seeds)
     sweep.points = [Point(i, label, values) for i, (label, values) in enumerate(point_values(grid, seeds))]
     return sweep
