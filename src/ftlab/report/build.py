@@ -26,7 +26,7 @@ from ftlab.report.runs import Run, discover, load_run, peak_memory, tokens_seen,
 from ftlab.report.stats import mean_interval, wilson_interval
 from ftlab.report.sweeps import sweep_plots
 
-STAMP = re.compile(r"^\d{8}_\d{6}_")
+STAMP = re.compile(r"\d{8}_\d{6}_")  # run directories start with one; an evaluation's name may hold another
 
 
 def build_report(paths: Sequence[str | Path], out: str | Path, axis: str = "step", window: int = 0) -> Path:
@@ -72,7 +72,7 @@ def intro(paths: Sequence[str | Path], runs: list[Run], axis: str, window: int) 
 
 def problems_section(runs: list[Run]) -> list[Block]:
     lines = [p for r in runs for p in r.problems]
-    lines += [f"{r.label}: {r.status}, last step {r.last_step}" for r in runs if r.status != "complete"]
+    lines += [f"{r.label}: {r.status}, last step {step(r)}" for r in runs if r.status != "complete"]
     if not lines:
         return []
     return [Heading("Problems and unfinished runs"), *(Text(line, warn=True) for line in lines)]
@@ -95,9 +95,15 @@ def best_text(f: Final) -> str | None:
     return None if f.best is None else f"{f.key} {fmt(f.best)}"
 
 
+def step(run: Run) -> str:
+    return "—" if run.last_step is None else str(run.last_step)
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "—"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
     minutes, s = divmod(int(round(seconds)), 60)
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{s:02d}s"
 
@@ -116,7 +122,7 @@ def runs_section(runs: list[Run], groups: list[C.Group]) -> list[Block]:
     rows = []
     for r in runs:
         fs = finals(r)
-        rows.append([r.label, r.kind, r.status, str(r.last_step if r.last_step is not None else "—"),
+        rows.append([r.label, r.kind, r.status, step(r),
                      str(size[r.label]), "; ".join(final_text(f) for f in fs) or "—",
                      "; ".join(t for f in fs if (t := best_text(f))) or "—", trainable_parameters(r) or "—",
                      duration(wall_seconds(r)), C.human(tokens_seen(r)), str(peak_memory(r) or "not recorded"),

@@ -67,6 +67,10 @@ def num_categories(run: Run) -> float | None:
     return float(k) if isinstance(k, int) else None
 
 
+def is_pretraining(run: Run) -> bool:
+    return run.setting("train.method") == "pretrain"
+
+
 def collect(runs: Sequence[Run], x_of: Callable[[Run], float | None], y_of: Callable[[Run], Any],
             x_key: str) -> tuple[list[Point], list[Run], list[str]]:
     """The points of one sweep plot, the runs behind them, and the labels of runs with y but no x."""
@@ -92,10 +96,11 @@ def sweep_plots(runs: Sequence[Run], out: Path) -> list[SweepPlot]:
     # A training run's in-training accuracy and an evaluation of its model would count the same model twice:
     # evaluations (and loops) speak for accuracy where there are any.
     scored = [r for r in runs if r.kind in ("eval", "loop") and accuracy_of(r) is not None]
+    pretraining = [r for r in runs if is_pretraining(r)]  # K is a pretraining setting
     plots = []
     for title, name, x_of, y_of, x_key, xlabel, ylabel, base, comparison in specs:
-        points, placed, left_out = collect(scored if scored and comparison == "accuracy" else runs,
-                                           x_of, y_of, x_key)
+        among = (scored or runs) if comparison == "accuracy" else pretraining
+        points, placed, left_out = collect(among, x_of, y_of, x_key)
         if len({p.x for p in points}) < 2:
             continue
         sweep_plot(points, out / name, title, xlabel, ylabel, base)
