@@ -71,8 +71,8 @@ def test_k_sweep_checks_every_k_before_the_first_run(tmp_path):
     (["--verb", "loop", "--seeds", "0"], "sweep point s0: ftlab loop trains on option traces"),
     ([], "nothing to sweep"),
     (["--grid", "data.packing=[false,true]", "--grid", "train.detach_prompt=[false,true]"],
-     "sweep point packingtrue_detach_prompttrue: override 'train.detach_prompt=true': 'train.detach_prompt' "
-     "cannot be combined with 'data.packing=True'"),
+     ("sweep point packingtrue_detach_prompttrue: override 'train.detach_prompt=true': 'train.detach_prompt' "
+      "cannot be combined with 'data.packing=True'")),
 ])
 def test_a_bad_grid_is_one_line_before_anything_runs(tmp_path, capsys, args, needle):
     recipe = tiny_recipe(tmp_path)

@@ -49,16 +49,25 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.config.load import load_recipe
 from ftlab.errors import UserError, first_line
 from ftlab.runs.rundir import RunDir, environment, redact, write_json
-from ftlab.runs.sweep_plan import (K_KEY, Point, Sweep, command_lines, override_text, plan_sweep, point_dir,
-                                   point_overrides, validate)
+from ftlab.runs.sweep_plan import (
+    K_KEY,
+    Point,
+    Sweep,
+    command_lines,
+    override_text,
+    plan_sweep,
+    point_dir,
+    point_overrides,
+    validate,
+)
 from ftlab.runs.sweep_table import plot_k_sweep, write_tables
 
 log = logging.getLogger("ftlab")

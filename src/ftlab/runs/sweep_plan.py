@@ -52,7 +52,7 @@ class Sweep:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Sweep":
+    def from_json(cls, data: dict[str, Any]) -> Sweep:
         points = [Point(**p) for p in data["points"]]
         return cls(**{**data, "points": points})
 
