@@ -64,31 +64,37 @@ def test_two_processes_through_the_ddp_profile_match_one_process_at_the_same_glo
         assert b[step]["train/supervised_tokens"] == a[step]["train/supervised_tokens"]
 
 
-def test_the_process_group_gets_train_dist_timeout(tmp_path):
-    """Read back from the default group of a real 2-process gloo run (torch's own default is 30 minutes)."""
-    script = tmp_path / "timeout.py"
+def test_plain_torchrun_gets_the_time_out_and_the_global_batch_from_the_recipe(tmp_path):
+    """Without `ftlab launch`: the time-out is read back from the default group of a real 2-process gloo run
+    (torch's own default is 30 minutes), and global batch 16 at batch 2 x 2 processes is accumulation 4."""
+    script = tmp_path / "each_rank.py"
     script.write_text(
         "import torch, torch.distributed as dist\n"
         "from ftlab.config import load_recipe\n"
         "from ftlab.train.setup import make_accelerator\n"
-        f"make_accelerator(load_recipe({str(tiny_recipe(tmp_path))!r}, ['train.dist_timeout=7.5']))\n"
+        f"cfg = load_recipe({str(tiny_recipe(tmp_path))!r}, ['train.dist_timeout=7.5', 'train.global_batch=16',\n"
+        "                  'train.batch_size=2'])\n"
+        "make_accelerator(cfg)\n"
         "backend = dist.group.WORLD._get_backend(torch.device('cpu'))\n"
-        "print(dist.get_rank(), dist.get_world_size(), backend.options._timeout.total_seconds(), flush=True)\n")
+        "print(dist.get_rank(), dist.get_world_size(), backend.options._timeout.total_seconds(), cfg.train.grad_accum,\n"
+        "      flush=True)\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=200,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(proc.stdout.split("\n")[:2]) == ["0 2 7.5", "1 2 7.5"]
+    assert sorted(proc.stdout.split("\n")[:2]) == ["0 2 7.5 4", "1 2 7.5 4"]
 
 
 def dry_run(tmp_path: Path, capsys, *argv: str) -> list[str]:
     code, out, err = launch([*argv, "--dry-run"], capsys)
     assert code == 0, err
+    assert "ftlab plan:" in err  # the planner's estimate comes first, on stderr; stdout is the command alone
     return shlex.split(out.strip())
 
 
 def test_dry_run_of_each_profile(tmp_path, capsys):
-    """batch 4 (tiny_recipe), global batch 16: accumulation 16 / (4 x processes) is passed to the processes."""
+    """batch 4 (tiny_recipe), global batch 16: accumulation 16 / (4 x processes) is passed to the processes.
+    `launch_argv` is what --dry-run prints (the planner's estimate takes a while, so it is called once here)."""
     recipe = str(tiny_recipe(tmp_path))
     assert {"single", "ddp", "zero2", "zero3", "fsdp2"} <= set(profile_names())
     child = ["-m", "ftlab.cli", "train", recipe, "train.global_batch=16"]
@@ -100,14 +106,13 @@ def test_dry_run_of_each_profile(tmp_path, capsys):
     assert argv == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *child,
                     "train.grad_accum=2"]
 
-    argv = dry_run(tmp_path, capsys, recipe, "--profile", "ddp", "--gpus", "2", "--nodes", "2",
-                   "--rdzv-endpoint", "node001:29400", "--verb", "loop", "train.global_batch=16")
+    argv = launch_argv("ddp", 2, 2, "node001:29400", "loop", recipe, ["train.global_batch=16"])
     assert argv[3:13] == ["--nproc_per_node", "2", "--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint",
                           "node001:29400", "-m", "ftlab.cli"]
     assert argv[13:] == ["loop", recipe, "train.global_batch=16", "train.grad_accum=1"]
 
     for stage in (2, 3):
-        argv = dry_run(tmp_path, capsys, recipe, "--profile", f"zero{stage}", "--gpus", "4", "train.precision=bf16")
+        argv = launch_argv(f"zero{stage}", 4, 1, None, "train", recipe, ["train.precision=bf16"])
         assert argv[1:3] == ["-m", "accelerate.commands.launch"]
         flags = dict(zip(argv[3:11:2], argv[4:11:2]))
         assert flags == {"--config_file": flags["--config_file"], "--num_processes": "4", "--num_machines": "1",
