@@ -32,7 +32,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ TABLE = HERE / "gpu_table.yaml"
 PROFILES = HERE / "profiles"
 MODEL_CONFIGS = HERE / "model_configs"     # configs of hub models the seeds use, for planning without the hub
 CUDA_CONTEXT_GIB = 1.0                     # CUDA context + allocator slack added before "fits"
-SHARDED_ROWS = {"none": (), "zero2": ("gradients", "optimizer states"),
+SHARDED_ROWS = {"none": (), "zero1": ("optimizer states",), "zero2": ("gradients", "optimizer states"),
                 "full": ("weights", "gradients", "optimizer states")}
 KNOWN_PROFILES = {"single": "none", "ddp": "none", "zero2": "zero2", "zero3": "full", "fsdp2": "full"}
 MEASURE_LAYERS = 2                         # decoder layers of the stand-in model `--measure` times for a hub model
@@ -71,15 +71,20 @@ class ThroughputRow:
     gpu: str
     method: str                  # full | lora | qlora
     params_b: float              # the measured model's parameters, billions
+    embedding_b: float           # of which its input embedding (a lookup, no FLOPs; 0 when tied to the LM head)
     micro_batch_tokens: int      # tokens per micro-batch on one GPU
     tokens_per_s: float          # per GPU
     gradient_checkpointing: bool
     source: str
     how: str = ""
 
+    @property
+    def flop_params(self) -> float:
+        return (self.params_b - self.embedding_b) * 1e9
+
     def utilisation(self, peak_tflops: float) -> float:
         """The share of the GPU's peak the measured run used, counting the FLOPs its method really runs."""
-        flops = flops_per_token(self.params_b * 1e9, self.method, self.gradient_checkpointing)
+        flops = flops_per_token(self.flop_params, self.method, self.gradient_checkpointing)
         return self.tokens_per_s * flops / (peak_tflops * 1e12)
 
 
@@ -101,9 +106,15 @@ class GpuTable:
             raise UserError(f"{TABLE.name} has no {method} throughput for {gpu}; pass --tokens-per-s or --measure")
 
         def distance(r: ThroughputRow) -> float:
-            return abs(math.log(params / (r.params_b * 1e9))) + abs(math.log(max(micro_tokens, 1) / r.micro_batch_tokens))
+            size = math.log(params / r.flop_params)
+            return abs(size) + abs(math.log(max(micro_tokens, 1) / r.micro_batch_tokens))
 
         return min(rows, key=distance)
+
+
+def flop_params(arch: Architecture) -> int:
+    """Parameters that take part in matmuls: all but the input embedding (a lookup), unless it is also the LM head."""
+    return arch.total_params - (0 if arch.tied_embeddings else arch.embedding_params)
 
 
 def flops_per_token(params: float, method: str, gradient_checkpointing: bool) -> float:
@@ -120,9 +131,8 @@ def load_gpu_table(path: Path = TABLE) -> GpuTable:
         gpus = {name: Gpu(name=name, **spec) for name, spec in data["gpus"].items()}
         rows = [ThroughputRow(**row) for row in data["throughput"]]
         for d in data.get("derived", []):
-            rows += [ThroughputRow(d["gpu"], r.method, r.params_b, r.micro_batch_tokens, r.tokens_per_s * d["speedup"],
-                                   r.gradient_checkpointing, f"{r.source}; x {d['speedup']} ({d['source']})",
-                                   f"{r.how} on {d['from']}") for r in rows if r.gpu == d["from"]]
+            rows += [replace(r, gpu=d["gpu"], tokens_per_s=r.tokens_per_s * d["speedup"], how=f"{r.how} on {d['from']}",
+                             source=f"{r.source}; x {d['speedup']} ({d['source']})") for r in rows if r.gpu == d["from"]]
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: not a readable GPU table: {type(e).__name__}: {e}") from None
     for r in rows:
@@ -133,7 +143,7 @@ def load_gpu_table(path: Path = TABLE) -> GpuTable:
 
 # -- profiles ----------------------------------------------------------------------------------------
 def sharding_of(profile: str) -> str:
-    """"none", "zero2" or "full" for a profile name (ftlab/launch/profiles/NAME.yaml) or a profile file: an
+    """"none", "zero1", "zero2" or "full" for a profile name (ftlab/launch/profiles/NAME.yaml) or a profile file: an
     accelerate config, at the top or under `accelerate:`."""
     path = PROFILES / f"{profile}.yaml" if "/" not in profile and not profile.endswith(".yaml") else Path(profile)
     if not path.is_file():
@@ -148,12 +158,13 @@ def sharding_of(profile: str) -> str:
     kind = str(acc.get("distributed_type", "")).upper()
     if kind == "DEEPSPEED":
         stage = int((acc.get("deepspeed_config") or {}).get("zero_stage", 0))
-        return "full" if stage == 3 else "zero2" if stage in (1, 2) else "none"
+        return {1: "zero1", 2: "zero2", 3: "full"}.get(stage, "none")
     return "full" if kind == "FSDP" else "none"
 
 
 def sharding_words(sharding: str, world: int) -> str:
     return {"none": "nothing sharded (a whole copy per GPU)",
+            "zero1": f"optimizer states sharded over {world}",
             "zero2": f"gradients and optimizer states sharded over {world}",
             "full": f"weights, gradients and optimizer states sharded over {world}"}[sharding]
 
@@ -216,6 +227,9 @@ def count_dataset(cfg: DictConfig, sample: int = 1000) -> Dataset:
     from ftlab.train.sft import encode_conversations
 
     d = cfg.data
+    if cfg.train.method != "sft":
+        raise UserError(f"data.train is counted for SFT recipes; for train.method={cfg.train.method} pass "
+                        "--examples N --mean-tokens T")
     path = Path(str(d.train)) if d.train else None
     if path is None or not path.is_file():
         raise UserError(f"data.train ({d.train}) is not a local file: pass --examples N --mean-tokens T")
@@ -236,8 +250,8 @@ def count_dataset(cfg: DictConfig, sample: int = 1000) -> Dataset:
     lengths = [len(e["input_ids"]) for e in encode_conversations(samples, tokenizer, d.max_length) if e is not None]
     if not lengths:
         raise UserError(f"{path}: no sampled example fits data.max_length={d.max_length}")
-    return Dataset(examples, sum(lengths) / len(lengths),
-                   f"{len(lengths)} rows ({'every row' if stride == 1 else f'every {stride}th'}) of {path.name}, {which}")
+    every = "every row" if stride == 1 else f"every {stride}th"
+    return Dataset(examples, sum(lengths) / len(lengths), f"{len(lengths)} rows ({every}) of {path.name}, {which}")
 
 
 # -- throughput --------------------------------------------------------------------------------------
@@ -251,11 +265,11 @@ def table_throughput(table: GpuTable, gpu: Gpu, method: str, params: float, micr
                      checkpointing: bool) -> Throughput:
     row = table.nearest(gpu.name, method, params, micro_tokens)
     u = row.utilisation(gpu.peak_tflops)
-    tps = u * gpu.peak_tflops * 1e12 / flops_per_token(params, method, checkpointing)
-    return Throughput(tps, f"row {row.method} {row.params_b:g}B, {row.micro_batch_tokens}-token micro-batches: "
-                           f"{row.tokens_per_s:,.0f} tok/s ({row.how}; {row.source}) = {u:.1%} of "
-                           f"{gpu.peak_tflops:g} TFLOPS, applied to {flops_per_token(params, method, checkpointing):.3g}"
-                           " FLOPs/token")
+    flops = flops_per_token(params, method, checkpointing)
+    return Throughput(u * gpu.peak_tflops * 1e12 / flops,
+                      f"row {row.method} {row.params_b:g}B, {row.micro_batch_tokens}-token micro-batches: "
+                      f"{row.tokens_per_s:,.0f} tok/s ({row.how}; {row.source}) = {u:.1%} of {gpu.peak_tflops:g} "
+                      f"TFLOPS, applied to {flops:.3g} FLOPs/token")
 
 
 def scale_measured(tokens_per_s: float, params_measured: float, device_tflops: float, gpu: Gpu, params: float,
@@ -295,6 +309,8 @@ def measure_config(cfg: DictConfig, config: Any, out: Path, steps: int) -> tuple
     """The recipe cut to `steps` optimizer steps without evaluation or saving; a hub model whose weights are
     not here is replaced by a random model of its config with MEASURE_LAYERS decoder layers (its width, hence
     its matmul shapes, kept). Returns (config to run, the config of the model it runs)."""
+    from transformers import AutoConfig
+
     from ftlab.models.load import hub_cached
 
     run = OmegaConf.merge(cfg, {"output_dir": str(out), "train": {
@@ -302,13 +318,22 @@ def measure_config(cfg: DictConfig, config: Any, out: Path, steps: int) -> tuple
         "save_final": False, "resume": None}, "track": {"wandb": False}})
     name = cfg.model.name
     if not cfg.model.scratch and not Path(name).expanduser().exists() and not _embedded(name) and not hub_cached(name):
-        small = config.to_diff_dict()
-        for key in ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype"):
-            small.pop(key, None)
-        small.update(num_hidden_layers=MEASURE_LAYERS, model_type=config.model_type)
-        run.model.scratch = small
-        config = type(config)(**{**config.to_dict(), "num_hidden_layers": MEASURE_LAYERS})
+        small = stand_in_fields(config)
+        run.model.scratch = {**small, "model_type": config.model_type}
+        config = AutoConfig.for_model(config.model_type, **small)
     return run, config
+
+
+def stand_in_fields(config: Any) -> dict[str, Any]:
+    """The config's own scalar fields with MEASURE_LAYERS decoder layers. Lists and mappings are left out (per-layer
+    types sized for the full depth, rope scaling): none changes the FLOPs; the rope base is kept as rope_theta."""
+    skip = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
+    small = {k: v for k, v in config.to_diff_dict().items() if not isinstance(v, (dict, list)) and k not in skip}
+    rope = getattr(config, "rope_parameters", None) or {}
+    if "rope_theta" in rope:
+        small["rope_theta"] = rope["rope_theta"]
+    small.pop("model_type", None)
+    return {**small, "num_hidden_layers": MEASURE_LAYERS}
 
 
 def _embedded(name: str) -> bool:
@@ -324,13 +349,13 @@ def measured_throughput(cfg: DictConfig, config: Any, table: GpuTable, gpu: Gpu,
 
     with tempfile.TemporaryDirectory() as tmp:
         run_cfg, run_model = measure_config(cfg, config, Path(tmp), steps)
-        log.info("--measure: %d training steps of %s on this machine", steps,
-                 "the recipe's model" if run_model is config else f"a {MEASURE_LAYERS}-layer random model of its config")
+        model = "the recipe's model" if run_model is config else f"a {MEASURE_LAYERS}-layer random model of its config"
+        log.info("--measure: %d training steps of %s on this machine", steps, model)
         run = run_training(run_cfg)
         measured = (run.summary.get("step_tokens_per_s") if run else None) or 0.0
     if measured <= 0:
         raise UserError("--measure: the training steps reported no throughput")
-    n_measured = architecture(run_model).total_params
+    n_measured = flop_params(architecture(run_model))
     device_tflops, device_how = device_peak_tflops(table, cfg.train.precision)
     tps, u = scale_measured(measured, n_measured, device_tflops, gpu, params, method, cfg.train.gradient_checkpointing)
     return Throughput(tps, f"measured {measured:,.0f} tok/s over {steps} steps (first step's warm-up included) of a "
@@ -429,7 +454,8 @@ def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_typ
     if found:
         arch = architecture(found[0], name=found[1])
         detail = f"r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}" if method != "full" else "every weight"
-        plan.add("model", f"{human(arch.total_params)} params", f"{found[1]}, {method} ({detail})")
+        plan.add("model", f"{human(arch.total_params)} params", f"{found[1]}, {method} ({detail}); "
+                 f"{human(flop_params(arch))} in matmuls")
         attempt("memory per GPU", lambda: memory_rows(plan, arch, cfg, method, sharding, world, gpu))
     if examples is not None:
         data = Dataset(examples, float(mean_tokens), "given (--examples, --mean-tokens)")
@@ -461,11 +487,11 @@ def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_typ
     elif arch is not None:
         ckpt = t.gradient_checkpointing
         if measure:
-            speed = attempt("throughput", lambda: measured_throughput(cfg, found[0], table, gpu, arch.total_params,
+            speed = attempt("throughput", lambda: measured_throughput(cfg, found[0], table, gpu, flop_params(arch),
                                                                       method, measure_steps))
         else:
             micro = t.batch_size * data.mean_tokens
-            speed = attempt("throughput", lambda: table_throughput(table, gpu, method, arch.total_params, micro, ckpt))
+            speed = attempt("throughput", lambda: table_throughput(table, gpu, method, flop_params(arch), micro, ckpt))
     if speed is None:
         return plan
     hours = tokens / (speed.tokens_per_s * world) / 3600

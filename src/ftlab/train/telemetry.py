@@ -101,7 +101,8 @@ class _SmiReader:
         target = device_uuid(index) or str(index)
         try:
             done = subprocess.run(["nvidia-smi", f"--id={target}", "--query-gpu=utilization.gpu",
-                                   "--format=csv,noheader,nounits"], check=False, capture_output=True, text=True, timeout=5)
+                                   "--format=csv,noheader,nounits"],
+                                  check=False, capture_output=True, text=True, timeout=5)
             return float(done.stdout.strip().splitlines()[0]) if done.returncode == 0 else None
         except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as e:
             log.debug("nvidia-smi utilisation failed (%s)", e)
