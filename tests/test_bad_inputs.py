@@ -138,6 +138,8 @@ CASES: list[dict[str, Any]] = [
     setting(TRAIN, "train.grad_clip=0", "'train.grad_clip' must be > 0 (or null: no clipping)"),
     setting(TRAIN, "train.batch_size=0", "'train.batch_size' must be >= 1"),
     setting(TRAIN, "train.grad_accum=0", "'train.grad_accum' must be >= 1"),
+    setting(TRAIN, "train.global_batch=0", "'train.global_batch' must be >= 1"),
+    setting(TRAIN, "train.dist_timeout=0", "'train.dist_timeout' must be > 0 (or null: torch's default time-out)"),
     dict(setting(TRAIN, "train.fp16_init_scale=0", "'train.fp16_init_scale' must be > 0"),
          requires_key="train.fp16_init_scale"),
     setting(TRAIN, "optim.lr=-1e-4", "'optim.lr' must be > 0; got -0.0001"),
