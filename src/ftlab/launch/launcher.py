@@ -215,7 +215,7 @@ def write_accelerate_config(prof: Profile, cfg: DictConfig) -> Path:
               "mixed_precision": {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision],
               "use_cpu": False}
     text = f"# accelerate config of ftlab launch profile {prof.name} ({prof.path})\n" + yaml.safe_dump(config)
-    out = Path(cfg.output_dir) / "launch" / f"{prof.name}_{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml"
+    out = Path(cfg.output_dir).resolve() / "launch" / f"{prof.name}_{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}")
@@ -286,6 +286,10 @@ def run_launch(launch: Launch, dry_run: bool = False) -> int:
 
 # -- the command line ------------------------------------------------------------------------------------
 def cmd_launch(args: argparse.Namespace) -> int:
+    if args.slurm or args.submit:
+        from ftlab.launch.slurm import cmd_slurm
+
+        return cmd_slurm(args)
     launch = prepare_launch(args.profile, args.gpus, args.nodes, args.rdzv_endpoint, args.verb, args.recipe,
                             args.overrides)
     return run_launch(launch, dry_run=args.dry_run)
@@ -305,4 +309,7 @@ def add_launch_verbs(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="with --nodes > 1: the first node's address")
     lp.add_argument("--verb", choices=VERBS, default="train", help="what the processes run (default: train)")
     lp.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    from ftlab.launch.slurm import add_slurm_arguments
+
+    add_slurm_arguments(lp)
     lp.set_defaults(fn=cmd_launch)
