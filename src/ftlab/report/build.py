@@ -182,7 +182,9 @@ def curves_section(runs: list[Run], groups: list[C.Group], axis: str, window: in
         if plot is None:
             continue
         shown = [by_label[label] for label in plot.runs]
-        blocks += [Heading(panel.title, 3), Image(plot.path, f"{panel.title} by {axis}")]
+        blocks.append(Heading(panel.title, 3))
+        if plot.path is not None:
+            blocks.append(Image(plot.path, f"{panel.title} by {axis}"))
         blocks += [Text(f"Not comparable here: {f.line()}", warn=True) for f in C.flags(shown, groups, panel.comparison)]
         if plot.off_axis:
             blocks.append(Text(f"Not on the {axis} axis (nothing recorded to place them): {', '.join(plot.off_axis)}"))

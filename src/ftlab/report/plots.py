@@ -21,10 +21,10 @@ DPI = 110
 
 @dataclass
 class CurvePlot:
-    """A drawn panel: its file, and the runs it could not place on the chosen axis."""
+    """A panel: its file (None when no run could be placed on the chosen axis), and the runs it could not place."""
 
     panel: Panel
-    path: Path
+    path: Path | None
     runs: list[str]
     off_axis: list[str] = field(default_factory=list)
 
@@ -53,7 +53,7 @@ def plot_panel(panel: Panel, groups: Sequence[Group], axis: str, window: int, ou
         if curves:
             drawn.append((g, curves))
     if not drawn:
-        return None
+        return CurvePlot(panel, None, [], off_axis) if off_axis else None
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for g, curves in drawn:
         if len(curves) == 1:
