@@ -90,3 +90,19 @@ def sweep_dirs(root: Path, k1: Path, k2: Path) -> tuple[Path, Path]:
     old.mkdir()
     (old / "summary.json").write_text(json.dumps({"status": "complete", "kind": "sweep", "runs": [str(k1), str(k2)]}))
     return points, old
+
+
+def build_small(root: Path) -> dict[str, Path]:
+    """Two seeds of a tiny SFT run, a crashed copy of one and a loop directory: a report with curves, a seed
+    band, an unfinished run and a damaged metrics line, in a few seconds."""
+    from ftlab.cli import main
+
+    recipe = tiny_recipe(root, train={"eval_every": 2, "max_steps": 4},
+                         data={"val": str(root / "train.jsonl"), "val_limit": 8})
+    made: dict[str, Path] = {}
+    for seed in (0, 1):
+        assert main(["train", str(recipe), f"name=seed{seed}", f"seed={seed}"]) == 0
+        made[f"seed{seed}"] = only(root / "runs" / "sft", f"2*_seed{seed}")
+    made["crashed"] = crashed_copy(made["seed1"], root / "runs" / "sft" / "20200101_000000_crashed")
+    made["loop"] = loop_dir(root / "runs" / "loop" / "oak")
+    return made
