@@ -69,8 +69,12 @@ def save_merged_from_adapter(model_cfg: Any, adapter_dir: Path, out: Path, dtype
     save_model(merged, tokenizer, out)
 
 
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:06d}"
+
+
 def temp_dir(ckpt_dir: Path, step: int) -> Path:
-    return ckpt_dir / f".tmp_{STEP_PREFIX}{step:06d}"
+    return ckpt_dir / f".tmp_{step_name(step)}"
 
 
 def begin_checkpoint(ckpt_dir: Path, step: int) -> Path:
@@ -83,7 +87,7 @@ def begin_checkpoint(ckpt_dir: Path, step: int) -> Path:
 
 def finish_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any]) -> Path:
     """Write state.json last, flush everything to disk, then rename the temp dir into place."""
-    tmp, final = temp_dir(ckpt_dir, step), ckpt_dir / f"{STEP_PREFIX}{step:06d}"
+    tmp, final = temp_dir(ckpt_dir, step), ckpt_dir / step_name(step)
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     _fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)

@@ -14,8 +14,10 @@ What the loop owns, so each method gets it once and tested once:
 * fp16 with a gradient scaler (an overflow skips the step and lowers the scale, it does not stop the run);
 * checkpoints with every rank's state (RNG per rank, DeepSpeed's partitioned optimizer), written to a
   temp dir and renamed; resume falls back past damaged checkpoints, saying so;
-* SIGTERM (Slurm time limits, preemption) handled like Ctrl-C, after saving a checkpoint when the
-  recipe saves checkpoints.
+* SIGTERM and SIGUSR1 (Slurm's time-limit warning, preemption): the current optimizer step is finished, the
+  ranks agree to stop after it (a flag reduced at the step boundary, so every rank stops at the same step),
+  a checkpoint of that step is written (also without train.save_every: a preempted job resumes from it), and
+  the run ends `interrupted` like Ctrl-C (ftlab.launch.slurm requeues the job).
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ from ftlab.train.setup import (check_resumable, check_trainable_dtype, is_deepsp
 from ftlab.train.telemetry import gpu_metrics
 
 log = logging.getLogger("ftlab")
+# SIGTERM: Slurm's time limit, preemption, `kill`; SIGUSR1: the warning `sbatch --signal` sends ahead of them.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class TrainingDiverged(UserError):
@@ -76,9 +80,9 @@ def train(cfg: DictConfig, build_objective: Callable[[DictConfig, Any, int, int]
     try:
         objective.before_training(loop)
         summary = loop.fit(resume)
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGUSR1 (Terminated)
         if run:
-            run.finish("interrupted", steps=loop.done)
+            run.finish("interrupted", steps=loop.done, **loop.stopped)
         raise
     except BaseException as e:
         if run:
@@ -115,6 +119,8 @@ class Loop:
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=self.t.fp16_init_scale) if fp16 else None
         self.tracker = Trackers(run, cfg.track, OmegaConf.to_container(cfg, resolve=True)) if run else None
         self.done, self.best, self.terminate, self.resumed_from = 0, None, False, None
+        self.signal_name: str | None = None
+        self.stopped: dict[str, Any] = {}  # why and where a stop signal ended the run (summary.json)
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self, resume: list[Path]) -> dict[str, Any]:
@@ -125,18 +131,21 @@ class Loop:
             self.done, self.best = self.restore(resume)
         self.log_start()
         self.model.train()
-        started, last, saved = time.time(), {}, self.done
+        started, last, saved, signalled = time.time(), {}, self.done, False
         tokens, step_seconds = 0, 0.0  # counted over applied steps only: the steps' own throughput
         bar = tqdm(total=self.total_steps, initial=self.done, desc="train", disable=self.rank != 0)
-        previous = signal.signal(signal.SIGTERM, self.on_sigterm) if _main_thread() else None
+        previous = {s: signal.signal(s, self.on_stop_signal) for s in STOP_SIGNALS} if _main_thread() else {}
         try:
             while self.done < self.total_steps:
                 began = time.time()
                 stats = self.step(self.done)
                 self.done += 1
                 bar.update(1)
-                stop = self.any_rank(self.terminate,
-                                     bool(t.max_minutes and (time.time() - started) / 60 > t.max_minutes))
+                # One reduction, and every rank acts on its result: a rank that got no signal (or got it a moment
+                # later) stops at this same step, saves the same checkpoint and raises the same way.
+                signalled, late = (v > 0 for v in self.sum_ranks([float(self.terminate), float(bool(
+                    t.max_minutes and (time.time() - started) / 60 > t.max_minutes))]))
+                stop = signalled or late
                 if stats is not None:  # None: no update (a non-finite step under nan_policy=skip, a loss spike)
                     tokens += stats.pop("tokens")
                     step_seconds += time.time() - began
@@ -155,19 +164,21 @@ class Loop:
                     last.update(self.evaluate())
                 if self.run and t.log_generations_every and self.done % t.log_generations_every == 0:
                     self.log_generations()
-                if t.save_every and (self.done % t.save_every == 0 or stop) and self.done < self.total_steps:
+                if ((t.save_every and (self.done % t.save_every == 0 or stop)) or signalled) \
+                        and self.done < self.total_steps:
                     self.save_checkpoint()
                     saved = self.done
                 if stop:
                     break
         finally:
             bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-        if self.terminate:
-            log.info("SIGTERM at step %d: %s", self.done,
-                     f"checkpoint saved (step {saved})" if saved == self.done else "no checkpoint (train.save_every unset)")
-            raise Terminated(f"terminated by SIGTERM at step {self.done}")
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if signalled and self.done < self.total_steps:  # a signal during the last step lets the run finish
+            why = self.signal_name or "a stop signal on another process"
+            self.stopped = {"stopped_by": why, "checkpoint": str(self.run_path / "checkpoints" / ck.step_name(saved))}
+            log.info("%s at step %d: checkpoint saved, stopping", why, self.done)
+            raise Terminated(f"terminated by {why} at step {self.done}")
         if self.done < self.total_steps:
             log.info("train.max_minutes=%s reached after step %d; stopping", t.max_minutes, self.done)
         out: dict[str, Any] = {"final_loss": last.get("loss"), "steps": self.done,
@@ -187,9 +198,9 @@ class Loop:
         self.model = self.optimizer = self.scheduler = self.scaler = None
         self.accelerator.free_memory()  # then collects garbage and empties the CUDA cache
 
-    def on_sigterm(self, signum: int, frame: Any) -> None:
-        """Finish the current step, save a checkpoint if the recipe saves them, then stop (see `fit`)."""
-        self.terminate = True
+    def on_stop_signal(self, signum: int, frame: Any) -> None:
+        """Finish the current step, save a checkpoint, then stop (see `fit`)."""
+        self.terminate, self.signal_name = True, signal.Signals(signum).name
 
     # -- one optimizer step ----------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, Any] | None:
