@@ -273,27 +273,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_console_logging(args.verbose)
-    previous = signal.signal(signal.SIGTERM, raise_terminated) if _main_thread() else None
+    stop_signals = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: Slurm's warning ahead of a time limit (sbatch --signal)
+    previous = {s: signal.signal(s, raise_terminated) for s in stop_signals} if _main_thread() else {}
     try:
         return args.fn(args)
     except UserError as e:
         print(f"ftlab: error: {e}", file=sys.stderr)
         return e.exit_code
-    except Terminated:
-        print("ftlab: terminated (SIGTERM)", file=sys.stderr)
+    except Terminated as e:
+        print(f"ftlab: {e}", file=sys.stderr)
         return Terminated.exit_code
     except KeyboardInterrupt:
         print("ftlab: interrupted", file=sys.stderr)
         return 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def raise_terminated(signum: int, frame: object) -> None:
-    """SIGTERM (Slurm time limit, preemption, `kill`) unwinds like Ctrl-C: runs are marked interrupted.
+    """SIGTERM (Slurm time limit, preemption, `kill`) or SIGUSR1 (Slurm's warning before them) unwinds like Ctrl-C:
+    runs are marked interrupted.
     The training loop installs its own handler, which first finishes the step and saves a checkpoint."""
-    raise Terminated("terminated by SIGTERM")
+    raise Terminated(f"terminated by {signal.Signals(signum).name}")
 
 
 def _main_thread() -> bool:
