@@ -1,4 +1,4 @@
-"""`ftlab plan` (ftlab.launch.planner) and the CPU path of the training loop's GPU telemetry."""
+"""`ftlab plan` (ftlab.launch.planner, ftlab.launch.throughput) and the CPU path of the training loop's GPU telemetry."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,9 @@ import torch
 
 from ftlab.cli import main
 from ftlab.config import load_recipe
-from ftlab.launch import planner
-from ftlab.launch.planner import (Gpu, GpuTable, ThroughputRow, build_plan, estimate_for_launch, flops_per_token,
-                                  load_gpu_table, scale_measured, shard_rows, sharding_of)
+from ftlab.launch import planner, throughput
+from ftlab.launch.planner import build_plan, estimate_for_launch, shard_rows, sharding_of
+from ftlab.launch.throughput import Gpu, GpuTable, ThroughputRow, flops_per_token, load_gpu_table, scale_measured
 from ftlab.models.memory import architecture, estimate_memory
 from ftlab.runs.trackers import read_metrics
 from ftlab.train.telemetry import gpu_metrics
@@ -156,7 +156,7 @@ def test_measure_trains_real_steps_here(tiny: Path):
     cfg = load_recipe(tiny, ["train.max_steps=null"])
     plan = build_plan(cfg, "ddp", gpus=2, gpu_type="h100-80gb", measure=True, measure_steps=2)
     assert plan.values["tokens_per_s"] > 0 and plan.values["hours"] > 0
-    how = dict((q, h) for q, _, h in plan.rows)["throughput"]
+    how = {q: h for q, _, h in plan.rows}["throughput"]
     assert how.startswith("measured") and "over 2 steps" in how
 
 
@@ -213,8 +213,8 @@ def test_measure_stands_in_a_two_layer_model_for_a_hub_model(tiny: Path, tmp_pat
     fields = {k: v for k, v in TINY_SCRATCH.items() if k != "model_type"}
     config = AutoConfig.for_model("llama", **{**fields, "num_hidden_layers": 5, "vocab_size": 49152})
     cfg = load_recipe(tiny, ["model.scratch=null", "model.name=nobody/no-such-model"])
-    run_cfg, measured = planner.measure_config(cfg, config, tmp_path / "measure", steps=2)
-    assert run_cfg.model.scratch.num_hidden_layers == measured.num_hidden_layers == planner.MEASURE_LAYERS
+    run_cfg, measured = throughput.measure_config(cfg, config, tmp_path / "measure", steps=2)
+    assert run_cfg.model.scratch.num_hidden_layers == measured.num_hidden_layers == throughput.MEASURE_LAYERS
     assert run_cfg.model.scratch.hidden_size == config.hidden_size  # the width, hence the matmul shapes, kept
     assert run_cfg.train.max_steps == 2 and not run_cfg.train.save_final
     run = run_training(run_cfg)

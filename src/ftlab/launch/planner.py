@@ -7,20 +7,18 @@
 One table, every figure with how it was found:
 
 * memory per GPU: `ftlab memory`'s estimate (ftlab.models.memory) for the recipe's model, method, micro-batch and
-  data.max_length, with what the profile shards divided by the data-parallel world: ZeRO-2 shards gradients and
-  optimizer states, ZeRO-3 and FSDP2 also the weights (plus one or two layers gathered whole at a time); single
+  data.max_length, with what the profile shards divided by the data-parallel world: ZeRO-1 shards optimizer states, ZeRO-2
+  also gradients, ZeRO-3 and FSDP2 also the weights (plus two layers gathered whole at a time); single
   and DDP shard nothing;
 * data: examples counted in data.train when it is a local file, tokens per example from an evenly spaced sample
   encoded as training encodes it; or `--examples N --mean-tokens T`;
 * steps: epochs x examples / global batch (train.global_batch, else batch_size x grad_accum x processes);
-* time: tokens / (tokens/s per GPU x GPUs), tokens/s from gpu_table.yaml (measured rows, each citing its source,
-  turned into a utilisation of the GPU's peak and applied to this model's FLOPs per token), or from `--measure`
-  (a few real steps of the recipe on this machine, scaled the same way), or `--tokens-per-s`;
+* time: tokens / (tokens/s per GPU x GPUs), tokens/s from gpu_table.yaml (measured rows, each citing its source),
+  from `--measure` (a few real steps of the recipe on this machine) or from `--tokens-per-s`; both the table and
+  `--measure` are scaled to the recipe's model and GPU by FLOPs (ftlab.launch.throughput says how);
 * cost: hours x GPUs x $ per GPU-hour (gpu_table.yaml, or `--usd-per-gpu-hour`).
 
-FLOPs per token are k x N for N parameters: k = 6 for full fine-tuning (forward 2N, backward 4N), 4 for LoRA and
-QLoRA (the frozen base needs input gradients, not weight gradients: backward 2N), + 2 with gradient checkpointing
-(one more forward). Left out: evaluation, checkpoints, start-up, data loading and padding.
+Left out: evaluation, checkpoints, start-up, data loading and padding.
 
 `estimate_for_launch(cfg, profile, gpus, nodes)` is the same table, cheap and never raising, printed by
 `ftlab launch` before a run starts.
@@ -32,7 +30,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,105 +38,19 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.errors import UserError
+from ftlab.launch.throughput import (TABLE, Gpu, GpuTable, Throughput, flop_params, load_gpu_table, local_gpu_type,
+                                     measured_throughput, table_throughput)
 from ftlab.models.memory import OPTIMIZERS, Architecture, GiB, architecture, estimate_memory, load_config
 
 log = logging.getLogger("ftlab")
 
 HERE = Path(__file__).parent
-TABLE = HERE / "gpu_table.yaml"
 PROFILES = HERE / "profiles"
 MODEL_CONFIGS = HERE / "model_configs"     # configs of hub models the seeds use, for planning without the hub
 CUDA_CONTEXT_GIB = 1.0                     # CUDA context + allocator slack added before "fits"
 SHARDED_ROWS = {"none": (), "zero1": ("optimizer states",), "zero2": ("gradients", "optimizer states"),
                 "full": ("weights", "gradients", "optimizer states")}
 KNOWN_PROFILES = {"single": "none", "ddp": "none", "zero2": "zero2", "zero3": "full", "fsdp2": "full"}
-MEASURE_LAYERS = 2                         # decoder layers of the stand-in model `--measure` times for a hub model
-
-
-# -- the table of GPUs and throughputs ---------------------------------------------------------------
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    peak_tflops: float           # dense bf16 tensor-core peak
-    memory_gib: float
-    usd_per_gpu_hour: float
-    peak_source: str
-    price_source: str
-
-
-@dataclass(frozen=True)
-class ThroughputRow:
-    gpu: str
-    method: str                  # full | lora | qlora
-    params_b: float              # the measured model's parameters, billions
-    embedding_b: float           # of which its input embedding (a lookup, no FLOPs; 0 when tied to the LM head)
-    micro_batch_tokens: int      # tokens per micro-batch on one GPU
-    tokens_per_s: float          # per GPU
-    gradient_checkpointing: bool
-    source: str
-    how: str = ""
-
-    @property
-    def flop_params(self) -> float:
-        return (self.params_b - self.embedding_b) * 1e9
-
-    def utilisation(self, peak_tflops: float) -> float:
-        """The share of the GPU's peak the measured run used, counting the FLOPs its method really runs."""
-        flops = flops_per_token(self.flop_params, self.method, self.gradient_checkpointing)
-        return self.tokens_per_s * flops / (peak_tflops * 1e12)
-
-
-@dataclass
-class GpuTable:
-    gpus: dict[str, Gpu]
-    rows: list[ThroughputRow]
-
-    def gpu(self, name: str) -> Gpu:
-        if name not in self.gpus:
-            raise UserError(f"unknown GPU type {name!r}; the table ({TABLE.name}) has: {', '.join(self.gpus)}")
-        return self.gpus[name]
-
-    def nearest(self, gpu: str, method: str, params: float, micro_tokens: float) -> ThroughputRow:
-        """The row of this GPU and method closest in model size and micro-batch tokens (on log scales: a 2x
-        bigger model is as far as a 2x smaller one)."""
-        rows = [r for r in self.rows if r.gpu == gpu and r.method == method]
-        if not rows:
-            raise UserError(f"{TABLE.name} has no {method} throughput for {gpu}; pass --tokens-per-s or --measure")
-
-        def distance(r: ThroughputRow) -> float:
-            size = math.log(params / r.flop_params)
-            return abs(size) + abs(math.log(max(micro_tokens, 1) / r.micro_batch_tokens))
-
-        return min(rows, key=distance)
-
-
-def flop_params(arch: Architecture) -> int:
-    """Parameters that take part in matmuls: all but the input embedding (a lookup), unless it is also the LM head."""
-    return arch.total_params - (0 if arch.tied_embeddings else arch.embedding_params)
-
-
-def flops_per_token(params: float, method: str, gradient_checkpointing: bool) -> float:
-    """Training FLOPs per token: 6N full, 4N LoRA/QLoRA (no weight gradients for the frozen base), +2N when
-    gradient checkpointing repeats the forward pass."""
-    k = (6 if method == "full" else 4) + (2 if gradient_checkpointing else 0)
-    return k * params
-
-
-def load_gpu_table(path: Path = TABLE) -> GpuTable:
-    """Read gpu_table.yaml: GPUs, measured rows, and derived rows (another GPU's rows x a stated speed-up)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        gpus = {name: Gpu(name=name, **spec) for name, spec in data["gpus"].items()}
-        rows = [ThroughputRow(**row) for row in data["throughput"]]
-        for d in data.get("derived", []):
-            rows += [replace(r, gpu=d["gpu"], tokens_per_s=r.tokens_per_s * d["speedup"], how=f"{r.how} on {d['from']}",
-                             source=f"{r.source}; x {d['speedup']} ({d['source']})") for r in rows if r.gpu == d["from"]]
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{path}: not a readable GPU table: {type(e).__name__}: {e}") from None
-    for r in rows:
-        if r.gpu not in gpus or not r.source:
-            raise UserError(f"{path}: throughput row {r} names an unknown GPU or no source")
-    return GpuTable(gpus, rows)
 
 
 # -- profiles ----------------------------------------------------------------------------------------
@@ -254,115 +166,6 @@ def count_dataset(cfg: DictConfig, sample: int = 1000) -> Dataset:
     return Dataset(examples, sum(lengths) / len(lengths), f"{len(lengths)} rows ({every}) of {path.name}, {which}")
 
 
-# -- throughput --------------------------------------------------------------------------------------
-@dataclass
-class Throughput:
-    tokens_per_s: float          # per GPU
-    how: str
-
-
-def table_throughput(table: GpuTable, gpu: Gpu, method: str, params: float, micro_tokens: float,
-                     checkpointing: bool) -> Throughput:
-    row = table.nearest(gpu.name, method, params, micro_tokens)
-    u = row.utilisation(gpu.peak_tflops)
-    flops = flops_per_token(params, method, checkpointing)
-    return Throughput(u * gpu.peak_tflops * 1e12 / flops,
-                      f"row {row.method} {row.params_b:g}B, {row.micro_batch_tokens}-token micro-batches: "
-                      f"{row.tokens_per_s:,.0f} tok/s ({row.how}; {row.source}) = {u:.1%} of {gpu.peak_tflops:g} "
-                      f"TFLOPS, applied to {flops:.3g} FLOPs/token")
-
-
-def scale_measured(tokens_per_s: float, params_measured: float, device_tflops: float, gpu: Gpu, params: float,
-                   method: str, checkpointing: bool) -> tuple[float, float]:
-    """(target tokens/s per GPU, utilisation): the measured run's share of its device's peak, applied to the
-    target GPU's peak and the target model's FLOPs per token."""
-    u = tokens_per_s * flops_per_token(params_measured, method, checkpointing) / (device_tflops * 1e12)
-    return u * gpu.peak_tflops * 1e12 / flops_per_token(params, method, checkpointing), u
-
-
-def device_peak_tflops(table: GpuTable, dtype: str) -> tuple[float, str]:
-    """This machine's device peak: the table's for a GPU it knows, else a timed dense matmul in `dtype`."""
-    import time
-
-    import torch
-
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name().lower()
-        for key, gpu in table.gpus.items():
-            if key.split("-")[0] in name:
-                return gpu.peak_tflops, f"{gpu.name} peak ({gpu.peak_source.split(':')[0]})"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    n = 4096 if device == "cuda" else 1024
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dt)
-    a @ a  # warm-up
-    reps, began = 5, time.perf_counter()
-    for _ in range(reps):
-        a @ a
-    if device == "cuda":
-        torch.cuda.synchronize()
-    tflops = 2 * n ** 3 * reps / (time.perf_counter() - began) / 1e12
-    return tflops, f"timed {n}x{n} {dtype} matmul on this {device}"
-
-
-def measure_config(cfg: DictConfig, config: Any, out: Path, steps: int) -> tuple[DictConfig, Any]:
-    """The recipe cut to `steps` optimizer steps without evaluation or saving; a hub model whose weights are
-    not here is replaced by a random model of its config with MEASURE_LAYERS decoder layers (its width, hence
-    its matmul shapes, kept). Returns (config to run, the config of the model it runs)."""
-    from transformers import AutoConfig
-
-    from ftlab.models.load import hub_cached
-
-    run = OmegaConf.merge(cfg, {"output_dir": str(out), "train": {
-        "max_steps": steps, "eval_every": None, "save_every": None, "log_generations_every": None,
-        "save_final": False, "resume": None}, "track": {"wandb": False}})
-    name = cfg.model.name
-    if not cfg.model.scratch and not Path(name).expanduser().exists() and not _embedded(name) and not hub_cached(name):
-        small = stand_in_fields(config)
-        run.model.scratch = {**small, "model_type": config.model_type}
-        config = AutoConfig.for_model(config.model_type, **small)
-    return run, config
-
-
-def stand_in_fields(config: Any) -> dict[str, Any]:
-    """The config's own scalar fields with MEASURE_LAYERS decoder layers. Lists and mappings are left out (per-layer
-    types sized for the full depth, rope scaling): none changes the FLOPs; the rope base is kept as rope_theta."""
-    skip = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
-    small = {k: v for k, v in config.to_diff_dict().items() if not isinstance(v, (dict, list)) and k not in skip}
-    rope = getattr(config, "rope_parameters", None) or {}
-    if "rope_theta" in rope:
-        small["rope_theta"] = rope["rope_theta"]
-    small.pop("model_type", None)
-    return {**small, "num_hidden_layers": MEASURE_LAYERS}
-
-
-def _embedded(name: str) -> bool:
-    from ftlab.models.load import EMBEDDED
-
-    return name in EMBEDDED
-
-
-def measured_throughput(cfg: DictConfig, config: Any, table: GpuTable, gpu: Gpu, params: float, method: str,
-                        steps: int = 4) -> Throughput:
-    """Train `steps` real steps of the recipe on this machine's device and scale by FLOPs to the target."""
-    from ftlab.train import run_training
-
-    with tempfile.TemporaryDirectory() as tmp:
-        run_cfg, run_model = measure_config(cfg, config, Path(tmp), steps)
-        model = "the recipe's model" if run_model is config else f"a {MEASURE_LAYERS}-layer random model of its config"
-        log.info("--measure: %d training steps of %s on this machine", steps, model)
-        run = run_training(run_cfg)
-        measured = (run.summary.get("step_tokens_per_s") if run else None) or 0.0
-    if measured <= 0:
-        raise UserError("--measure: the training steps reported no throughput")
-    n_measured = flop_params(architecture(run_model))
-    device_tflops, device_how = device_peak_tflops(table, cfg.train.precision)
-    tps, u = scale_measured(measured, n_measured, device_tflops, gpu, params, method, cfg.train.gradient_checkpointing)
-    return Throughput(tps, f"measured {measured:,.0f} tok/s over {steps} steps (first step's warm-up included) of a "
-                           f"{n_measured / 1e6:,.1f}M-param model = {u:.1%} of {device_tflops:.3g} TFLOPS "
-                           f"({device_how}), applied to {gpu.name}")
-
-
 # -- the plan ----------------------------------------------------------------------------------------
 @dataclass
 class Plan:
@@ -386,8 +189,8 @@ def shard_rows(rows: list[tuple[str, float, str]], sharding: str, world: int,
             continue
         out.append((name, nbytes / world, f"1/{world} of {nbytes / GiB:.2f} GiB ({how})"))
         if name == "weights":
-            out.append(("gathered layers", 2 * nbytes / n_layers, "2 decoder layers' whole weights (the one "
-                        "computing and the prefetched next)"))
+            out.append(("gathered layers", 2 * nbytes / n_layers,
+                        "2 decoder layers' whole weights (the one computing and the prefetched next)"))
     return out
 
 
@@ -421,6 +224,21 @@ def global_batch(cfg: DictConfig, world: int) -> tuple[int, str]:
     return t.batch_size * t.grad_accum * world, f"batch_size {t.batch_size} x grad_accum {t.grad_accum} x {world} GPUs"
 
 
+def check_arguments(gpus: int, nodes: int, examples: int | None, mean_tokens: float | None,
+                    tokens_per_s: float | None, usd_per_gpu_hour: float | None, measure_steps: int, sample: int) -> None:
+    if gpus < 1 or nodes < 1:
+        raise UserError(f"--gpus and --nodes must be >= 1, got {gpus} and {nodes}")
+    if (examples is None) != (mean_tokens is None):
+        raise UserError("pass --examples and --mean-tokens together (or neither, to count data.train)")
+    if examples is not None and (examples < 1 or mean_tokens <= 0):
+        raise UserError(f"--examples must be >= 1 and --mean-tokens > 0, got {examples} and {mean_tokens}")
+    if (tokens_per_s is not None and tokens_per_s <= 0) or (usd_per_gpu_hour is not None and usd_per_gpu_hour < 0):
+        raise UserError(f"--tokens-per-s must be > 0 and --usd-per-gpu-hour >= 0, got {tokens_per_s} and "
+                        f"{usd_per_gpu_hour}")
+    if measure_steps < 1 or sample < 1:
+        raise UserError(f"--measure-steps and --sample must be >= 1, got {measure_steps} and {sample}")
+
+
 def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_type: str | None = None, *,
                examples: int | None = None, mean_tokens: float | None = None, measure: bool = False,
                measure_steps: int = 4, tokens_per_s: float | None = None, usd_per_gpu_hour: float | None = None,
@@ -428,12 +246,7 @@ def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_typ
                title: str = "") -> Plan:
     """The plan for `gpus` GPUs per node on `nodes` nodes. `lenient`: a part that cannot be worked out (no config,
     no local data, no GPU type) becomes an "unknown" row instead of an error (ftlab launch must never fail here)."""
-    if gpus < 1 or nodes < 1:
-        raise UserError(f"--gpus and --nodes must be >= 1, got {gpus} and {nodes}")
-    if (examples is None) != (mean_tokens is None):
-        raise UserError("pass --examples and --mean-tokens together (or neither, to count data.train)")
-    if examples is not None and (examples < 1 or mean_tokens <= 0):
-        raise UserError(f"--examples must be >= 1 and --mean-tokens > 0, got {examples} and {mean_tokens}")
+    check_arguments(gpus, nodes, examples, mean_tokens, tokens_per_s, usd_per_gpu_hour, measure_steps, sample)
     table = table or load_gpu_table()
     gpu = table.gpu(gpu_type) if gpu_type else None
     world, method, sharding = gpus * nodes, method_of(cfg), sharding_of(profile)
@@ -450,12 +263,9 @@ def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_typ
             return None
 
     found = attempt("model", lambda: model_config(cfg))
-    arch = None
-    if found:
-        arch = architecture(found[0], name=found[1])
-        detail = f"r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}" if method != "full" else "every weight"
-        plan.add("model", f"{human(arch.total_params)} params", f"{found[1]}, {method} ({detail}); "
-                 f"{human(flop_params(arch))} in matmuls")
+    arch = architecture(found[0], name=found[1]) if found else None
+    if arch is not None:
+        add_model(plan, arch, cfg, method, found[1])
         attempt("memory per GPU", lambda: memory_rows(plan, arch, cfg, method, sharding, world, gpu))
     if examples is not None:
         data = Dataset(examples, float(mean_tokens), "given (--examples, --mean-tokens)")
@@ -466,10 +276,38 @@ def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_typ
     plan.values["global_batch"] = batch
     if data is None:
         return plan
+    tokens = add_steps(plan, cfg, data, batch, counted=examples is None)
+    if gpu is None and tokens_per_s is None:
+        plan.add("time", "unknown", "no GPU type (ftlab plan --gpu-type " + "|".join(table.gpus) + ")")
+        return plan
+    if tokens_per_s is not None:
+        speed = Throughput(tokens_per_s, "given (--tokens-per-s)")
+    elif arch is None:
+        return plan
+    elif measure:
+        speed = attempt("throughput", lambda: measured_throughput(cfg, found[0], table, gpu, flop_params(arch),
+                                                                  method, measure_steps))
+    else:
+        micro = cfg.train.batch_size * data.mean_tokens
+        speed = attempt("throughput", lambda: table_throughput(table, gpu, method, flop_params(arch), micro,
+                                                               cfg.train.gradient_checkpointing))
+    if speed is not None:
+        add_time_and_cost(plan, tokens, speed, world, gpu, usd_per_gpu_hour)
+    return plan
+
+
+def add_model(plan: Plan, arch: Architecture, cfg: DictConfig, method: str, where: str) -> None:
+    detail = f"r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}" if method != "full" else "every weight"
+    plan.add("model", f"{human(arch.total_params)} params",
+             f"{where}, {method} ({detail}); {human(flop_params(arch))} in matmuls")
+
+
+def add_steps(plan: Plan, cfg: DictConfig, data: Dataset, batch: int, counted: bool) -> float:
+    """Examples, tokens per example, steps and tokens; returns the tokens the run trains on."""
     t = cfg.train
-    limit = f" (data.limit {cfg.data.limit})" if cfg.data.limit and examples is None else ""
-    plan.add("examples", f"{data.examples:,}", f"lines of data.train{limit}" if examples is None else data.how)
-    plan.add("tokens per example", f"{data.mean_tokens:,.0f}", f"mean of {data.how}" if examples is None else data.how)
+    limit = f" (data.limit {cfg.data.limit})" if cfg.data.limit and counted else ""
+    plan.add("examples", f"{data.examples:,}", f"lines of data.train{limit}" if counted else data.how)
+    plan.add("tokens per example", f"{data.mean_tokens:,.0f}", f"mean of {data.how}" if counted else data.how)
     if t.max_steps:
         steps, tokens = t.max_steps, t.max_steps * batch * data.mean_tokens
         plan.add("steps", f"{steps:,}", "train.max_steps")
@@ -478,34 +316,25 @@ def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_typ
         plan.add("steps", f"{steps:,}", f"{t.epochs:g} epoch(s) x {data.examples:,} / {batch:,}")
     plan.add("tokens", human(tokens), "real tokens (padding left out)")
     plan.values.update(examples=data.examples, mean_tokens=data.mean_tokens, steps=steps, tokens=tokens)
-    if gpu is None and tokens_per_s is None:
-        plan.add("time", "unknown", "no GPU type (ftlab plan --gpu-type " + "|".join(table.gpus) + ")")
-        return plan
-    speed = None
-    if tokens_per_s is not None:
-        speed = Throughput(tokens_per_s, "given (--tokens-per-s)")
-    elif arch is not None:
-        ckpt = t.gradient_checkpointing
-        if measure:
-            speed = attempt("throughput", lambda: measured_throughput(cfg, found[0], table, gpu, flop_params(arch),
-                                                                      method, measure_steps))
-        else:
-            micro = t.batch_size * data.mean_tokens
-            speed = attempt("throughput", lambda: table_throughput(table, gpu, method, flop_params(arch), micro, ckpt))
-    if speed is None:
-        return plan
+    return tokens
+
+
+def add_time_and_cost(plan: Plan, tokens: float, speed: Throughput, world: int, gpu: Gpu | None,
+                      usd_per_gpu_hour: float | None) -> None:
     hours = tokens / (speed.tokens_per_s * world) / 3600
     plan.values.update(tokens_per_s=speed.tokens_per_s, hours=hours)
     plan.add("throughput", f"{speed.tokens_per_s:,.0f} tok/s/GPU", speed.how)
     plan.add("time", duration(hours), f"{human(tokens)} tokens / ({speed.tokens_per_s:,.0f} x {world} tok/s); "
                                        "evaluation, checkpoints and start-up not included")
-    price = usd_per_gpu_hour if usd_per_gpu_hour is not None else gpu.usd_per_gpu_hour if gpu else None
-    if price is not None:
-        source = "--usd-per-gpu-hour" if usd_per_gpu_hour is not None else gpu.price_source.split(";")[0]
-        cost = plan.values["usd"] = hours * world * price
-        plan.add("cost", f"${cost:,.0f}" if cost >= 10 else f"${cost:.2f}",
-                 f"{world} GPUs x {duration(hours)} x ${price:.2f}/h ({source})")
-    return plan
+    if usd_per_gpu_hour is not None:
+        price, source = usd_per_gpu_hour, "--usd-per-gpu-hour"
+    elif gpu is not None:
+        price, source = gpu.usd_per_gpu_hour, gpu.price_source.split(";")[0]
+    else:
+        return
+    cost = plan.values["usd"] = hours * world * price
+    plan.add("cost", f"${cost:,.0f}" if cost >= 10 else f"${cost:.2f}",
+             f"{world} GPUs x {duration(hours)} x ${price:.2f}/h ({source})")
 
 
 def human(n: float) -> str:
@@ -531,16 +360,6 @@ def format_plan(plan: Plan) -> str:
 
 
 # -- ftlab launch ------------------------------------------------------------------------------------
-def local_gpu_type(table: GpuTable) -> str | None:
-    """The table's name for this machine's GPU, or None (no CUDA, or a GPU the table does not list)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name().lower()
-    return next((key for key in table.gpus if key.split("-")[0] in name), None)
-
-
 def estimate_for_launch(cfg: DictConfig, profile: str, gpus: int, nodes: int) -> str:
     """The plan printed before a launch: cheap (a model config, a 200-row data sample, no download, no training)
     and never raising: what cannot be worked out reads "unknown"."""
