@@ -7,9 +7,9 @@
 One table, every figure with how it was found:
 
 * memory per GPU: `ftlab memory`'s estimate (ftlab.models.memory) for the recipe's model, method, micro-batch and
-  data.max_length, with what the profile shards divided by the data-parallel world: ZeRO-1 shards optimizer states, ZeRO-2
-  also gradients, ZeRO-3 and FSDP2 also the weights (plus two layers gathered whole at a time); single
-  and DDP shard nothing;
+  data.max_length, with what the profile shards divided by the data-parallel world: ZeRO-1 shards optimizer
+  states, ZeRO-2 also gradients, ZeRO-3 and FSDP2 also the weights (plus two layers gathered whole at a time);
+  single and DDP shard nothing;
 * data: examples counted in data.train when it is a local file, tokens per example from an evenly spaced sample
   encoded as training encodes it; or `--examples N --mean-tokens T`;
 * steps: epochs x examples / global batch (train.global_batch, else batch_size x grad_accum x processes);
