@@ -1,4 +1,4 @@
-"""`ftlab plan` (ftlab.launch.planner, ftlab.launch.throughput) and the CPU path of the training loop's GPU telemetry."""
+"""`ftlab plan` (ftlab.launch.planner, ftlab.launch.throughput) and the CPU path of the loop's GPU telemetry."""
 from __future__ import annotations
 
 import json
@@ -125,8 +125,8 @@ def test_time_and_cost_from_a_table_row(tiny: Path):
     cfg = load_recipe(tiny, ["train.max_steps=null", "train.global_batch=64"])
     n = tiny_matmul_params(cfg)
     gpu = Gpu("test-gpu", peak_tflops=100.0, memory_gib=16.0, usd_per_gpu_hour=2.0, peak_source="s", price_source="s")
-    row = ThroughputRow("test-gpu", "full", params_b=n / 1e9, embedding_b=0.0, micro_batch_tokens=4 * 30, tokens_per_s=5000.0,
-                        gradient_checkpointing=True, source="s")
+    row = ThroughputRow("test-gpu", "full", params_b=n / 1e9, embedding_b=0.0, micro_batch_tokens=4 * 30,
+                        tokens_per_s=5000.0, gradient_checkpointing=True, source="s")
     table = GpuTable({"test-gpu": gpu}, [row])
     plan = build_plan(cfg, "zero2", gpus=4, nodes=2, gpu_type="test-gpu", examples=1000, mean_tokens=30.0,
                       table=table)

@@ -225,7 +225,8 @@ def global_batch(cfg: DictConfig, world: int) -> tuple[int, str]:
 
 
 def check_arguments(gpus: int, nodes: int, examples: int | None, mean_tokens: float | None,
-                    tokens_per_s: float | None, usd_per_gpu_hour: float | None, measure_steps: int, sample: int) -> None:
+                    tokens_per_s: float | None, usd_per_gpu_hour: float | None, measure_steps: int,
+                    sample: int) -> None:
     if gpus < 1 or nodes < 1:
         raise UserError(f"--gpus and --nodes must be >= 1, got {gpus} and {nodes}")
     if (examples is None) != (mean_tokens is None):

@@ -103,8 +103,9 @@ def load_gpu_table(path: Path = TABLE) -> GpuTable:
         gpus = {name: Gpu(name=name, **spec) for name, spec in data["gpus"].items()}
         rows = [ThroughputRow(**row) for row in data["throughput"]]
         for d in data.get("derived", []):
-            rows += [replace(r, gpu=d["gpu"], tokens_per_s=r.tokens_per_s * d["speedup"], how=f"{r.how} on {d['from']}",
-                             source=f"{r.source}; x {d['speedup']} ({d['source']})") for r in rows if r.gpu == d["from"]]
+            rows += [replace(r, gpu=d["gpu"], tokens_per_s=r.tokens_per_s * d["speedup"],
+                             how=f"{r.how} on {d['from']}", source=f"{r.source}; x {d['speedup']} ({d['source']})")
+                     for r in rows if r.gpu == d["from"]]
     except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: not a readable GPU table: {type(e).__name__}: {e}") from None
     for r in rows:
