@@ -240,11 +240,15 @@ def check_this_machine(launch: Launch) -> str:
             raise UserError(f"profile {prof.name} with {launch.processes} processes needs CUDA GPUs (on CPU accelerate "
                             f"forms no process group under DeepSpeed); use --gpus 1, or --profile ddp for data "
                             f"parallelism on CPU")
-        return f"no CUDA here: --gpus {n} runs {n} CPU process(es)" + (" with gloo" if launch.processes > 1 else "")
+        return f"no CUDA here: --gpus {n} runs {processes(n)} on the CPU" + (" with gloo" if launch.processes > 1 else "")
     present = torch.cuda.device_count()
     if n > present:
         raise UserError(f"--gpus {n} but this machine has {present} CUDA GPU(s); use --gpus {present} or fewer")
-    return f"{n} CUDA GPU(s) of {present}" + (f" on each of {launch.nodes} nodes" if launch.nodes > 1 else "")
+    return f"{n} of {present} CUDA GPUs" + (f" on each of {launch.nodes} nodes" if launch.nodes > 1 else "")
+
+
+def processes(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes"
 
 
 def run_argv(argv: Sequence[str]) -> int:
@@ -278,8 +282,8 @@ def run_launch(launch: Launch, dry_run: bool = False) -> int:
         print(shlex.join(launch.argv))
         return 0
     where = check_this_machine(launch)
-    log.info("launch: profile %s (%s), %d process(es); %s", launch.profile.name, launch.profile.launcher,
-             launch.processes, where)
+    log.info("launch: profile %s (%s), %s; %s", launch.profile.name, launch.profile.launcher,
+             processes(launch.processes), where)
     log.info("launch: %s", shlex.join(launch.argv))
     return run_argv(launch.argv)
 
