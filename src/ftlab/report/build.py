@@ -3,8 +3,8 @@
 The report holds, in this order: problems found while reading (damaged metrics lines, runs that never
 started), a table of every run (status, last step, final and best metrics with intervals, trainable
 parameters, wall time, tokens, peak memory, what makes it not comparable), seed groups (mean and 95% t
-interval), per kind of run the comparability properties and the configuration keys that differ, the
-overlaid curves, and the sweep plots. Each comparability flag is written under the plot or table it spoils.
+interval), the overlaid curves, the sweep plots, and per kind of run the comparability properties and the
+configuration keys that differ. Each comparability flag is written under the plot or table it spoils.
 """
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ def build_report(paths: Sequence[str | Path], out: str | Path, axis: str = "step
     blocks += problems_section(runs)
     blocks += runs_section(runs, groups)
     blocks += groups_section(groups)
-    for kind in dict.fromkeys(r.kind for r in runs):
-        blocks += kind_section(kind, [r for r in runs if r.kind == kind], groups)
     blocks += curves_section(runs, groups, axis, window, images)
     blocks += sweeps_section(runs, groups, images)
+    for kind in dict.fromkeys(r.kind for r in runs):
+        blocks += kind_section(kind, [r for r in runs if r.kind == kind], groups)
     write_atomically(out / "report.md", markdown(blocks, out))
     write_atomically(out / "report.html", page(blocks, "ftlab report"))
     return out
