@@ -252,9 +252,9 @@ def processes(n: int) -> str:
 
 
 def run_argv(argv: Sequence[str]) -> int:
-    """Run the command in its own process group; Ctrl-C and SIGTERM are passed on to the whole group (the
-    launcher and every training process: each finishes its step and saves a checkpoint when the recipe saves
-    them). Returns the command's exit code (128 + N when a signal N ended it)."""
+    """Run the command in its own process group; Ctrl-C, SIGTERM and SIGUSR1 (Slurm's warning before a time limit)
+    are passed on to the whole group: the launcher and every training process, whose loop stops at a step
+    boundary. Returns the command's exit code (128 + N when a signal N ended it)."""
     child = subprocess.Popen(list(argv), start_new_session=True)
 
     def forward(signum: int, frame: Any) -> None:
@@ -263,7 +263,7 @@ def run_argv(argv: Sequence[str]) -> int:
         except ProcessLookupError:  # already gone
             pass
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
         code = child.wait()
     finally:
