@@ -24,12 +24,13 @@ def tiny(tmp_path: Path) -> Path:
     return tiny_recipe(tmp_path)
 
 
-def tiny_matmul_params(cfg) -> int:
-    """Parameters of the real (built) model but its input embedding, a lookup without FLOPs."""
+def tiny_matmul_params(cfg) -> tuple[int, int]:
+    """(parameters of every Linear of the real, built model, LM head included; those of the LM head)."""
     from ftlab.models.load import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(cfg.model)
-    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(p.numel() for m in linears for p in m.parameters()), model.get_output_embeddings().weight.numel()
 
 
 # -- the table -------------------------------------------------------------------------------------
@@ -106,14 +107,17 @@ def test_examples_and_tokens_counted_from_local_data(tmp_path: Path):
     cfg = load_recipe(recipe)
     plan = build_plan(cfg, "ddp", gpus=2)
     tok = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
-    lengths = [len(e["input_ids"]) for e in encode_conversations(
-        load_conversations(cfg.data, cfg.data.train, "train", tok, None), tok, cfg.data.max_length)]
+    encoded = encode_conversations(load_conversations(cfg.data, cfg.data.train, "train", tok, None), tok,
+                                   cfg.data.max_length)
+    lengths = [len(e["input_ids"]) for e in encoded]
     v = plan.values
     assert v["global_batch"] == 4 * 2 * 2
     assert v["examples"] == 37
     assert v["mean_tokens"] == pytest.approx(sum(lengths) / 37)
     assert v["steps"] == math.ceil(2 * 37 / 16) == 5
     assert v["tokens"] == pytest.approx(2 * sum(lengths))
+    assert v["supervised_share"] == pytest.approx(sum(sum(e["response_mask"]) for e in encoded) / sum(lengths))
+    assert 0 < v["supervised_share"] < 1  # prompts carry no loss
     assert "hours" not in v  # no GPU type, no throughput: time is unknown, not guessed
 
     limited = build_plan(load_recipe(recipe, ["data.limit=10"]), "ddp", gpus=1, sample=5)
@@ -123,7 +127,7 @@ def test_examples_and_tokens_counted_from_local_data(tmp_path: Path):
 
 def test_time_and_cost_from_a_table_row(tiny: Path):
     cfg = load_recipe(tiny, ["train.max_steps=null", "train.global_batch=64"])
-    n = tiny_matmul_params(cfg)
+    n, head = tiny_matmul_params(cfg)
     gpu = Gpu("test-gpu", peak_tflops=100.0, memory_gib=16.0, usd_per_gpu_hour=2.0, peak_source="s", price_source="s")
     row = ThroughputRow("test-gpu", "full", params_b=n / 1e9, embedding_b=0.0, micro_batch_tokens=4 * 30,
                         tokens_per_s=5000.0, gradient_checkpointing=True, source="s")
@@ -138,6 +142,10 @@ def test_time_and_cost_from_a_table_row(tiny: Path):
     assert v["tokens_per_s"] == pytest.approx(tps)
     assert v["hours"] == pytest.approx(hours)
     assert v["usd"] == pytest.approx(hours * 8 * 2.0)
+    # the LM head runs on supervised tokens only: a quarter of them leaves 3/4 of its FLOPs out
+    quarter = build_plan(cfg, "zero2", gpus=4, nodes=2, gpu_type="test-gpu", examples=1000, mean_tokens=30.0,
+                         table=table, supervised_share=0.25)
+    assert quarter.values["tokens_per_s"] == pytest.approx(tps * n / (n - 0.75 * head))
     given = build_plan(cfg, "ddp", gpus=1, gpu_type="test-gpu", examples=1000, mean_tokens=30.0, table=table,
                        tokens_per_s=100.0, usd_per_gpu_hour=3.0)
     assert given.values["hours"] == pytest.approx(1000 * 30 / 100 / 3600)
@@ -220,3 +228,18 @@ def test_measure_stands_in_a_two_layer_model_for_a_hub_model(tiny: Path, tmp_pat
     run = run_training(run_cfg)
     assert run.summary["steps"] == 2 and run.summary["step_tokens_per_s"] > 0
     assert architecture(measured).total_params < architecture(config).total_params
+
+
+def test_measure_saves_the_stand_in_for_qlora(tiny: Path, tmp_path: Path):
+    """bitsandbytes quantizes while loading, so a QLoRA stand-in is a model directory, not model.scratch."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in TINY_SCRATCH.items() if k != "model_type"}
+    config = AutoConfig.for_model("llama", **{**fields, "num_hidden_layers": 4, "vocab_size": 49152})
+    cfg = load_recipe(tiny, ["model.scratch=null", "model.name=nobody/no-such-model", "lora.enabled=true",
+                             "lora.quantize=nf4"])
+    run_cfg, measured = throughput.measure_config(cfg, config, tmp_path, steps=2)
+    assert run_cfg.model.scratch is None
+    saved = json.loads((Path(run_cfg.model.name) / "config.json").read_text())
+    assert saved["num_hidden_layers"] == measured.num_hidden_layers == throughput.MEASURE_LAYERS
+    assert saved["hidden_size"] == config.hidden_size and (Path(run_cfg.model.name) / "tokenizer.json").is_file()

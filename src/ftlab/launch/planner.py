@@ -124,6 +124,7 @@ class Dataset:
     examples: int
     mean_tokens: float
     how: str
+    supervised_share: float = 1.0    # share of tokens that carry loss (the LM head runs on those only)
 
 
 def count_lines(path: Path) -> int:
@@ -159,11 +160,14 @@ def count_dataset(cfg: DictConfig, sample: int = 1000) -> Dataset:
                 if i % stride == 0:
                     out.write(line.rstrip(b"\r\n") + b"\n")
         samples = load_conversations(d, str(subset), d.train_split, tokenizer, sample)
-    lengths = [len(e["input_ids"]) for e in encode_conversations(samples, tokenizer, d.max_length) if e is not None]
+    encoded = [e for e in encode_conversations(samples, tokenizer, d.max_length) if e is not None]
+    lengths = [len(e["input_ids"]) for e in encoded]
     if not lengths:
         raise UserError(f"{path}: no sampled example fits data.max_length={d.max_length}")
     every = "every row" if stride == 1 else f"every {stride}th"
-    return Dataset(examples, sum(lengths) / len(lengths), f"{len(lengths)} rows ({every}) of {path.name}, {which}")
+    supervised = sum(sum(e["response_mask"]) for e in encoded) / sum(lengths)
+    return Dataset(examples, sum(lengths) / len(lengths), f"{len(lengths)} rows ({every}) of {path.name}, {which}",
+                   supervised)
 
 
 # -- the plan ----------------------------------------------------------------------------------------
@@ -195,7 +199,7 @@ def shard_rows(rows: list[tuple[str, float, str]], sharding: str, world: int,
 
 
 def memory_rows(plan: Plan, arch: Architecture, cfg: DictConfig, method: str, sharding: str, world: int,
-                gpu: Gpu | None) -> None:
+                gpu: Gpu | None, supervised_share: float = 1.0) -> None:
     """Add the per-GPU memory rows and their total (`ftlab memory`'s estimate, sharded as the profile says)."""
     t, lora = cfg.train, cfg.lora
     est = estimate_memory(arch, method=method, optim=cfg.optim.name if cfg.optim.name in OPTIMIZERS else "adamw",
@@ -203,7 +207,7 @@ def memory_rows(plan: Plan, arch: Architecture, cfg: DictConfig, method: str, sh
                           seq_len=cfg.data.max_length, lora_r=lora.r, target_modules=list(lora.target_modules),
                           gradient_checkpointing=t.gradient_checkpointing,
                           attn_implementation=cfg.model.attn_implementation, lora_dropout=lora.dropout,
-                          weight_dtype=cfg.model.dtype)
+                          weight_dtype=cfg.model.dtype, supervised_share=supervised_share)
     rows = shard_rows(est.rows, sharding, world, arch.n_layers)
     for name, nbytes, how in rows:
         plan.add(name, f"{nbytes / GiB:.2f} GiB", how)
@@ -213,7 +217,7 @@ def memory_rows(plan: Plan, arch: Architecture, cfg: DictConfig, method: str, sh
                                       + f" {gpu.name}'s {gpu.memory_gib:g} GiB; ")
     plan.add("memory per GPU", f"{total_gib:.1f} GiB",
              f"{verdict}sum of the rows + {CUDA_CONTEXT_GIB:g} GiB CUDA context; micro-batch {t.batch_size} x "
-             f"data.max_length {cfg.data.max_length}, every token supervised (an upper bound)")
+             f"data.max_length {cfg.data.max_length} (an upper bound)")
 
 
 def global_batch(cfg: DictConfig, world: int) -> tuple[int, str]:
@@ -243,11 +247,13 @@ def check_arguments(gpus: int, nodes: int, examples: int | None, mean_tokens: fl
 def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_type: str | None = None, *,
                examples: int | None = None, mean_tokens: float | None = None, measure: bool = False,
                measure_steps: int = 4, tokens_per_s: float | None = None, usd_per_gpu_hour: float | None = None,
-               sample: int = 1000, lenient: bool = False, table: GpuTable | None = None,
-               title: str = "") -> Plan:
+               supervised_share: float | None = None, sample: int = 1000, lenient: bool = False,
+               table: GpuTable | None = None, title: str = "") -> Plan:
     """The plan for `gpus` GPUs per node on `nodes` nodes. `lenient`: a part that cannot be worked out (no config,
     no local data, no GPU type) becomes an "unknown" row instead of an error (ftlab launch must never fail here)."""
     check_arguments(gpus, nodes, examples, mean_tokens, tokens_per_s, usd_per_gpu_hour, measure_steps, sample)
+    if supervised_share is not None and not 0 < supervised_share <= 1:
+        raise UserError(f"--supervised-share must be in (0, 1], got {supervised_share}")
     table = table or load_gpu_table()
     gpu = table.gpu(gpu_type) if gpu_type else None
     world, method, sharding = gpus * nodes, method_of(cfg), sharding_of(profile)
@@ -265,13 +271,16 @@ def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_typ
 
     found = attempt("model", lambda: model_config(cfg))
     arch = architecture(found[0], name=found[1]) if found else None
-    if arch is not None:
-        add_model(plan, arch, cfg, method, found[1])
-        attempt("memory per GPU", lambda: memory_rows(plan, arch, cfg, method, sharding, world, gpu))
     if examples is not None:
         data = Dataset(examples, float(mean_tokens), "given (--examples, --mean-tokens)")
     else:
         data = attempt("examples", lambda: count_dataset(cfg, sample))
+    if supervised_share is not None and data is not None:
+        data.supervised_share = supervised_share
+    share = data.supervised_share if data else 1.0
+    if arch is not None:
+        add_model(plan, arch, cfg, method, found[1], share)
+        attempt("memory per GPU", lambda: memory_rows(plan, arch, cfg, method, sharding, world, gpu, share))
     batch, batch_how = global_batch(cfg, world)
     plan.add("global batch", f"{batch:,}", batch_how)
     plan.values["global_batch"] = batch
@@ -286,21 +295,22 @@ def build_plan(cfg: DictConfig, profile: str, gpus: int, nodes: int = 1, gpu_typ
     elif arch is None:
         return plan
     elif measure:
-        speed = attempt("throughput", lambda: measured_throughput(cfg, found[0], table, gpu, flop_params(arch),
-                                                                  method, measure_steps))
+        speed = attempt("throughput", lambda: measured_throughput(cfg, found[0], table, gpu, flop_params(arch, share),
+                                                                  method, measure_steps, share))
     else:
         micro = cfg.train.batch_size * data.mean_tokens
-        speed = attempt("throughput", lambda: table_throughput(table, gpu, method, flop_params(arch), micro,
+        speed = attempt("throughput", lambda: table_throughput(table, gpu, method, flop_params(arch, share), micro,
                                                                cfg.train.gradient_checkpointing))
     if speed is not None:
         add_time_and_cost(plan, tokens, speed, world, gpu, usd_per_gpu_hour)
     return plan
 
 
-def add_model(plan: Plan, arch: Architecture, cfg: DictConfig, method: str, where: str) -> None:
+def add_model(plan: Plan, arch: Architecture, cfg: DictConfig, method: str, where: str, share: float) -> None:
     detail = f"r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}" if method != "full" else "every weight"
     plan.add("model", f"{human(arch.total_params)} params",
-             f"{where}, {method} ({detail}); {human(flop_params(arch))} in matmuls")
+             f"{where}, {method} ({detail}); {human(flop_params(arch, share))} in matmuls per token (the LM head on "
+             f"the {share:.1%} of tokens supervised)")
 
 
 def add_steps(plan: Plan, cfg: DictConfig, data: Dataset, batch: int, counted: bool) -> float:
@@ -309,6 +319,8 @@ def add_steps(plan: Plan, cfg: DictConfig, data: Dataset, batch: int, counted: b
     limit = f" (data.limit {cfg.data.limit})" if cfg.data.limit and counted else ""
     plan.add("examples", f"{data.examples:,}", f"lines of data.train{limit}" if counted else data.how)
     plan.add("tokens per example", f"{data.mean_tokens:,.0f}", f"mean of {data.how}" if counted else data.how)
+    plan.add("supervised share", f"{data.supervised_share:.1%}", "of tokens, in the same rows" if counted else
+             "--supervised-share" if data.supervised_share < 1 else "every token (an upper bound; --supervised-share)")
     if t.max_steps:
         steps, tokens = t.max_steps, t.max_steps * batch * data.mean_tokens
         plan.add("steps", f"{steps:,}", "train.max_steps")
@@ -316,7 +328,8 @@ def add_steps(plan: Plan, cfg: DictConfig, data: Dataset, batch: int, counted: b
         steps, tokens = math.ceil(t.epochs * data.examples / batch), t.epochs * data.examples * data.mean_tokens
         plan.add("steps", f"{steps:,}", f"{t.epochs:g} epoch(s) x {data.examples:,} / {batch:,}")
     plan.add("tokens", human(tokens), "real tokens (padding left out)")
-    plan.values.update(examples=data.examples, mean_tokens=data.mean_tokens, steps=steps, tokens=tokens)
+    plan.values.update(examples=data.examples, mean_tokens=data.mean_tokens, steps=steps, tokens=tokens,
+                       supervised_share=data.supervised_share)
     return tokens
 
 
@@ -381,6 +394,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan = build_plan(cfg, args.profile, args.gpus, args.nodes, args.gpu_type, examples=args.examples,
                       mean_tokens=args.mean_tokens, measure=args.measure, measure_steps=args.measure_steps,
                       tokens_per_s=args.tokens_per_s, usd_per_gpu_hour=args.usd_per_gpu_hour, sample=args.sample,
+                      supervised_share=args.supervised_share,
                       title=args.recipe)
     print(format_plan(plan))
     return 0
@@ -399,6 +413,8 @@ def add_plan_verbs(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default="ddp", help="single, ddp, zero2, zero3, fsdp2 or a profile file (default ddp)")
     p.add_argument("--examples", type=int, help="training examples, when data.train is not a local file")
     p.add_argument("--mean-tokens", type=float, help="mean tokens per example (with --examples)")
+    p.add_argument("--supervised-share", type=float, metavar="FRACTION",
+                   help="share of tokens that carry loss (with --examples; counted from data.train otherwise)")
     p.add_argument("--sample", type=int, default=1000, help="rows of data.train encoded for tokens per example")
     p.add_argument("--measure", action="store_true", help="time a few real steps here and scale by FLOPs")
     p.add_argument("--measure-steps", type=int, default=4, help="steps --measure trains (default 4)")

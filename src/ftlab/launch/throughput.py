@@ -84,9 +84,11 @@ class GpuTable:
         return min(rows, key=distance)
 
 
-def flop_params(arch: Architecture) -> int:
-    """Parameters that take part in matmuls: all but the input embedding (a lookup), unless it is also the LM head."""
-    return arch.total_params - (0 if arch.tied_embeddings else arch.embedding_params)
+def flop_params(arch: Architecture, head_share: float = 1.0) -> float:
+    """Parameters a token goes through in matmuls: every Linear of the decoder, plus the LM head for the share of
+    tokens it runs on (ftlab's losses run it on supervised positions only). The input embedding is a lookup."""
+    head = arch.head_params or (arch.vocab * arch.hidden if arch.tied_embeddings else 0)
+    return arch.linear_params + head * head_share
 
 
 def flops_per_token(params: float, method: str, gradient_checkpointing: bool) -> float:
@@ -180,7 +182,7 @@ def device_peak_tflops(table: GpuTable, dtype: str) -> tuple[float, str]:
 def measure_config(cfg: DictConfig, config: Any, out: Path, steps: int) -> tuple[DictConfig, Any]:
     """The recipe cut to `steps` optimizer steps without evaluation or saving; a hub model whose weights are
     not here is replaced by a random model of its config with MEASURE_LAYERS decoder layers (its width, hence
-    its matmul shapes, kept). Returns (config to run, the config of the model it runs)."""
+    its matmul shapes, kept; saved under `out` for QLoRA). Returns (config to run, the config of the model it runs)."""
     from transformers import AutoConfig
 
     from ftlab.models.load import hub_cached
@@ -190,10 +192,26 @@ def measure_config(cfg: DictConfig, config: Any, out: Path, steps: int) -> tuple
         "save_final": False, "resume": None}, "track": {"wandb": False}})
     name = cfg.model.name
     if not cfg.model.scratch and not Path(name).expanduser().exists() and not _embedded(name) and not hub_cached(name):
-        small = stand_in_fields(config)
-        run.model.scratch = {**small, "model_type": config.model_type}
-        config = AutoConfig.for_model(config.model_type, **small)
+        small = {**stand_in_fields(config), "model_type": config.model_type}
+        config = AutoConfig.for_model(**small)
+        if cfg.lora.quantize:  # bitsandbytes quantizes while loading: the stand-in must be a model directory
+            run.model.name, run.model.scratch = save_stand_in(small, cfg, out / "stand-in"), None
+        else:
+            run.model.scratch = small
     return run, config
+
+
+def save_stand_in(scratch: dict[str, Any], cfg: DictConfig, path: Path) -> str:
+    """A random model of `scratch`'s fields saved (bf16) with the tokenizer scratch models use."""
+    import torch
+
+    from ftlab.config.schema import EMBEDDED_MODEL
+    from ftlab.models.load import build_scratch_model, load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.tokenizer or EMBEDDED_MODEL))
+    build_scratch_model(scratch, tokenizer, torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 def stand_in_fields(config: Any) -> dict[str, Any]:
@@ -215,8 +233,10 @@ def _embedded(name: str) -> bool:
 
 
 def measured_throughput(cfg: DictConfig, config: Any, table: GpuTable, gpu: Gpu, params: float, method: str,
-                        steps: int = 4) -> Throughput:
-    """Train `steps` real steps of the recipe on this machine's device and scale by FLOPs to the target."""
+                        steps: int = 4, head_share: float = 1.0) -> Throughput:
+    """Train `steps` real steps of the recipe on this machine's device and scale by FLOPs to `params` (matmul
+    parameters per token of the target). `head_share`: the share of tokens the LM head runs on, the same in the
+    measured run (same data)."""
     from ftlab.train import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,7 +247,7 @@ def measured_throughput(cfg: DictConfig, config: Any, table: GpuTable, gpu: Gpu,
         measured = (run.summary.get("step_tokens_per_s") if run else None) or 0.0
     if measured <= 0:
         raise UserError("--measure: the training steps reported no throughput")
-    n_measured = flop_params(architecture(run_model))
+    n_measured = flop_params(architecture(run_model), head_share)
     device_tflops, device_how = device_peak_tflops(table, cfg.train.precision)
     tps, u = scale_measured(measured, n_measured, device_tflops, gpu, params, method, cfg.train.gradient_checkpointing)
     return Throughput(tps, f"measured {measured:,.0f} tok/s over {steps} steps (first step's warm-up included) of a "
