@@ -298,3 +298,37 @@ def test_full_data_recipe_loads_with_the_seed_settings():
     assert (cfg.schedule.name, cfg.schedule.warmup_ratio, cfg.data.max_length) == ("cosine", 0.05, 2048)
     assert (cfg.train.global_batch, cfg.train.batch_size, cfg.train.precision) == (1024, 8, "bf16")
     assert cfg.data.task == "socsci210"
+
+
+@needs_data
+@pytest.mark.slow
+def test_cpu_recipe_trains_on_a_prepared_slice_and_compares_by_split(tmp_path, capsys):
+    """cpu_launch.yaml (the full-data recipe on the embedded model) for 2 steps on a prepared slice of the real rows,
+    then base vs tuned on that split's test file: one table with the socsci210 metrics of the split kind."""
+    by_study = defaultdict(list)  # the 6 shortest rows of every study: every split gets studies, steps stay short
+    with (DATA / "val.jsonl").open() as f:
+        for line in f:
+            by_study[json.loads(line)["study_id"]].append(line)
+    (tmp_path / "slice.jsonl").write_text("".join(line for rows in by_study.values()
+                                                  for line in sorted(rows, key=len)[:6]))
+    prepared = tmp_path / "study"
+    assert main(["prepare-socsci", str(tmp_path / "slice.jsonl"), "--out", str(prepared), "--val-fraction", "0.2",
+                 "--test-fraction", "0.3"]) == 0
+    runs = tmp_path / "runs"
+    recipe = str(ROOT / "recipes" / "socrates" / "cpu_launch.yaml")
+    assert main(["train", recipe, f"data.train={prepared / 'train.jsonl'}", f"data.val={prepared / 'val.jsonl'}",
+                 f"output_dir={runs}", "train.max_steps=2", "train.batch_size=1", "train.global_batch=1",
+                 "train.eval_every=null"]) == 0
+    (run,) = (runs / "sft").glob("2*")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "complete"
+    losses = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").open() if "train/loss" in line]
+    assert len(losses) == 2 and all(0 < v < 20 for v in losses)
+    capsys.readouterr()
+    assert main(["compare-socsci", recipe, "--base", "smollm2-135m-instruct", "--pair", str(prepared),
+                 str(run / "final"), f"output_dir={runs}", "eval.limit=2", "eval.max_new_tokens=8"]) == 0
+    table = capsys.readouterr().out
+    (result,) = json.loads(next((runs / "eval").glob("*_socsci210_by_split/by_split.json")).read_text())
+    assert result["split_by"] == "study" and result["leakage"] is None
+    assert result["base"]["n"] == result["tuned"]["n"] == 2
+    assert "| study | smollm2-135m-instruct | 2 |" in table and "| study | tuned - base |" in table

@@ -109,7 +109,8 @@ def open_source(s: SocsciSettings) -> Source:
         raise UserError(f"{path}: is a directory, not a JSONL file")
     if path.exists():  # a file, or a pipe (`<(zcat part-*.jsonl.gz)`)
         return Source(f"{path}:", jsonl_rows(path), None, {"file": str(path), "bytes": path.stat().st_size})
-    if s.source.endswith((".jsonl", ".json", ".gz")) or s.source.startswith((".", "/", "~")) or s.source.count("/") != 1:
+    looks_like_a_path = s.source.endswith((".jsonl", ".json", ".gz")) or s.source.startswith((".", "/", "~"))
+    if looks_like_a_path or s.source.count("/") != 1:  # hub ids are owner/name
         raise UserError(f"{s.source}: file not found (give a local .jsonl / .jsonl.gz or a hub id like {HUB_ID})")
     return hub_source(s)
 
@@ -468,8 +469,9 @@ def report_table(report: dict[str, Any]) -> str:
     for name, sp in report["splits"].items():
         lines.append(f"{name:<6} {sp['rows']:>12,} {sp['share']:>7.1%} {sp['studies']:>8,} {sp['conditions']:>11,} "
                      f"{sp['duplicates']:>11,}")
-    lines.append(f"{'all':<6} {report['rows']:>12,} {1:>7.1%} {report['studies']:>8,} "
-                 f"{sum(sp['conditions'] for sp in report['splits'].values()):>11,} {report['duplicates']['rows']:>11,}")
+    conditions = sum(sp["conditions"] for sp in report["splits"].values())
+    lines.append(f"{'all':<6} {report['rows']:>12,} {1:>7.1%} {report['studies']:>8,} {conditions:>11,} "
+                 f"{report['duplicates']['rows']:>11,}")
     conflicts = report["conflicting_answers"]
     both = report["studies_on_both_sides"]
     lines += [f"duplicates (same prompt and answer): {report['duplicates']['rows']:,} rows of {report['rows']:,}",
@@ -495,7 +497,11 @@ def cmd_prepare_socsci(args: argparse.Namespace) -> int:
 
 
 def add_socsci_verbs(sub: Any) -> None:
-    """`prepare-socsci`: SocSci210 -> training splits for the socsci210 task."""
+    """`prepare-socsci`: SocSci210 -> training splits for the socsci210 task; `compare-socsci`: base vs tuned on
+    the test file of each split kind."""
+    from ftlab.tasks.socsci210_splits import add_compare_socsci_verb
+
+    add_compare_socsci_verb(sub)
     p = sub.add_parser("prepare-socsci", help="SocSci210 (hub id or local JSONL) -> train/val/test JSONL for the "
                        "socsci210 task, split by study, condition or participant",
                        description="stream SocSci210 once, in constant memory, into DIR/train.jsonl, val.jsonl, "
