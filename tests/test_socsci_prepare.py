@@ -115,6 +115,7 @@ def test_each_key_lands_on_one_side_whatever_the_row_order(tmp_path, kind, key):
         assert report["splits"][name]["rows"] == len(rs)
         assert report["splits"][name]["studies"] == len({r["study_id"] for r in rs})
         assert report["splits"][name]["conditions"] == len({(r["study_id"], r["condition_num"]) for r in rs})
+    assert report["conditions"] == len({(r["study_id"], r["condition_num"]) for r in rows})
     study_sides = defaultdict(set)
     for name, rs in where.items():
         for r in rs:

@@ -434,6 +434,7 @@ def build_report(s: SocsciSettings, source: Source, stats: SplitStats, counts: d
         "seed": s.seed, "val_fraction": s.val_fraction, "test_fraction": s.test_fraction,
         "fractions_are_of": "split keys (hash of seed and key), not rows",
         "rows": rows, "passes_over_input": 1, "splits": splits, "studies": studies,
+        "conditions": len(set().union(*stats.conditions)),
         "studies_on_both_sides": both, "studies_on_both_sides_share": both / studies,
         "prompts": counts["prompts"],
         "duplicates": {"rows": counts["duplicate_rows"], "rule": "same prompt (instruction + input) and same "
@@ -469,8 +470,7 @@ def report_table(report: dict[str, Any]) -> str:
     for name, sp in report["splits"].items():
         lines.append(f"{name:<6} {sp['rows']:>12,} {sp['share']:>7.1%} {sp['studies']:>8,} {sp['conditions']:>11,} "
                      f"{sp['duplicates']:>11,}")
-    conditions = sum(sp["conditions"] for sp in report["splits"].values())
-    lines.append(f"{'all':<6} {report['rows']:>12,} {1:>7.1%} {report['studies']:>8,} {conditions:>11,} "
+    lines.append(f"{'all':<6} {report['rows']:>12,} {1:>7.1%} {report['studies']:>8,} {report['conditions']:>11,} "
                  f"{report['duplicates']['rows']:>11,}")
     conflicts = report["conflicting_answers"]
     both = report["studies_on_both_sides"]
