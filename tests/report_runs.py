@@ -37,7 +37,7 @@ def build_runs(root: Path) -> dict[str, Path]:
     for name, limit in (("seed0", 4), ("small", 3)):
         assert main(["eval", str(recipe), "eval.task=gsm8k", f"eval.source={gsm}", "eval.max_new_tokens=2",
                      f"eval.limit={limit}", f"model.name={made[name] / 'final'}", "model.scratch=null"]) == 0
-        made[f"eval_{name}"] = sorted((root / "runs" / "eval").glob("2*"))[-1]
+        made[f"eval_{name}"] = max((root / "runs" / "eval").glob("2*"))
     corpus = make_corpus(root)
     pt = pretrain_recipe(root, corpus, train={"eval_every": 2})
     for k in (1, 2):

@@ -80,7 +80,7 @@ def test_config_diff_and_comparability_flags(report):
     evals = md[md.index("## eval runs"):md.index("## pretrain runs")]
     assert "| ⚠ eval set |" in evals and "eval set differs:" in evals   # eval.limit 4 vs 3: other rows
     assert "| tokenizer |" in evals                          # same tokenizer: no flag on that column
-    sweep = re.search(r"### accuracy against training-set size\n(.*?)\n#", md, re.S).group(1)
+    sweep = re.search(r"### accuracy against training-set size\n(.*?)\n#", md, re.DOTALL).group(1)
     assert "Not comparable here: eval set differs" in sweep   # written beside the plot it spoils
     pretrain = md[md.index("## pretrain runs"):md.index("## sft runs")]
     assert "| pretrain.num_categories | 1 | 2 |" in pretrain and "⚠" not in pretrain
@@ -134,7 +134,7 @@ def test_stats_by_hand():
     lo, hi = wilson_interval(0.5, 10)
     assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)   # the textbook Wilson interval of 5/10
     assert wilson_interval(0.0, 10)[0] == pytest.approx(0.0) and round(wilson_interval(0.0, 10)[1], 4) == 0.2775
-    x, mean, low, high = band([([1, 2, 3], [1, 2, 3]), ([1, 3], [3, 5])])   # the second is 2 + x
+    x, mean, _, high = band([([1, 2, 3], [1, 2, 3]), ([1, 3], [3, 5])])   # the second is 2 + x
     assert list(x) == [1, 2, 3] and list(mean) == [2, 3, 4]
     assert list(high - mean) == pytest.approx([12.706] * 3)  # t(1) * sqrt(2) / sqrt(2)
     assert smooth([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5] and smooth([1, 5], 0) == [1, 5]

@@ -33,14 +33,13 @@ class Browser:
     def __init__(self, profile: Path, timeout: float = 60):
         to_child, self._to = os.pipe()
         self._from, from_child = os.pipe()
-
-        def wire() -> None:  # in the child, before exec: the pipe ends on fds 3 and 4, where Chromium reads them
-            os.dup2(to_child, 3)
-            os.dup2(from_child, 4)
-
-        self.proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                                      "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"],
-                                     pass_fds=(3, 4), preexec_fn=wire,
+        # Chromium reads the pipe on fds 3 and 4: bash's redirections put the ends there before exec (a
+        # preexec_fn would do the same but is unsafe in a process with threads; dash takes one-digit fds only).
+        wire = f'exec "$0" "$@" 3<&{to_child} 4>&{from_child}'
+        self.proc = subprocess.Popen(["bash", "-c", wire, CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                                      "--no-first-run", "--remote-debugging-pipe", f"--user-data-dir={profile}",
+                                      "about:blank"],
+                                     pass_fds=(to_child, from_child),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_child)
         os.close(from_child)

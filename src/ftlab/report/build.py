@@ -12,8 +12,8 @@ import argparse
 import re
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tqdm.auto import tqdm
 
@@ -21,8 +21,26 @@ from ftlab.errors import UserError
 from ftlab.report import compare as C
 from ftlab.report.curves import PANELS, Final, finals
 from ftlab.report.plots import plot_panel
-from ftlab.report.render import WARN, Block, Heading, Image, Table, Text, markdown, page, write_atomically
-from ftlab.report.runs import Run, discover, load_run, peak_memory, tokens_seen, trainable_parameters, wall_seconds
+from ftlab.report.render import (
+    WARN,
+    Block,
+    Heading,
+    Image,
+    Table,
+    Text,
+    markdown,
+    page,
+    write_atomically,
+)
+from ftlab.report.runs import (
+    Run,
+    discover,
+    load_run,
+    peak_memory,
+    tokens_seen,
+    trainable_parameters,
+    wall_seconds,
+)
 from ftlab.report.stats import mean_interval, wilson_interval
 from ftlab.report.sweeps import sweep_plots
 
@@ -104,7 +122,7 @@ def duration(seconds: float | None) -> str:
         return "—"
     if seconds < 60:
         return f"{seconds:.1f}s"
-    minutes, s = divmod(int(round(seconds)), 60)
+    minutes, s = divmod(round(seconds), 60)
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{s:02d}s"
 
 

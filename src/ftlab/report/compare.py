@@ -4,8 +4,9 @@ shots, generation length, training tokens, number of seeds)."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from ftlab.report import fingerprint
 from ftlab.report.runs import MODEL_FOLDERS, Run, human_count, tokens_seen

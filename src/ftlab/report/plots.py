@@ -2,9 +2,9 @@
 plots (a final metric against a swept setting, one line per method)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 

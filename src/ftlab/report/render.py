@@ -7,7 +7,6 @@ import html
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 
 @dataclass
@@ -35,7 +34,7 @@ class Image:
     alt: str
 
 
-Block = Union[Heading, Text, Table, Image]
+Block = Heading | Text | Table | Image
 WARN = "⚠"
 
 

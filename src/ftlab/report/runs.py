@@ -8,9 +8,10 @@ import json
 import math
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -280,7 +281,7 @@ def trainable_parameters(run: Run) -> str | None:
         count = 0
         for file in files:
             with safe_open(str(file), framework="numpy") as f:
-                count += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+                count += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - safe_open is no dict
         return f"{human_count(count)} ({'LoRA adapter' if adapter else 'full model'})"
     return None
 
@@ -298,7 +299,7 @@ def training_examples(run: Run) -> int | None:
     return int(found) if found else None
 
 
-PEAK_MEMORY = re.compile(r"peak.*mem|mem.*peak|max_memory", re.I)
+PEAK_MEMORY = re.compile(r"peak.*mem|mem.*peak|max_memory", re.IGNORECASE)
 
 
 def peak_memory(run: Run) -> Any:

@@ -8,9 +8,10 @@ the training run whose model it scored. A plot is drawn only where the setting t
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ftlab.report.compare import differing_keys, is_setting
 from ftlab.report.curves import finals
