@@ -254,12 +254,12 @@ def run_slurm(job: SlurmJob, opts: SlurmOptions, submit_it: bool, dry_run: bool)
     launch, job_dir = job.launch, job.job_dir
     check_options(opts, launch)
     text = batch_script(job, opts)
+    if submit_it and not dry_run:
+        check_slurm_answers()
     log.info("%s", estimate_for_launch(launch.cfg, launch.profile.ref, launch.gpus_per_node, launch.nodes))
     if dry_run:
         print(text, end="")
         return 0
-    if submit_it:
-        check_slurm_answers()
     script = write_script(job_dir, text)
     if not submit_it:
         log.info("slurm: wrote %s; submit with: sbatch %s", script, script)
