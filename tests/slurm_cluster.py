@@ -18,7 +18,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 NODE_CPUS = 2
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -73,7 +75,7 @@ class SlurmCluster:
         self.outputs: list = []  # the daemons' stdout/stderr files
 
     @classmethod
-    def start(cls, timeout: float = 30.0) -> "SlurmCluster":
+    def start(cls, timeout: float = 30.0) -> SlurmCluster:
         missing = [d for d in (*DAEMONS, "sbatch", "sinfo") if not shutil.which(d)]
         if missing:
             raise ClusterUnavailable(f"not installed: {', '.join(missing)} (apt-get install slurm-wlm munge)")
@@ -109,7 +111,7 @@ class SlurmCluster:
         self.procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                            start_new_session=True))
 
-    def wait_for(self, ready, timeout: float, what: str) -> None:  # noqa: ANN001 - a callable returning bool
+    def wait_for(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             dead = [p for p in self.procs if p.poll() is not None]
@@ -158,7 +160,7 @@ class SlurmCluster:
             out.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,7 +13,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -23,6 +25,7 @@ from tests.helpers import tiny_recipe
 from tests.slurm_cluster import ClusterUnavailable, SlurmCluster, slurm_conf
 
 pytestmark = pytest.mark.timeout(300)
+T = TypeVar("T")
 
 STEPS = 24
 ENDED = ("", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")  # squeue's last words
@@ -65,7 +68,7 @@ def test_script_for_two_gpu_nodes_meets_at_the_first_node(tmp_path, capsys):
             '--rdzv_endpoint "$RDZV_HOST:$RDZV_PORT" -m ftlab.cli train') in run
     assert f"{recipe} output_dir={job_dir} " in run  # the job's runs (and checkpoints) live in its directory
     assert "trap warned USR1" in lines and 'scontrol requeue "$SLURM_JOB_ID"' in script
-    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
 
 
 def test_script_for_cpu_nodes_asks_for_cores_not_gpus(tmp_path, capsys):
@@ -123,7 +126,7 @@ def steps_of(run: Path) -> dict[int, dict]:
     return {r["train_step"]: r for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r}
 
 
-def wait_for(what: str, ready, timeout: float = 180):  # noqa: ANN001, ANN201 - a callable and what it returns
+def wait_for(what: str, ready: Callable[[], T | None], timeout: float = 180) -> T:
     deadline = time.time() + timeout
     while time.time() < deadline:
         found = ready()
