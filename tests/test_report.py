@@ -67,7 +67,7 @@ def test_seed_group_mean_and_t_interval_by_hand(made, report):
         finals.append([r["eval/loss"] for r in rows if "eval/loss" in r][-1])
     mean = sum(finals) / 2
     half = 12.706 * abs(finals[0] - finals[1]) / math.sqrt(2) / math.sqrt(2)  # t(1) * sd / sqrt(n)
-    row = table_row((report / "report.md").read_text(), "seed0 (2 seeds)")
+    row = table_row((report / "report.md").read_text(), "seed (2 seeds)")
     assert row[1:3] == ["2", "0, 1"]
     assert f"eval/loss {mean:.4g} [{mean - half:.4g}, {mean + half:.4g}]" in row[3]
 
@@ -150,7 +150,9 @@ def test_seed_groups_need_equal_settings_and_finished_runs():
     a, b, c, d = run("a"), run("b", seed=1), run("c", seed=2, **{"optim.lr": 2}), run("d", "failed", seed=3)
     groups = seed_groups([a, b, c, d])
     assert [[r.label for r in g.runs] for g in groups] == [["a", "b"], ["c"], ["d"]]
-    assert groups[0].label == "a (2 seeds)"
+    assert groups[0].label == "a (2 seeds)"                  # "a" and "b" share no name: the first one's
+    named = [run(f"tiny_limit16_s{s}", seed=s) for s in (0, 1)]
+    assert seed_groups(named)[0].label == "tiny_limit16 (2 seeds)"   # a sweep's names, the seed taken out
     assert differing_keys([a.config, c.config]) == ["optim.lr", "seed"]    # names and folders never differ
 
 

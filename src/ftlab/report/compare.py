@@ -3,6 +3,8 @@ numbers were not measured the same way (another evaluation set, tokenizer or cha
 shots, generation length, training tokens, number of seeds)."""
 from __future__ import annotations
 
+import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -51,8 +53,16 @@ def seed_groups(runs: Iterable[Run]) -> list[Group]:
             key = ("alone", str(run.path))
         groups.setdefault(key, Group([])).runs.append(run)
     for g in groups.values():
-        g.label = g.runs[0].label if g.size == 1 else f"{g.runs[0].label} ({g.size} seeds)"
+        g.label = g.runs[0].label if g.size == 1 else f"{group_name(g.runs)} ({g.size} seeds)"
     return list(groups.values())
+
+
+def group_name(runs: Sequence[Run]) -> str:
+    """What the runs' labels share once each one's seed is taken out (`tiny_limit16_s0`, `tiny_limit16_s1` ->
+    `tiny_limit16`; `lr3`, `lr3#2` -> `lr3`); the first label where they share nothing."""
+    names = [re.sub(rf"[_-]s(eed)?{r.config.get('seed')}(?=$|[_-])", "", r.label) for r in runs]
+    common = os.path.commonprefix(names).rstrip("_-#")
+    return common or runs[0].label
 
 
 # -- comparability -----------------------------------------------------------------------------------
