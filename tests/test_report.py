@@ -128,6 +128,16 @@ def test_tokens_seen_counts_unlogged_steps_by_hand():
     assert tokens_by_step(run) == {2: 20.0, 4: 80.0, 5: 87.0}
 
 
+def test_peak_memory_is_the_latest_recorded_running_maximum():
+    from ftlab.report.runs import peak_memory
+
+    run = Run(Path("x"), "sft", "complete", rows=[{"train_step": 1, "train/gpu/mem_peak_gib": 3.5},
+                                                  {"train_step": 2, "train/gpu/mem_peak_gib": 4.25},
+                                                  {"eval_step": 2, "eval/loss": 1.0}])
+    assert peak_memory(run) == "4.25 (mem_peak_gib)"
+    assert peak_memory(Run(Path("y"), "sft", "complete", rows=[{"train_step": 1, "train/loss": 1.0}])) is None
+
+
 def test_stats_by_hand():
     from ftlab.report.stats import band, smooth, wilson_interval
 

@@ -303,9 +303,9 @@ PEAK_MEMORY = re.compile(r"peak.*mem|mem.*peak|max_memory", re.IGNORECASE)
 
 
 def peak_memory(run: Run) -> Any:
-    """A peak-memory figure if the run recorded one (summary.json or its last metrics row), else None."""
-    last = run.rows[-1] if run.rows else {}
-    for source in (run.summary, last):
+    """A peak-memory figure if the run recorded one (summary.json, else the last metrics row that has one, such
+    as a GPU run's train/gpu/mem_peak_gib, a running maximum), else None."""
+    for source in (run.summary, *reversed(run.rows)):
         for key, value in source.items():
             if PEAK_MEMORY.search(key) and isinstance(value, (int, float)):
                 return f"{value:.2f} ({key.split('/')[-1]})" if isinstance(value, float) else value
