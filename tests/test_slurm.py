@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,6 +45,38 @@ def dry_script(capsys, recipe: Path, *args: str) -> str:
 
 def directives(script: str) -> list[str]:
     return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def steps_of(run: Path) -> dict[int, dict]:
+    return {r["train_step"]: r for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r}
+
+
+def wait_for(what: str, ready: Callable[[], T | None], timeout: float = 180) -> T:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = ready()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def two_processes(recipe: Path, out: Path, name: str) -> subprocess.Popen:
+    """The recipe on 2 processes with plain torchrun, started in the background."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ftlab.cli",
+           "train", str(recipe), f"output_dir={out}", f"name={name}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """torchrun's training processes by LOCAL_RANK (read from their environment)."""
+    found = {}
+    for child in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        env = dict(item.split("=", 1) for item in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in item)
+        if "LOCAL_RANK" in env:
+            found[int(env["LOCAL_RANK"])] = int(child)
+    return found
 
 
 def test_script_for_two_gpu_nodes_meets_at_the_first_node(tmp_path, capsys):
@@ -111,6 +144,27 @@ def test_submit_where_no_slurm_answers_submits_nothing(tmp_path, capsys, monkeyp
     assert "sbatch/scontrol not on PATH" in capsys.readouterr().err
 
 
+# -- preemption in the loop -----------------------------------------------------------------------------------
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_checkpointed_step(tmp_path):
+    """Only rank 1 is signalled; rank 0 learns it from the reduced flag and stops at the same step, and the
+    checkpoint of that step has both ranks' state (train.save_every never comes due: the signal saves it)."""
+    recipe = tiny_recipe(tmp_path, train={**TRAIN, "max_steps": 100000, "save_every": 100000})
+    proc = two_processes(recipe, tmp_path / "runs", "one_rank")
+    run = wait_for("the first logged step", lambda: next(
+        (m.parent for m in (tmp_path / "runs" / "sft").glob("*_one_rank/metrics.jsonl") if steps_of(m.parent)), None))
+    os.kill(worker_pids(proc)[1], signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    summary = json.loads((run / "summary.json").read_text())
+    k = summary["steps"]
+    assert summary["status"] == "interrupted", err[-3000:]
+    assert summary["stopped_by"] == "a stop signal on another process"  # rank 0 writes the summary
+    assert err.count("ftlab: terminated by") == 2, err[-3000:]  # both ranks raised at the agreed step
+    (ckpt,) = (run / "checkpoints").glob("step_*")
+    assert ckpt.name == f"step_{k:06d}" and summary["checkpoint"] == str(ckpt)
+    assert sorted(p.name for p in ckpt.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
+    assert sorted(steps_of(run)) == list(range(1, k + 1))
+
+
 # -- a real cluster --------------------------------------------------------------------------------------------
 @pytest.fixture
 def cluster():
@@ -122,28 +176,6 @@ def cluster():
     c.stop()
 
 
-def steps_of(run: Path) -> dict[int, dict]:
-    return {r["train_step"]: r for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r}
-
-
-def wait_for(what: str, ready: Callable[[], T | None], timeout: float = 180) -> T:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = ready()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def uninterrupted_run(recipe: Path, out: Path) -> subprocess.Popen:
-    """The same recipe on 2 processes with plain torchrun, started now to run beside the Slurm job."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ftlab.cli",
-           "train", str(recipe), f"output_dir={out}", "name=reference"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-
-
 def test_warned_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted_run(tmp_path, capsys, monkeypatch,
                                                                                  cluster):
     recipe = tiny_recipe(tmp_path, train=TRAIN)
@@ -153,7 +185,7 @@ def test_warned_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted_ru
     assert launch(str(recipe), "--profile", "ddp", "--gpus", "2", "--cpu", "--submit") == 0, capsys.readouterr().err
     job = capsys.readouterr().out.strip()
     assert job.isdigit(), job
-    reference = uninterrupted_run(recipe, tmp_path / "reference")
+    reference = two_processes(recipe, tmp_path / "reference", "reference")  # uninterrupted, beside the job
     (job_dir,) = (tmp_path / "runs" / "slurm").iterdir()
     first = wait_for("the job's first logged step", lambda: next(
         (r.parent for r in job_dir.glob("sft/*_tiny/metrics.jsonl") if steps_of(r.parent)), None))
