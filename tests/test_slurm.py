@@ -104,6 +104,15 @@ def test_script_for_two_gpu_nodes_meets_at_the_first_node(tmp_path, capsys):
     assert subprocess.run(["bash", "-n"], input=script, text=True, check=False).returncode == 0
 
 
+def test_accelerate_profile_meets_at_the_first_node_and_a_dry_run_leaves_nothing(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path)
+    script = dry_script(capsys, recipe, "--profile", "zero2", "--gpus", "4", "--nodes", "2")
+    (run,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert '-m accelerate.commands.launch --config_file ' in run and "--num_processes 8 --num_machines 2" in run
+    assert '--rdzv_backend c10d --main_process_ip "$RDZV_HOST" --main_process_port "$RDZV_PORT"' in run
+    assert not (tmp_path / "runs" / "slurm").exists() or not any((tmp_path / "runs" / "slurm").iterdir())
+
+
 def test_script_for_cpu_nodes_asks_for_cores_not_gpus(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path)
     d = directives(dry_script(capsys, recipe, "--profile", "ddp", "--gpus", "3", "--cpu"))

@@ -105,6 +105,8 @@ def job_directory(output_dir: str, name: str) -> Path:
 
 @dataclass(frozen=True)
 class SlurmJob:
+    """A launch to run as a batch job."""
+
     launch: Launch
     job_dir: Path   # the submission's directory: script, log and runs (created when the script is written)
     verb: str
@@ -251,7 +253,7 @@ def run_slurm(job: SlurmJob, opts: SlurmOptions, submit_it: bool, dry_run: bool)
     --dry-run: print the script, write nothing."""
     from ftlab.launch.planner import estimate_for_launch
 
-    launch, job_dir = job.launch, job.job_dir
+    launch = job.launch
     check_options(opts, launch)
     text = batch_script(job, opts)
     if submit_it and not dry_run:
@@ -260,17 +262,13 @@ def run_slurm(job: SlurmJob, opts: SlurmOptions, submit_it: bool, dry_run: bool)
     if dry_run:
         print(text, end="")
         return 0
-    script = write_script(job_dir, text)
+    script = write_script(job.job_dir, text)
     if not submit_it:
         log.info("slurm: wrote %s; submit with: sbatch %s", script, script)
         print(script)
         return 0
-    try:
-        job_id = submit(script)
-    except UserError:
-        shutil.rmtree(job_dir, ignore_errors=True)  # nothing submitted: leave nothing behind
-        raise
-    log.info("slurm: submitted job %s; its runs and log (slurm-%s.out) are under %s", job_id, job_id, job_dir)
+    job_id = submit(script)
+    log.info("slurm: submitted job %s; its runs and log (slurm-%s.out) are under %s", job_id, job_id, job.job_dir)
     print(job_id)
     return 0
 
@@ -300,7 +298,16 @@ def cmd_slurm(args: argparse.Namespace) -> int:
     """`ftlab launch ... --slurm | --submit`."""
     if args.rdzv_endpoint:
         raise UserError("--rdzv-endpoint with --slurm: the batch script meets at the first node of its allocation")
-    job = prepare_slurm_job(args.profile, args.gpus, args.nodes, args.verb, args.recipe, list(args.overrides))
     opts = SlurmOptions(time=args.time, partition=args.partition, account=args.account, cpu=args.cpu,
                         cpus_per_task=args.cpus_per_task, signal_seconds=args.signal_seconds, env=tuple(args.env))
-    return run_slurm(job, opts, submit_it=args.submit, dry_run=args.dry_run)
+    job = prepare_slurm_job(args.profile, args.gpus, args.nodes, args.verb, args.recipe, list(args.overrides))
+    kept = False
+    try:
+        code = run_slurm(job, opts, submit_it=args.submit, dry_run=args.dry_run)
+        kept = not args.dry_run
+        return code
+    finally:
+        # A dry run, a refusal or a failed submission leaves nothing behind (an accelerate profile's config is
+        # written into the fresh job directory while the launch is prepared).
+        if not kept:
+            shutil.rmtree(job.job_dir, ignore_errors=True)
