@@ -95,10 +95,14 @@ def check_options(opts: SlurmOptions, launch: Launch) -> None:
 
 
 # -- the script --------------------------------------------------------------------------------------------
+def job_name(name: str) -> str:
+    """The recipe's name as a job and directory name (what RunDir makes of it too)."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-") or "run"
+
+
 def job_directory(output_dir: str, name: str) -> Path:
     """<output_dir>/slurm/<stamp>_<name>, a suffix added when a script of that name is already there."""
-    safe = re.sub(r"[^A-Za-z0-9._+-]+", "-", name).strip("-") or "run"
-    base = Path(output_dir).resolve() / "slurm" / f"{time.strftime('%Y%m%d_%H%M%S')}_{safe}"
+    base = Path(output_dir).resolve() / "slurm" / f"{time.strftime('%Y%m%d_%H%M%S')}_{job_name(name)}"
     return next(p for p in (base.with_name(f"{base.name}_{i}") if i else base for i in range(1000))
                 if not (p / "job.sbatch").exists())
 
@@ -151,7 +155,7 @@ def batch_script(job: SlurmJob, opts: SlurmOptions) -> str:
         resources.append(f"--gres=gpu:{n}")
     if cpus is not None:
         resources.append(f"--cpus-per-task={cpus}")
-    directives = [f"--job-name={launch.cfg.name}", *resources,
+    directives = [f"--job-name={job_name(launch.cfg.name)}", *resources,
                   *([f"--time={opts.time}"] if opts.time else []),
                   *([f"--partition={opts.partition}"] if opts.partition else []),
                   *([f"--account={opts.account}"] if opts.account else []),
