@@ -218,3 +218,22 @@ def test_wandb_offline_uses_separate_step_axes(tmp_path, monkeypatch):
     tr.log({"accuracy": 0.5}, step=1, axis="eval")
     tr.close()
     assert list((run.path / "wandb").rglob("*.wandb"))
+
+
+def test_a_finished_run_stops_logging(tmp_path):
+    """What the next run logs before its directory exists must not land in the finished run's run.log."""
+    import logging
+
+    log = logging.getLogger("ftlab")
+    first = RunDir.create(tmp_path, "sft", "first")
+    log.info("line of the first run")
+    first.finish("complete")
+    log.info("logged between the runs")
+    second = RunDir.create(tmp_path, "sft", "second")
+    log.info("line of the second run")
+    second.finish("complete")
+    first_log = (first.path / "run.log").read_text()
+    second_log = (second.path / "run.log").read_text()
+    assert "line of the first run" in first_log and "between the runs" not in first_log
+    assert "line of the second run" in second_log and "between the runs" not in second_log
+    assert "line of the first run" not in second_log

@@ -196,8 +196,8 @@ def run_eval(cfg: DictConfig, model_name: str | None = None, adapter: str | None
                     "split": cfg.eval.split, "eval_set_hash": eval_set_hash(examples),
                     **tokenizer_fingerprint(tokenizer, cfg.eval.chat_template)})
     write_json(run.path / "metrics.json", metrics)
-    run.finish("complete", metrics=headline(metrics))
     log.info("%s: %s -> %s", name, format_metrics(metrics), run.path)
+    run.finish("complete", metrics=headline(metrics))
     return run, metrics
 
 

@@ -159,6 +159,17 @@ class RunDir:
 
     def finish(self, status: str = "complete", **fields: Any) -> None:
         self.update_summary(status=status, finished=time.strftime("%Y-%m-%d %H:%M:%S"), **fields)
+        self.detach_log()
+
+    def detach_log(self) -> None:
+        """Stop writing run.log: what the next run logs before its own directory exists (the model it loads,
+        its trainable parameters) must not land in this run's log."""
+        logger = logging.getLogger("ftlab")
+        mine = str(self.path / "run.log")
+        for h in [h for h in logger.handlers if getattr(h, "_ftlab_run", False)]:
+            if getattr(h, "baseFilename", None) == os.path.abspath(mine):
+                logger.removeHandler(h)
+                h.close()
 
     @property
     def summary(self) -> dict[str, Any]:

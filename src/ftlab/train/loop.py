@@ -2,7 +2,8 @@
 
 What the loop owns, so each method gets it once and tested once:
 
-* set-up through accelerate (one process, DDP via torchrun/`accelerate launch`, DeepSpeed ZeRO);
+* set-up through accelerate (one process, DDP via torchrun/`accelerate launch`, DeepSpeed ZeRO), and FSDP2
+  applied by ftlab itself (train.sharding=fsdp2: `train/fsdp.py`);
 * exact accumulation and data parallelism: every micro-batch returns its *summed* loss, and the loop
   divides by the number of loss units (supervised tokens, pairs) of the whole optimizer step summed
   over all processes (torchtitan-style), so batch 8 x accumulation 1 on 1 process equals batch 2 x
@@ -38,6 +39,7 @@ from ftlab.errors import Terminated, UserError
 from ftlab.runs.rundir import RunDir
 from ftlab.runs.trackers import Trackers
 from ftlab.train import checkpoint as ck
+from ftlab.train import fsdp
 from ftlab.train.objective import Objective
 from ftlab.train.optim import build_optimizer, build_scheduler
 from ftlab.train.setup import (check_resumable, check_trainable_dtype, is_deepspeed, make_accelerator,
@@ -111,9 +113,12 @@ class Loop:
         # Empty micro-batches only matter when several processes (or DeepSpeed's accumulation counter)
         # must see the same number of passes; alone, they are skipped (they add exactly nothing).
         self.symmetric = self.world > 1 or self.deepspeed
+        self.fsdp = fsdp.enabled(cfg)
+        if self.fsdp:  # sharded before the optimizer sees the weights, and kept from accelerate (it would add DDP)
+            model = fsdp.shard(model, self.t.precision, accelerator.device)
         optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(optimizer, cfg.schedule, total_steps)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.model, self.optimizer = (model, optimizer) if self.fsdp else accelerator.prepare(model, optimizer)
         self.device = accelerator.device
         fp16 = self.t.precision == "fp16" and not self.deepspeed  # DeepSpeed scales fp16 losses itself
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=self.t.fp16_init_scale) if fp16 else None
@@ -218,7 +223,7 @@ class Loop:
                 first = m
             last = i == len(micro) - 1
             self.accelerator.gradient_state._set_sync_gradients(last)  # DeepSpeed steps at the last one
-            with (nullcontext() if last else self.accelerator.no_sync(self.model)):
+            with (nullcontext() if last else self.no_sync()):
                 with self.autocast():
                     loss_sum, extras = self.objective.loss(self.model, m)
                 if bad is None and not torch.isfinite(loss_sum):
@@ -255,6 +260,10 @@ class Loop:
         if self.scaler or (self.deepspeed and self.t.precision == "fp16"):
             stats.update(overflow_skipped=not stepped)
         return stats
+
+    def no_sync(self) -> Any:
+        """Backward without the gradient reduction: every micro-batch of a step but the last."""
+        return fsdp.no_sync(self.model) if self.fsdp else self.accelerator.no_sync(self.model)
 
     def optimizer_step(self, grad_norm: float) -> bool | None:
         """Step optimizer and schedule. False: an fp16 overflow, skipped by the scaler; None: non-finite."""
@@ -343,7 +352,7 @@ class Loop:
     def accuracy(self) -> dict[str, float]:
         """The task's own checker on generated answers; examples split across processes, gathered to score."""
         task, examples = self.objective.generation_task
-        if not examples or self.deepspeed:  # ZeRO shards weights: generation stays for `ftlab eval`
+        if not examples or self.deepspeed or self.fsdp:  # sharded weights: generation stays for `ftlab eval`
             return {}
         from accelerate.utils import gather_object
 
@@ -383,10 +392,12 @@ class Loop:
         """HF-loadable export (adapter or full model) from rank 0; every rank joins a ZeRO gather."""
         # ZeRO-3 shards the weights: every rank joins the gather. Under ZeRO-0/1/2 each rank holds them whole,
         # so rank 0 saves straight from its model (a LoRA run writes just the adapter), with no CPU copy anywhere.
-        state = self.accelerator.get_state_dict(self.model) if self.zero3 else None
+        # FSDP2: every rank joins the gather of the full weights to rank 0's CPU.
+        state = fsdp.gathered_state_dict(self.model) if self.fsdp else (
+            self.accelerator.get_state_dict(self.model) if self.zero3 else None)
         if self.rank == 0:
             model = self.accelerator.unwrap_model(self.model)
-            guard_finite(model, self.done)
+            guard_finite(model, self.done, state if self.fsdp else None)
             ck.save_model(model, self.tokenizer, path, state_dict=state)
         self.accelerator.wait_for_everyone()
 
@@ -394,10 +405,13 @@ class Loop:
         ckpt_dir = self.run_path / "checkpoints"
         tmp = ck.begin_checkpoint(ckpt_dir, self.done) if self.rank == 0 else ck.temp_dir(ckpt_dir, self.done)
         self.accelerator.wait_for_everyone()
-        self.save_model(tmp / "model")
+        if self.fsdp:  # sharded weights and optimizer states (DCP): every rank writes its own shard
+            fsdp.save_sharded(self.model, self.optimizer, tmp / fsdp.CHECKPOINT_DIR)
+        else:
+            self.save_model(tmp / "model")
         if self.deepspeed:  # partitioned optimizer states: every rank writes its own shard
             self.model.save_checkpoint(str(tmp / "deepspeed"))
-        elif self.rank == 0:  # DDP: every rank holds the same optimizer state
+        elif self.rank == 0 and not self.fsdp:  # DDP: every rank holds the same optimizer state
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(ck.rng_state(), tmp / f"rng_rank{self.rank}.pt")
         self.accelerator.wait_for_everyone()
@@ -431,7 +445,9 @@ class Loop:
 
     def load_checkpoint(self, path: Path) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        if self.deepspeed:
+        if self.fsdp:
+            fsdp.load_sharded(self.model, self.optimizer, path / fsdp.CHECKPOINT_DIR)
+        elif self.deepspeed:
             loaded, _ = self.model.load_checkpoint(str(path / "deepspeed"))
             if loaded is None:  # DeepSpeed only warns (no `latest` tag, missing files) and loads nothing
                 raise FileNotFoundError(f"DeepSpeed loaded no state from {path / 'deepspeed'}")
@@ -461,7 +477,7 @@ class Loop:
             return
         self.objective.log_preflight()
         t = self.t
-        backend = str(self.accelerator.distributed_type).split(".")[-1]
+        backend = "FSDP2" if self.fsdp else str(self.accelerator.distributed_type).split(".")[-1]
         log.info("%d steps (%d per epoch), %d examples, batch %d x accum %d x %d process(es) (%s), precision %s",
                  self.total_steps, self.plan.steps_per_epoch, len(self.plan.lengths), t.batch_size, t.grad_accum,
                  self.world, backend, t.precision)
@@ -469,8 +485,11 @@ class Loop:
                                 resumed_from=str(self.resumed_from) if self.resumed_from else None)
 
 
-def guard_finite(model: Any, step: int) -> None:
-    if not ck.model_is_finite(model):
+def guard_finite(model: Any, step: int, gathered: dict[str, torch.Tensor] | None = None) -> None:
+    """`gathered`: the full weights of a sharded model (FSDP2), whose own parameters are shards."""
+    finite = (ck.model_is_finite(model) if gathered is None else
+              all(torch.isfinite(v).all() for v in fsdp.trainable_state_dict(model, gathered).values()))
+    if not finite:
         raise TrainingDiverged(f"model weights are non-finite at step {step}; refusing to save them")
 
 
