@@ -290,6 +290,10 @@ def run_launch(launch: Launch, dry_run: bool = False) -> int:
 
 # -- the command line ------------------------------------------------------------------------------------
 def cmd_launch(args: argparse.Namespace) -> int:
+    if args.preflight:  # a tiny model of the recipe's on 1 and N processes first; a disagreement stops here
+        from ftlab.launch.preflight import preflight_launch
+
+        preflight_launch(args)
     if args.slurm or args.submit:
         from ftlab.launch.slurm import cmd_slurm
 
@@ -313,6 +317,9 @@ def add_launch_verbs(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="with --nodes > 1: the first node's address")
     lp.add_argument("--verb", choices=VERBS, default="train", help="what the processes run (default: train)")
     lp.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    lp.add_argument("--preflight", action="store_true",
+                    help="first train a tiny random model of the recipe's architecture on 1 and N processes: same "
+                         "losses and gradient norms, same logits after save and reload, same step after resume")
     from ftlab.launch.slurm import add_slurm_arguments
 
     add_slurm_arguments(lp)

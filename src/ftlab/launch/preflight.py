@@ -1,0 +1,468 @@
+"""`ftlab launch ... --preflight`: before the real launch, the same recipe on a tiny random model of the same
+architecture must compute the same thing on 1 process and on N, and survive saving, reloading and resuming.
+
+What runs, in a temporary directory removed afterwards:
+
+* the tiny model: the recipe model's own config (a scratch config, a local directory, the embedded model, a hub id
+  or ftlab's copy of its config) with 2 layers, about 4 query heads of at most 16 dimensions (the query/key-value
+  head ratio kept), the intermediate/hidden ratio kept, dropout off, random weights, saved with its tokenizer. The
+  vocabulary stays the model's and the tokenizer is the recipe's whenever it is here: the data then encodes
+  exactly as in the real run (chat template, supervised spans, every token id valid). Only a hub model whose
+  tokenizer is not here gets the embedded tokenizer and its vocabulary, and the table says so;
+* the recipe with that model, a few steps at one small global batch (2 per process x accumulation 2 x N on N
+  processes, accumulation 2N on one), a constant learning rate of at least MIN_LR (a trained adapter must move
+  the logits beyond rounding, or a lost adapter would pass), a checkpoint at CHECKPOINT_STEP, run through the
+  profile's own launcher at 1 process and at N (N: the launch's processes, at most 2 on a CPU, at most the GPUs
+  here). A profile that cannot run N processes here (DeepSpeed on a CPU) runs at 1, and the N-process
+  arithmetic is checked through the ddp profile; QLoRA without CUDA is checked as plain LoRA;
+* the checks: per step, equal loss and gradient norm (read from metrics.jsonl); the live model's logits
+  (written by the training processes after the last step) equal to those of the saved model reloaded (adapter
+  and merged for LoRA, the full model otherwise); a run resumed from the checkpoint gives the same next step.
+
+Tolerances come from the dtype and the sizes: a step's loss and gradient are means over at most n = global batch
+x max_length tokens, so rounding of each term in the compute dtype (eps_c) averages to eps_c / sqrt(n), while
+the float32 sums accumulate eps_32 x sqrt(n); updates carry it on, so the bound grows with the step:
+    tol(step) = SAFETY x (eps_c / sqrt(n) + eps_32 x sqrt(n)) x step        (relative)
+Logits are dot products of `hidden` terms in the weights' dtype: SAFETY x eps_w x sqrt(hidden), relative to the
+largest logit. A failing check stops the launch in one line naming the check, the step and the difference.
+
+Dropout is off because its masks are drawn per process: 1 and N processes cannot agree with it on, by design.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ftlab.errors import UserError
+from ftlab.launch.launcher import Launch, Profile, load_profile, prepare_launch
+from ftlab.train.checkpoint import step_name
+
+log = logging.getLogger("ftlab")
+
+STEPS = 3                   # optimizer steps of every pre-flight run
+CHECKPOINT_STEP = 2         # the resumed run starts here and runs step 3
+TINY_LAYERS = 2
+TINY_HEADS = 4              # about this many query heads (a multiple of the query/key-value group)
+TINY_HEAD_DIM = 16          # at most this many dimensions per head
+PER_PROCESS_BATCH = 2       # at most this many examples per micro-batch
+MIN_LR = 1e-3
+CPU_PROCESSES = 2           # N on a machine without CUDA (gloo)
+SAFETY = 8.0
+RUN_TIMEOUT_S = 900         # a pre-flight run that takes longer is taken for a hang
+LIVE_LOGITS = "preflight_live_logits.pt"
+PROBE_TEXT = "A pre-flight check: the same logits before saving and after loading."
+
+
+class PreflightFailed(UserError):
+    """A pre-flight check that disagrees, or a pre-flight run that failed: one line, exit code 2."""
+
+
+@dataclass
+class Check:
+    name: str
+    step: str = ""
+    difference: float | None = None    # relative
+    tolerance: float | None = None
+    passed: bool | None = None         # None: not run here (`note` says why)
+    note: str = ""
+
+
+# -- the tiny model ----------------------------------------------------------------------------------------
+def tiny_fields(config: Any) -> dict[str, Any]:
+    """The config's fields with TINY_LAYERS layers and narrow attention/MLP in the same ratios; dropout 0.
+
+    Per-layer lists (sized for the full depth) and quantization are left out; everything else is kept. Fields go
+    under the config's own names (`attribute_map`: GPT-2's n_embd for hidden_size)."""
+    names = getattr(config, "attribute_map", {})
+    fields = {k: v for k, v in config.to_diff_dict().items()
+              if k not in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "quantization_config",
+                           "model_type")
+              and not (isinstance(v, list) and len(v) == config.num_hidden_layers)}
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    group = heads // kv
+    tiny_kv = max(1, min(kv, TINY_HEADS // group))
+    head_dim = min(getattr(config, "head_dim", None) or hidden // heads, TINY_HEAD_DIM)
+    tiny_hidden = tiny_kv * group * head_dim
+    for key, value in list(fields.items()):
+        if "intermediate_size" in key and isinstance(value, int):
+            fields[key] = max(1, round(value * tiny_hidden / hidden))
+        elif ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            fields[key] = 0.0
+    fields.update({names.get("num_hidden_layers", "num_hidden_layers"): TINY_LAYERS,
+                   names.get("hidden_size", "hidden_size"): tiny_hidden,
+                   names.get("num_attention_heads", "num_attention_heads"): tiny_kv * group})
+    if "num_key_value_heads" in fields or getattr(config, "num_key_value_heads", None):
+        fields["num_key_value_heads"] = tiny_kv
+    if "head_dim" in fields:
+        fields["head_dim"] = head_dim
+    return {"model_type": config.model_type, **fields}
+
+
+def save_tiny_base(cfg: DictConfig, out: Path) -> tuple[Any, str]:
+    """Build the tiny random model of the recipe's architecture, save it with its tokenizer under `out`; returns
+    its config and one line describing it."""
+    from ftlab.launch.planner import model_config, recipe_tokenizer
+    from ftlab.models.load import DTYPES, build_scratch_model
+
+    config, where = model_config(cfg)
+    tokenizer, tokenizer_how = recipe_tokenizer(cfg)
+    fields = tiny_fields(config)
+    if "not here" in tokenizer_how or fields.get("vocab_size", 0) < len(tokenizer):
+        fields["vocab_size"] = len(tokenizer)  # the model's vocabulary belongs to a tokenizer that is not here
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_scratch_model(fields, tokenizer, DTYPES[cfg.model.dtype], cfg.model.attn_implementation)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    c = model.config
+    return c, (f"a random {c.model_type} of {where}'s config: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+            f"{c.num_attention_heads} heads / {getattr(c, 'num_key_value_heads', c.num_attention_heads)} key-value, "
+            f"vocabulary {c.vocab_size} ({tokenizer_how}), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+            "parameters")
+
+
+# -- what runs where ---------------------------------------------------------------------------------------
+@dataclass
+class Layout:
+    one: Profile              # the profile run at one process
+    many: Profile             # the profile run at `processes`
+    processes: int            # N here (1: no comparison)
+    notes: list[str]
+
+
+def layout_here(launch: Launch) -> Layout:
+    """N and the profiles this machine can run, with what it cannot said in notes."""
+    from ftlab.launch.launcher import check_this_machine
+
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = min(launch.processes, cuda or CPU_PROCESSES)
+    notes = [] if n == launch.processes else [f"{n} processes here instead of the launch's {launch.processes}"]
+    prof = launch.profile
+    if prof.max_processes == 1 or n == 1:
+        return Layout(prof, prof, 1, notes + [f"profile {prof.name} at 1 process: no 1 vs N comparison"])
+    as_lora = OmegaConf.merge(launch.cfg, {"lora": {"quantize": None}})  # QLoRA is checked as LoRA without CUDA
+    check_this_machine(Launch(prof, as_lora, 1, 1, launch.argv))  # e.g. DeepSpeed not installed: nothing to run
+    try:
+        check_this_machine(Launch(prof, as_lora, n, 1, launch.argv))
+    except UserError as e:
+        if not prof.multi_process_needs_cuda:
+            raise
+        notes.append(f"{e}: {prof.name} runs at 1 process, the {n}-process arithmetic through ddp")
+        return Layout(prof, load_profile("ddp"), n, notes)
+    return Layout(prof, prof, n, notes)
+
+
+@dataclass
+class TinyRecipe:
+    overrides: list[str]      # on top of the recipe and the launch's own overrides
+    global_batch: int
+    notes: list[str]
+
+
+def preflight_overrides(cfg: DictConfig, base: Path, processes: int) -> TinyRecipe:
+    """The overrides that turn the recipe into the pre-flight's, with notes on what they change."""
+    batch = min(cfg.train.batch_size, PER_PROCESS_BATCH)
+    global_batch = batch * processes * 2
+    if cfg.train.method == "grpo":  # whole groups of completions per step
+        global_batch = math.lcm(batch * processes, cfg.grpo.num_generations)
+    limit = global_batch * STEPS if cfg.data.limit is None else min(cfg.data.limit, global_batch * STEPS)
+    lr = max(cfg.optim.lr, MIN_LR)
+    out = [f"model.name={base}", "model.scratch=null", "model.preset=null", "model.tokenizer=null",
+           "model.adapter=null", "model.revision=null",
+           f"train.max_steps={STEPS}", f"train.save_every={CHECKPOINT_STEP}", f"train.keep_last={STEPS}",
+           "train.save_final=true", f"train.save_merged={bool(cfg.lora.enabled)}", "train.resume=null",
+           "train.max_minutes=null", "train.eval_every=null", "train.best_metric=null",
+           "train.log_generations_every=null", "train.log_every=1", "train.token_budget=null",
+           f"train.batch_size={batch}", f"train.global_batch={global_batch}", f"data.limit={limit}",
+           "schedule.name=constant", "schedule.warmup_steps=0", "schedule.warmup_ratio=0.0", f"optim.lr={lr}",
+           "track.wandb=false", "track.tensorboard=false"]
+    notes = [f"{STEPS} steps at global batch {global_batch} ({batch} per process), constant lr {lr:g}"]
+    if cfg.lora.enabled:
+        out.append("lora.dropout=0.0")
+        if cfg.lora.last_layers:
+            out.append(f"lora.last_layers={min(cfg.lora.last_layers, TINY_LAYERS - 1)}")
+        if cfg.lora.quantize and not torch.cuda.is_available():
+            out.append("lora.quantize=null")
+            notes.append(f"lora.quantize={cfg.lora.quantize} (QLoRA) needs CUDA: checked as plain LoRA")
+    if cfg.train.method == "dpo":
+        out += ["dpo.reference=null", "dpo.reference_cache=null"]
+    if cfg.train.method == "grpo":
+        out += [f"grpo.max_completion_length={min(cfg.grpo.max_completion_length, 16)}", "grpo.engine=hf",
+                "grpo.log_completions_every=null"]
+    return TinyRecipe(out, global_batch, notes)
+
+
+# -- running the tiny recipe -------------------------------------------------------------------------------
+def worker_argv(argv: Sequence[str]) -> list[str]:
+    """The launch command with this module in place of `ftlab.cli`: the same launcher, flags and recipe."""
+    argv = list(argv)
+    i = max(k for k in range(len(argv) - 1) if argv[k:k + 2] == ["-m", "ftlab.cli"])
+    return [*argv[:i + 1], "ftlab.launch.preflight", *argv[i + 2:]]
+
+
+def run_tiny(prof: Profile, processes: int, recipe: str, overrides: Sequence[str], out: Path, label: str) -> Path:
+    """Train the pre-flight recipe through the profile's launcher; the run directory. Its output goes to
+    `<out>.log`; a failure is one line with the last error it printed."""
+    launch = prepare_launch(prof, processes, 1, None, "train", recipe, [*overrides, f"output_dir={out}",
+                                                                         f"name={label.replace(' ', '_')}"])
+    logfile = out.with_suffix(".log")
+    with logfile.open("w") as f:
+        # its own process group: a timeout or Ctrl-C ends the launcher and every process it started
+        child = subprocess.Popen(worker_argv(launch.argv), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = child.wait(timeout=RUN_TIMEOUT_S)
+        except BaseException as e:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise PreflightFailed(f"pre-flight: the {label} run did not finish in {RUN_TIMEOUT_S} s (a hang?); "
+                                      f"its last line: {last_error(logfile)}") from None
+            raise
+    if code != 0:
+        raise PreflightFailed(f"pre-flight: the {label} run failed (exit {code}): {last_error(logfile)}")
+    [run] = [p for p in out.glob("*/*") if not p.is_symlink()]  # <output_dir>/<kind>/<stamp>_<name> (and latest)
+    return run
+
+
+def last_error(logfile: Path) -> str:
+    """What a failed run said last: its `ftlab: error:` line, else an exception line, else its last line."""
+    lines = [line.strip() for line in logfile.read_text(errors="replace").splitlines() if line.strip()]
+    mine = [line for line in lines if line.startswith("ftlab: error: ")]
+    raised = [line for line in lines if re.match(r"\w+(Error|Exception): ", line)]
+    return (mine or raised or lines or ["(no output)"])[-1].removeprefix("ftlab: error: ")
+
+
+# -- the checks ----------------------------------------------------------------------------------------------
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps)
+
+
+def step_tolerance(compute: torch.dtype, tokens: int, step: int) -> float:
+    """Relative tolerance of a step's mean loss or gradient norm (module doc)."""
+    n = max(tokens, 1)
+    return SAFETY * (unit_roundoff(compute) / math.sqrt(n) + unit_roundoff(torch.float32) * math.sqrt(n)) * step
+
+
+def relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+def train_rows(run: Path) -> dict[int, dict[str, Any]]:
+    from ftlab.runs.trackers import read_metrics
+
+    return {r["train_step"]: r for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r}
+
+
+def compare_steps(name: str, a: Path, b: Path, steps: Sequence[int], compute: torch.dtype, tokens: int
+                  ) -> list[Check]:
+    """Loss and gradient norm of runs `a` and `b` at `steps`; each check keeps its worst step, or its first failing
+    one."""
+    rows_a, rows_b = train_rows(a), train_rows(b)
+    checks = []
+    for key, what in (("train/loss", "loss"), ("train/grad_norm", "gradient norm")):
+        check = Check(f"{what}, {name}", passed=True)
+        for step in steps:
+            if step not in rows_a or step not in rows_b:
+                raise PreflightFailed(f"pre-flight: {what}, {name}: step {step} was not logged by both runs")
+            x, y = rows_a[step][key], rows_b[step][key]
+            diff, tol = relative(x, y), step_tolerance(compute, tokens, step)
+            if not diff <= tol:  # NaN fails too
+                checks.append(Check(f"{what}, {name}", str(step), diff, tol, False, f"{x:.6g} vs {y:.6g}"))
+                break
+            if check.difference is None or diff / tol > check.difference / check.tolerance:
+                check.step, check.difference, check.tolerance = str(step), diff, tol
+        else:
+            checks.append(check)
+    return checks
+
+
+def probe_ids(tokenizer: Any) -> torch.Tensor:
+    return tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
+
+
+def logits_of(model_dir: Path, dtype: str) -> torch.Tensor:
+    """Logits of the probe text from a saved model or adapter (on its base), loaded as `ftlab` loads models."""
+    from ftlab.config.schema import ModelConfig
+    from ftlab.models.load import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name=str(model_dir), dtype=dtype))
+    with torch.no_grad():
+        return model(input_ids=probe_ids(tokenizer)).logits.float()
+
+
+def compare_logits(name: str, live: torch.Tensor, reloaded: torch.Tensor, tol: float) -> Check:
+    diff = float((live - reloaded).abs().max() / live.abs().max().clamp(min=1e-12))
+    return Check(name, "end", diff, tol, diff <= tol)
+
+
+def reload_checks(run: Path, base: Path, cfg: DictConfig, weights: torch.dtype, hidden: int) -> list[Check]:
+    """The live model's logits against the saved model reloaded (adapter and merged, or the full model), and
+    against the untrained base: a save that lost the training (an empty adapter) fails, and the check is only
+    decisive when training moved the logits beyond the tolerance."""
+    live = torch.load(run / LIVE_LOGITS, weights_only=True)
+    tol = SAFETY * unit_roundoff(weights) * math.sqrt(hidden)
+    saved = [("the adapter reloaded on its base", run / "final"), ("the merged model reloaded", run / "merged")] \
+        if cfg.lora.enabled else [("the full model reloaded", run / "final")]
+    checks = [compare_logits(f"logits: live vs {what}", live, logits_of(path, cfg.model.dtype), tol)
+              for what, path in saved]
+    untrained = compare_logits("logits: trained vs untrained", live, logits_of(base, cfg.model.dtype), tol)
+    if untrained.passed:  # training changed nothing measurable: the checks above could not tell a lost save
+        untrained.passed, untrained.note = False, "training moved no logit beyond rounding"
+        checks.append(untrained)
+    return checks
+
+
+# -- the pre-flight --------------------------------------------------------------------------------------------
+def run_preflight(launch: Launch, recipe: str, overrides: Sequence[str]) -> list[Check]:
+    """Run every check (module doc); log the table; raise PreflightFailed naming the first failing check."""
+    from tqdm.auto import tqdm
+
+    cfg, began = launch.cfg, time.time()
+    here = layout_here(launch)
+    n = here.processes
+    weights, compute = dtypes(cfg)
+    with tempfile.TemporaryDirectory(prefix="ftlab-preflight-") as tmp, \
+            tqdm(total=3 + (n > 1), desc="pre-flight", disable=not sys.stderr.isatty()) as bar:
+        base = Path(tmp) / "base"
+        config, model = save_tiny_base(cfg, base)
+        bar.update()
+        tiny = preflight_overrides(cfg, base, n)
+        tokens = tiny.global_batch * cfg.data.max_length  # at most, per step
+        args = [*overrides, *tiny.overrides]
+        many = one = run_tiny(here.one, 1, recipe, args, Path(tmp) / "one", "1-process")
+        bar.update()
+        checks: list[Check] = []
+        if n > 1:
+            many = run_tiny(here.many, n, recipe, args, Path(tmp) / "many", f"{n}-process")
+            bar.update()
+            checks += compare_steps(f"1 vs {n} processes", one, many, range(1, STEPS + 1), compute, tokens)
+        if all(c.passed for c in checks):
+            checks += reload_checks(many, base, cfg, weights, config.hidden_size)
+        if all(c.passed for c in checks):
+            checkpoint = many / "checkpoints" / step_name(CHECKPOINT_STEP)
+            resumed = run_tiny(here.many, n, recipe, [*args, f"train.resume={checkpoint}"], Path(tmp) / "resumed",
+                               "resumed")
+            bar.update()
+            checks += compare_steps(f"resumed at step {CHECKPOINT_STEP} vs not", many, resumed,
+                                    range(CHECKPOINT_STEP + 1, STEPS + 1), compute, tokens)
+    log.info("%s", format_table(checks, [model, *here.notes, *tiny.notes], time.time() - began))
+    failed = next((c for c in checks if not c.passed), None)
+    if failed:
+        said = f"{failed.note}; " if failed.note else ""
+        raise PreflightFailed(f"pre-flight failed: {failed.name}, step {failed.step}: {said}relative difference "
+                              f"{failed.difference:.3g} > tolerance {failed.tolerance:.3g}; nothing launched")
+    return checks
+
+
+def dtypes(cfg: DictConfig) -> tuple[torch.dtype, torch.dtype]:
+    """(weights' dtype, compute dtype: the coarser of the weights' and train.precision's autocast)."""
+    from ftlab.models.load import DTYPES
+
+    weights = DTYPES[cfg.model.dtype]
+    autocast = DTYPES.get(cfg.train.precision, torch.float32)
+    return weights, max(weights, autocast, key=unit_roundoff)
+
+
+def format_table(checks: Sequence[Check], notes: Sequence[str], seconds: float) -> str:
+    lines = ["pre-flight: " + notes[0], *(f"  {note}" for note in notes[1:]), ""]
+    width = max((len(c.name) for c in checks), default=10)
+    lines.append(f"  {'check':<{width}}  {'step':>4}  {'difference':>10}  {'tolerance':>9}  result")
+    for c in checks:
+        result = "skipped" if c.passed is None else "ok" if c.passed else f"FAILED {c.note}".rstrip()
+        diff = "" if c.difference is None else f"{c.difference:.2e}"
+        tol = "" if c.tolerance is None else f"{c.tolerance:.2e}"
+        lines.append(f"  {c.name:<{width}}  {c.step:>4}  {diff:>10}  {tol:>9}  {result}")
+    lines.append(f"  ({seconds:.0f} s)")
+    return "\n".join(lines)
+
+
+def preflight_launch(args: Any) -> None:
+    """`ftlab launch --preflight`: what this machine refuses for the real launch first (a local launch), then the
+    pre-flight; returns when every check passed."""
+    from ftlab.launch.launcher import check_this_machine
+
+    launch = prepare_launch(args.profile, args.gpus, args.nodes, args.rdzv_endpoint, args.verb, args.recipe,
+                            args.overrides)
+    if args.verb != "train":
+        raise UserError(f"--preflight checks training launches (--verb train); got --verb {args.verb}")
+    if not (args.dry_run or getattr(args, "slurm", False) or getattr(args, "submit", False)):
+        check_this_machine(launch)  # refused now, not after a minute of pre-flight
+    run_preflight(launch, args.recipe, args.overrides)
+
+
+# -- the training processes ----------------------------------------------------------------------------------
+class KeepsLoop:
+    """A method's objective, unchanged, that also keeps the loop training it: the live model afterwards."""
+
+    def __init__(self, objective: Any):
+        self.objective, self.loop = objective, None
+
+    def before_training(self, loop: Any) -> None:
+        self.loop = loop
+        self.objective.before_training(loop)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.objective, name)
+
+
+def objective_builder(method: str) -> Any:
+    import importlib
+
+    return importlib.import_module(f"ftlab.train.{method}").build_objective
+
+
+def train_and_record_logits(recipe: str, overrides: Sequence[str]) -> None:
+    """Train as `ftlab train` does, then write the live model's logits of the probe text (rank 0; every rank runs
+    the forward, which ZeRO-3 needs to gather its weights)."""
+    from ftlab.config import load_recipe
+    from ftlab.train.loop import train
+
+    cfg = load_recipe(recipe, list(overrides))
+    build, kept = objective_builder(cfg.train.method), []
+
+    def keep(cfg: DictConfig, tokenizer: Any, rank: int, world: int) -> KeepsLoop:
+        kept.append(KeepsLoop(build(cfg, tokenizer, rank, world)))
+        return kept[-1]
+
+    train(cfg, keep, keep_model=True)
+    loop = kept[-1].loop
+    model = loop.accelerator.unwrap_model(loop.model)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe_ids(loop.tokenizer).to(loop.device)).logits.float().cpu()
+    if loop.rank == 0:
+        torch.save(logits, loop.run_path / LIVE_LOGITS)
+    loop.accelerator.wait_for_everyone()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m ftlab.launch.preflight train RECIPE [overrides]`: what each pre-flight process runs."""
+    from ftlab.cli import setup_console_logging
+
+    _verb, recipe, *overrides = list(sys.argv[1:] if argv is None else argv)
+    setup_console_logging()
+    try:
+        train_and_record_logits(recipe, overrides)
+    except UserError as e:
+        print(f"ftlab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
