@@ -189,12 +189,11 @@ def assert_one_line_error(code: int, err: str, needle: str) -> None:
     (["--profile", "ddp", "--gpus", "2", "train.method=grpo", "grpo.num_generations=3", "grpo.max_completion_length=16",
       "grpo.rewards=[{fn: format}]", "train.global_batch=16", "train.batch_size=2"],
      "train.global_batch=16 completions per step is not a multiple of grpo.num_generations=3"),
-    (["--profile", "fsdp2", "--gpus", "2"], "profile fsdp2: FSDP launches are not supported"),
     (["--profile", "single", "--gpus", "2"], "profile single runs one process"),
     (["--profile", "ddp", "--nodes", "2"], "--nodes 2 needs --rdzv-endpoint HOST:PORT"),
     (["--profile", "ddp", "--nodes", "2", "--rdzv-endpoint", "node001"], "expected HOST:PORT"),
     (["--profile", "ddp", "--gpus", "0"], "--gpus and --nodes must be >= 1"),
-], ids=["unknown-profile", "missing-profile-file", "global-batch", "global-batch-world", "grpo-groups", "fsdp2",
+], ids=["unknown-profile", "missing-profile-file", "global-batch", "global-batch-world", "grpo-groups",
         "single-several", "nodes-without-endpoint", "bad-endpoint", "zero-gpus"])
 def test_bad_launches_are_one_line(tmp_path, capsys, args, needle):
     recipe = str(tiny_recipe(tmp_path))

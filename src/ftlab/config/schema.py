@@ -91,6 +91,7 @@ class TrainConfig:
     global_batch: Optional[int] = None   # examples (pairs, windows, GRPO completions) per optimizer step = batch_size x
                                          # grad_accum x processes; when set, grad_accum is computed from it at start
     dist_timeout: Optional[float] = None # seconds a collective may wait (the NCCL/gloo process-group time-out)
+    sharding: str = "none"               # none | fsdp2: torch fully_shard over the processes (ftlab.train.fsdp)
     precision: str = "fp32"              # fp32 | bf16 | fp16 (autocast) | auto (see config.load.resolve_precision)
     fp16_init_scale: float = 65536.0     # first loss scale of the fp16 gradient scaler (halved on each overflow)
     grad_clip: Optional[float] = 1.0
@@ -310,6 +311,7 @@ CHOICES = {
     "grpo.scale_rewards": ("group", "batch", "none"),
     "train.precision": ("fp32", "bf16", "fp16", "auto"),
     "train.nan_policy": ("stop", "skip"),
+    "train.sharding": ("none", "fsdp2"),
     "pretrain.spike_action": ("log", "skip"),
     "eval.engine": ("hf", "vllm"),
     "loop.engine": ("hf", "vllm"),

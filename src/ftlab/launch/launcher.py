@@ -7,6 +7,7 @@ A profile is a YAML file: `profiles/<name>.yaml` next to this module, or a user'
     launcher: python | torchrun | accelerate    # python: one process, no launcher
     max_processes: 1                             # optional: the most processes in all
     multi_process_needs_cuda: true               # optional: several processes only on CUDA GPUs (DeepSpeed)
+    sharding: fsdp2                              # optional, torchrun only: the loop shards (train.sharding)
     accelerate: {distributed_type: ..., ...}     # accelerate only: its config file, less what the launch sets
 
 `launch_argv` builds the command one node runs (a scheduler's script calls it once per job: ftlab.launch.slurm);
@@ -39,6 +40,7 @@ log = logging.getLogger("ftlab")
 PROFILE_DIR = Path(__file__).with_name("profiles")
 LAUNCHERS = ("python", "torchrun", "accelerate")
 VERBS = ("train", "loop")  # the verbs whose work runs on the training loop
+SHARDINGS = ("none", "fsdp2")  # train.sharding: what the loop itself shards (ftlab.train.fsdp)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Profile:
     description: str = ""
     max_processes: int | None = None
     multi_process_needs_cuda: bool = False
+    sharding: str = "none"
     accelerate: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -116,6 +119,10 @@ def parse_profile(path: Path, name: str) -> Profile:
         raise bad("max_processes", f"max_processes must be an integer >= 1; got {limit!r}")
     if not isinstance(data.get("multi_process_needs_cuda", False), bool):
         raise bad("multi_process_needs_cuda", "multi_process_needs_cuda must be true or false")
+    if data.get("sharding", "none") not in SHARDINGS:
+        raise bad("sharding", f"sharding must be one of {', '.join(SHARDINGS)}; got {data.get('sharding')!r}")
+    if data.get("sharding", "none") != "none" and data["launcher"] != "torchrun":
+        raise bad("sharding", "sharding is applied by the training loop to torchrun's processes: launcher: torchrun")
     section = data.get("accelerate") or {}
     if data["launcher"] == "accelerate" and not (isinstance(section, dict) and section.get("distributed_type")):
         raise bad("accelerate", "an accelerate profile needs an 'accelerate' mapping with its distributed_type "
@@ -124,7 +131,7 @@ def parse_profile(path: Path, name: str) -> Profile:
         raise bad("accelerate", f"an 'accelerate' section with launcher {data['launcher']} would be ignored")
     return Profile(name=name, path=path, launcher=data["launcher"], description=str(data.get("description", "")),
                    max_processes=limit, multi_process_needs_cuda=data.get("multi_process_needs_cuda", False),
-                   accelerate=section)
+                   sharding=data.get("sharding", "none"), accelerate=section)
 
 
 # -- the command -----------------------------------------------------------------------------------------
@@ -150,7 +157,9 @@ def prepare_launch(profile: Profile | str, gpus_per_node: int, nodes: int, rdzv_
             check_distributed_type(str(prof.accelerate["distributed_type"]))
         except UserError as e:
             raise UserError(f"profile {prof.name}: {e}") from None
-    cfg = load_recipe(recipe, list(overrides))
+    # The profile's sharding goes last, so it is what runs (and what the recipe checks see).
+    overrides = [*overrides, *([f"train.sharding={prof.sharding}"] if prof.sharding != "none" else [])]
+    cfg = load_recipe(recipe, overrides)
     child = ["-m", "ftlab.cli", verb, str(recipe), *overrides]
     if cfg.train.global_batch is not None:
         # Each process computes the same accumulation from its WORLD_SIZE; passing it makes the command say it.

@@ -56,7 +56,7 @@ KNOWN_PROFILES = {"single": "none", "ddp": "none", "zero2": "zero2", "zero3": "f
 # -- profiles ----------------------------------------------------------------------------------------
 def sharding_of(profile: str) -> str:
     """"none", "zero1", "zero2" or "full" for a profile name (ftlab/launch/profiles/NAME.yaml) or a profile file: an
-    accelerate config, at the top or under `accelerate:`."""
+    accelerate config, at the top or under `accelerate:`; or `sharding: fsdp2`."""
     path = PROFILES / f"{profile}.yaml" if "/" not in profile and not profile.endswith(".yaml") else Path(profile)
     if not path.is_file():
         if profile in KNOWN_PROFILES:
@@ -66,6 +66,8 @@ def sharding_of(profile: str) -> str:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"{path}: cannot read the profile: {e}") from None
+    if isinstance(data, dict) and data.get("sharding") == "fsdp2":  # a torchrun profile whose loop shards (FSDP2)
+        return "full"
     acc = data.get("accelerate", data) if isinstance(data, dict) else {}
     kind = str(acc.get("distributed_type", "")).upper()
     if kind == "DEEPSPEED":

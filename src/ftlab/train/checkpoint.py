@@ -4,6 +4,8 @@
         model/              save_pretrained: the PEFT adapter (LoRA) or the full model
         optimizer.pt        (DDP / one process: every rank holds the same state)
         deepspeed/          (DeepSpeed: each rank's partition of the optimizer state)
+        dcp/                (FSDP2, instead of model/ and optimizer.pt: each rank's shard of the trainable
+                            weights and their optimizer state, torch distributed checkpoint; ftlab.train.fsdp)
         scheduler.pt        scaler.pt (fp16)        rng_rank<r>.pt (one per process)
         state.json          {"step": 40, "best": ..., "world_size", "model", "objective"}
                             (written last; its presence marks completeness)

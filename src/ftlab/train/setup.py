@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab.errors import UserError
 from ftlab.train import checkpoint as ck
+from ftlab.train import fsdp
 
 log = logging.getLogger("ftlab")
 
@@ -39,6 +40,8 @@ def make_accelerator(cfg: DictConfig) -> Any:
     group = [InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout))] if t.dist_timeout else []
     accelerator = Accelerator(mixed_precision=precision, cpu=not (torch.cuda.is_available() or deepspeed),
                               gradient_accumulation_steps=t.grad_accum if deepspeed else 1, kwargs_handlers=group)
+    if fsdp.enabled(cfg):
+        fsdp.check_recipe(cfg, deepspeed)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         # Without a dataloader in prepare(), "auto" batch sizes cannot be resolved: say them. The engine
@@ -87,10 +90,10 @@ def apply_global_batch(cfg: DictConfig, world: int) -> None:
 def check_distributed_type(distributed_type: str) -> None:
     """Refuse an accelerate distributed type the loop does not drive (also asked by `ftlab launch` of a profile)."""
     if distributed_type == "FSDP":
-        # Not wired (sharded checkpoints, state-dict gathering) and without CUDA accelerate would quietly
-        # run plain DDP instead: refuse rather than pretend.
-        raise UserError("FSDP launches are not supported by ftlab's training loop; shard with DeepSpeed ZeRO "
-                        "(ftlab launch RECIPE --profile zero2, or accelerate launch with a DEEPSPEED config)")
+        # accelerate's FSDP plugin (FSDP1 or 2) turns on for GPU launches only (on CPU it quietly runs plain DDP),
+        # and the loop applies FSDP2 itself (ftlab.train.fsdp): refuse, and say where FSDP2 is.
+        raise UserError("accelerate's FSDP launches are not supported by ftlab's training loop, which shards with "
+                        "FSDP2 itself: ftlab launch RECIPE --profile fsdp2 (torchrun with train.sharding=fsdp2)")
 
 
 def check_launch(deepspeed: bool) -> None:
