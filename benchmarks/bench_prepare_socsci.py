@@ -9,7 +9,8 @@ is generated in the hub's row shape (`sample_id`, `participant`, `demographic`, 
 condition and demographics of one of the 6,069 val + test rows of ../shared/data/socsci210
 (`ftlab.data.socsci_prepare.to_hub_row` parses them back out of the prompt), in turn. Participants answer 7
 rows each (2.9M rows / 400k participants in the hub), belong to one of 210 studies and are numbered within
-their study, as in the hub; age and education vary with the participant so that most prompts differ. The hub's
+their study, as in the hub; each participant gets demographics of their own (values of the real rows), so that
+almost no prompt repeats (the real data's duplicates and conflicts are counted on its real rows, in the tests). The hub's
 `prompt` and `reasoning` columns (model outputs that prepare-socsci does not read) are left out, so a real row
 is somewhat longer to parse.
 
@@ -38,9 +39,6 @@ from ftlab.data.socsci_prepare import to_hub_row
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "socsci210"
 SECTION = "## SocSci210 at full data"
-EDUCATION = ("High school graduate or equivalent", "Some college", "Bachelor's degree",
-             "Post grad study/professional degree", "Vocational/tech school/some college/associates",
-             "Less than high school")
 
 
 def real_rows() -> list[dict]:
@@ -51,15 +49,26 @@ def real_rows() -> list[dict]:
     return rows
 
 
+def demographics_of(person: int, values: dict[str, list]) -> dict:
+    """A participant's demographics: the person number in mixed radix over the real rows' values (age 18-90, then
+    each field's distinct values), so participants up to the product of their counts all differ."""
+    demo, rest = {"age": 18 + person % 73}, person // 73
+    for key, options in values.items():
+        demo[key] = options[rest % len(options)]
+        rest //= len(options)
+    return demo
+
+
 def write_synthetic(path: Path, n: int, templates: list[dict]) -> int:
     """n hub-shaped rows; returns the file's size in bytes."""
     hub = [to_hub_row(t, participant=0, sample_id=0) for t in templates]
+    values = {key: sorted({str(h["demographic"][key]) for h in hub if h["demographic"][key] is not None})
+              for key in ("gender", "education", "income", "employment", "ideology")}
     with path.open("w", encoding="utf-8") as f:
         for i in range(n):
             person = i // 7
             row = dict(hub[i % len(hub)])
-            row["demographic"] = dict(row["demographic"], age=18 + person % 73,
-                                      education=EDUCATION[(person // 73) % len(EDUCATION)])
+            row["demographic"] = dict(row["demographic"], **demographics_of(person, values))
             row.update(sample_id=i, participant=person // 210, study_id=f"st{person % 210:03d}")
             f.write(json.dumps(row) + "\n")
     return path.stat().st_size

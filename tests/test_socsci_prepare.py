@@ -224,8 +224,9 @@ def _one_error_line(capsys) -> str:
     ("gzip", "bad.jsonl.gz: not a complete gzip file"),
     ("split", "argument --split: invalid choice: 'studies'"),
     ("fractions", "--val-fraction + --test-fraction must be below 1"),
+    ("hub_offline", "cannot reach the Hugging Face Hub"),
 ])
-def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, case, expected):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, monkeypatch, case, expected):
     good = hub_row("s1", 1, 1, "Question.", 4)
     src, args = tmp_path / "bad.jsonl", []
     if case == "missing":
@@ -249,6 +250,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, case
     elif case == "fractions":
         write_jsonl(src, [good])
         args = ["--val-fraction", "0.5", "--test-fraction", "0.5"]
+    elif case == "hub_offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        src = "socratesft/SocSci210"
     rc = run_cli(["prepare-socsci", str(src), "--out", str(tmp_path / "out"), *args])
     assert rc == 2 and expected in _one_error_line(capsys)
     assert not (tmp_path / "out").exists()

@@ -123,6 +123,8 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
             yield from _records(path, f)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise UserError(f"{path}: not a complete gzip file ({e or type(e).__name__})") from None
+    except OSError as e:  # unreadable: permissions, a vanished network mount
+        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
 def _records(path: Path, f: IO[bytes]) -> Iterator[tuple[int, dict]]:
