@@ -46,14 +46,9 @@ def enabled(cfg: DictConfig) -> bool:
 
 
 def check_recipe(cfg: DictConfig, deepspeed: bool) -> None:
-    """Refuse, in one line, what FSDP2 in this loop does not do (rather than run it as something else).
-    Called once the process group exists (accelerate forms it), before the run directory."""
-    import torch.distributed as dist
-
+    """Refuse, in one line, what FSDP2 in this loop does not do (rather than run it as something else)."""
     t = cfg.train
     refusals = [
-        (not dist.is_initialized(), "train.sharding=fsdp2 shards over the processes of a launch, and this process "
-                                    "has no process group: ftlab launch RECIPE --profile fsdp2 --gpus N"),
         (deepspeed, "train.sharding=fsdp2 under a DeepSpeed launch: choose one (--profile fsdp2 or zero3)"),
         (t.method != "sft", f"train.method={t.method}: FSDP2 is wired for sft (dpo's reference, grpo's and "
                             "pretraining's extra passes are not sharded); use --profile ddp or zero2"),
@@ -80,6 +75,11 @@ def shard(model: torch.nn.Module, precision: str, device: torch.device) -> torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if not dist.is_initialized():
+        # One process without a launcher (accelerate forms no group for a world of one): a group of one, so the
+        # same sharded code path runs, e.g. as the one-process side of a comparison.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16"
               else MixedPrecisionPolicy())
