@@ -62,7 +62,8 @@ def worker(recipe: str, *overrides: str) -> None:
 
 def torchrun(*args: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500, env=ENV, cwd=Path(__file__).parents[1])
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=500, env=ENV,
+                          cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -147,7 +148,8 @@ def test_launch_profile_fsdp2_resumes_a_sharded_checkpoint_exactly(full_run: Pat
     a, b = train_rows(full_run), train_rows(run_named(recipe.parent, "resumed"))
     assert sorted(b) == [3, 4]
     for step in b:  # the same computation from the same state, in the same order: bit for bit
-        assert (b[step]["train/loss"], b[step]["train/grad_norm"]) == (a[step]["train/loss"], a[step]["train/grad_norm"])
+        for key in ("train/loss", "train/grad_norm"):
+            assert b[step][key] == a[step][key], (step, key)
 
 
 # -- LoRA ----------------------------------------------------------------------------------------------------

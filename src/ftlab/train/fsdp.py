@@ -50,18 +50,18 @@ def check_recipe(cfg: DictConfig, deepspeed: bool) -> None:
     t = cfg.train
     refusals = [
         (deepspeed, "train.sharding=fsdp2 under a DeepSpeed launch: choose one (--profile fsdp2 or zero3)"),
-        (t.method != "sft", f"train.method={t.method}: FSDP2 is wired for sft (dpo's reference, grpo's and "
-                            "pretraining's extra passes are not sharded); use --profile ddp or zero2"),
-        (bool(cfg.lora.quantize), "QLoRA's 4-bit weights cannot be sharded by FSDP2 here; use lora.quantize=null "
-                                  "or --profile zero2"),
-        (t.precision == "fp16", "train.precision=fp16 under FSDP2: the loop's gradient scaler does not reduce over "
-                                "shards; use bf16"),
-        (cfg.optim.name != "adamw", f"optim.name={cfg.optim.name}: 8-bit optimizers cannot step sharded (DTensor) "
-                                    "weights; use optim.name=adamw"),
-        (bool(t.log_generations_every), "train.log_generations_every under FSDP2: generating on rank 0 alone would "
-                                        "leave the other shards waiting; evaluate with ftlab eval afterwards"),
-        (bool(t.save_merged), "train.save_merged under FSDP2: merge the saved adapter afterwards "
-                              "(ftlab export RUN --merge)"),
+        (t.method != "sft", (f"train.method={t.method}: FSDP2 is wired for sft (dpo's reference, grpo's and "
+                             "pretraining's extra passes are not sharded); use --profile ddp or zero2")),
+        (bool(cfg.lora.quantize), ("QLoRA's 4-bit weights cannot be sharded by FSDP2 here; use lora.quantize=null "
+                                   "or --profile zero2")),
+        (t.precision == "fp16", ("train.precision=fp16 under FSDP2: the loop's gradient scaler does not reduce "
+                                 "over shards; use bf16")),
+        (cfg.optim.name != "adamw", (f"optim.name={cfg.optim.name}: 8-bit optimizers cannot step sharded (DTensor) "
+                                     "weights; use optim.name=adamw")),
+        (bool(t.log_generations_every), ("train.log_generations_every under FSDP2: generating on rank 0 alone "
+                                         "would leave the other shards waiting; evaluate with ftlab eval afterwards")),
+        (bool(t.save_merged), ("train.save_merged under FSDP2: merge the saved adapter afterwards "
+                               "(ftlab export RUN --merge)")),
     ]
     for refused, why in refusals:
         if refused:
