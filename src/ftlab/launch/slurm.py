@@ -149,22 +149,9 @@ def batch_script(job: SlurmJob, opts: SlurmOptions) -> str:
     and the warning trap that checkpoints and requeues."""
     launch, job_dir = job.launch, job.job_dir
     n, sig = launch.gpus_per_node, opts.signal_seconds
-    cpus = opts.cpus_per_task if opts.cpus_per_task is not None else (n if opts.cpu else None)
-    resources = [f"--nodes={launch.nodes}", "--ntasks-per-node=1"]  # one launcher per node starts its N processes
-    if not opts.cpu:
-        resources.append(f"--gres=gpu:{n}")
-    if cpus is not None:
-        resources.append(f"--cpus-per-task={cpus}")
-    directives = [f"--job-name={job_name(launch.cfg.name)}", *resources,
-                  *([f"--time={opts.time}"] if opts.time else []),
-                  *([f"--partition={opts.partition}"] if opts.partition else []),
-                  *([f"--account={opts.account}"] if opts.account else []),
-                  f"--chdir={Path.cwd()}", f"--output={job_dir}/slurm-%j.out", "--open-mode=append",
-                  "--requeue", f"--signal=B:USR1@{sig}"]
-    exports = [f"export {name}={shlex.quote(value)}" for name, _, value in (e.partition("=") for e in opts.env)]
-    # srun does not pass the job's --cpus-per-task and GPUs on to its step by itself (Slurm >= 22.05): say them.
-    step = ["srun", "--nodes", str(launch.nodes), "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-            *(["--gres", f"gpu:{n}"] if not opts.cpu else []), *(["--cpus-per-task", str(cpus)] if cpus else [])]
+    resources, step = job_resources(launch.nodes, n, opts)
+    directives = [f"--job-name={job_name(launch.cfg.name)}", *resources, *placement_directives(opts),
+                  f"--output={job_dir}/slurm-%j.out", *requeue_directives(opts)]
     # `ftlab loop` resumes by itself (its directory follows from output_dir and name); training is told to
     resume = ['"${RESUME[@]}"'] if job.verb == "train" else []
     run_line = " ".join([shlex.join(step), node_command(launch.argv), *resume, "&"])
@@ -177,24 +164,73 @@ def batch_script(job: SlurmJob, opts: SlurmOptions) -> str:
         f"# submit: sbatch {shlex.quote(str(job_dir / 'job.sbatch'))}   (again after a failure: it resumes)",
         *(f"#SBATCH {d}" for d in directives),
         "",
-        *exports,
-        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}" if opts.cpu else "",
-        "# torchrun passes SIGUSR1 on to the training processes and gives them the warning time to save",
-        "export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
-        f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={sig}",
+        *environment_lines(opts),
         "",
-        "# every node meets at the first node of the allocation (c10d rendezvous)",
-        'RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
-        f"RDZV_PORT=$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))",
+        *RENDEZVOUS_LINES,
         "# a requeued (or resubmitted) job continues from the newest checkpoint of its own runs",
         "RESUME=()",
         f"if compgen -G {checkpoints} > /dev/null; then RESUME=(train.resume=latest); fi",
         ('echo "ftlab: job $SLURM_JOB_ID (start $((${SLURM_RESTART_COUNT:-0} + 1))) on $SLURM_JOB_NODELIST,'
          ' rendezvous $RDZV_HOST:$RDZV_PORT ${RESUME[*]}"'),
         "",
+        *warned_step_lines(run_line, '"$SLURM_JOB_ID"', "the training saves a checkpoint, then requeues"),
+    ]
+    return script_text(lines)
+
+
+# The pieces of a batch script that `ftlab sweep --slurm` (ftlab.runs.sweep_slurm) shares.
+def job_resources(nodes: int, per_node: int, opts: SlurmOptions) -> tuple[list[str], list[str]]:
+    """The resource directives, and the srun words of the job step that uses them: one launcher per node starts
+    its `per_node` processes."""
+    cpus = opts.cpus_per_task if opts.cpus_per_task is not None else (per_node if opts.cpu else None)
+    resources = [f"--nodes={nodes}", "--ntasks-per-node=1"]
+    if not opts.cpu:
+        resources.append(f"--gres=gpu:{per_node}")
+    if cpus is not None:
+        resources.append(f"--cpus-per-task={cpus}")
+    # srun does not pass the job's --cpus-per-task and GPUs on to its step by itself (Slurm >= 22.05): say them.
+    step = ["srun", "--nodes", str(nodes), "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+            *(["--gres", f"gpu:{per_node}"] if not opts.cpu else []), *(["--cpus-per-task", str(cpus)] if cpus else [])]
+    return resources, step
+
+
+def placement_directives(opts: SlurmOptions) -> list[str]:
+    return [*([f"--time={opts.time}"] if opts.time else []),
+            *([f"--partition={opts.partition}"] if opts.partition else []),
+            *([f"--account={opts.account}"] if opts.account else []),
+            f"--chdir={Path.cwd()}"]
+
+
+def requeue_directives(opts: SlurmOptions) -> list[str]:
+    return ["--open-mode=append", "--requeue", f"--signal=B:USR1@{opts.signal_seconds}"]
+
+
+def environment_lines(opts: SlurmOptions) -> list[str]:
+    exports = [f"export {name}={shlex.quote(value)}" for name, _, value in (e.partition("=") for e in opts.env)]
+    return [
+        *exports,
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}" if opts.cpu else "",
+        "# torchrun passes SIGUSR1 on to the training processes and gives them the warning time to save",
+        "export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={opts.signal_seconds}",
+    ]
+
+
+RENDEZVOUS_LINES = [
+    "# every node meets at the first node of the allocation (c10d rendezvous)",
+    'RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+    f"RDZV_PORT=$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))",
+]
+
+
+def warned_step_lines(run_line: str, job_ref: str, what_then: str) -> list[str]:
+    """Run the step (`run_line` ends in &) under the warning trap; a step that the warning stopped requeues
+    `job_ref` (the job, or one task of an array job); the script exits with the step's code."""
+    shown = job_ref.strip('"')
+    return [
         "WARNED=0",
         "warned() {",
-        '    echo "ftlab: SIGUSR1 (time limit or preemption ahead): the training saves a checkpoint, then requeues"',
+        f'    echo "ftlab: SIGUSR1 (time limit or preemption ahead): {what_then}"',
         '    WARNED=1',
         '    kill -USR1 "$STEP" 2> /dev/null',
         "}",
@@ -205,11 +241,15 @@ def batch_script(job: SlurmJob, opts: SlurmOptions) -> str:
         "# wait returns early whenever a trapped signal arrives: wait until the step has really ended",
         'while true; do wait "$STEP"; CODE=$?; kill -0 "$STEP" 2> /dev/null || break; done',
         'if [ "$WARNED" = 1 ] && [ "$CODE" != 0 ]; then',
-        '    echo "ftlab: step ended with code $CODE after the warning: requeueing job $SLURM_JOB_ID"',
-        '    scontrol requeue "$SLURM_JOB_ID"',
+        f'    echo "ftlab: step ended with code $CODE after the warning: requeueing job {shown}"',
+        f'    scontrol requeue {job_ref}',
         "fi",
         'exit "$CODE"',
     ]
+
+
+def script_text(lines: list[str]) -> str:
+    """The lines as a script, empty lines kept only where they separate two parts."""
     return "\n".join(line for i, line in enumerate(lines) if line or lines[i - 1]) + "\n"
 
 
@@ -285,6 +325,11 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
                    help="write a batch script under <output_dir>/slurm/ and print its path (with --dry-run: print "
                         "the script)")
     g.add_argument("--submit", action="store_true", help="write the batch script and submit it; prints the job id")
+    add_job_options(g)
+
+
+def add_job_options(g: argparse._ArgumentGroup) -> None:
+    """What a batch job asks Slurm for (`slurm_options` reads them back)."""
     g.add_argument("--time", help="time limit (sbatch --time, e.g. 24:00:00 or 1-12)")
     g.add_argument("--partition", help="sbatch --partition")
     g.add_argument("--account", help="sbatch --account")
@@ -298,12 +343,16 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> None:
                    help="an environment variable the job exports (repeatable)")
 
 
+def slurm_options(args: argparse.Namespace) -> SlurmOptions:
+    return SlurmOptions(time=args.time, partition=args.partition, account=args.account, cpu=args.cpu,
+                        cpus_per_task=args.cpus_per_task, signal_seconds=args.signal_seconds, env=tuple(args.env))
+
+
 def cmd_slurm(args: argparse.Namespace) -> int:
     """`ftlab launch ... --slurm | --submit`."""
     if args.rdzv_endpoint:
         raise UserError("--rdzv-endpoint with --slurm: the batch script meets at the first node of its allocation")
-    opts = SlurmOptions(time=args.time, partition=args.partition, account=args.account, cpu=args.cpu,
-                        cpus_per_task=args.cpus_per_task, signal_seconds=args.signal_seconds, env=tuple(args.env))
+    opts = slurm_options(args)
     job = prepare_slurm_job(args.profile, args.gpus, args.nodes, args.verb, args.recipe, list(args.overrides))
     kept = False
     try:
