@@ -152,6 +152,14 @@ def test_launch_profile_fsdp2_resumes_a_sharded_checkpoint_exactly(full_run: Pat
             assert b[step][key] == a[step][key], (step, key)
 
 
+def test_a_sharded_checkpoint_is_not_resumed_without_sharding(full_run: Path, capsys):
+    ckpt = full_run / "checkpoints" / "step_000002"
+    assert main(["train", str(full_run.parents[2] / "recipe.yaml"), "name=unsharded", f"train.resume={ckpt}"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ftlab: error:")]
+    assert len(lines) == 1 and "was written with train.sharding=fsdp2, this run has train.sharding=none" in lines[0]
+    assert not list((full_run.parent).glob("*_unsharded"))
+
+
 # -- LoRA ----------------------------------------------------------------------------------------------------
 def test_fsdp2_lora_matches_one_process_and_saves_the_gathered_adapter(tmp_path: Path, embedded_tokenizer: Any):
     """The peers' 40-byte adapter: here the adapter holds every LoRA weight, equal to the gathered shards."""

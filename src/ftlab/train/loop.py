@@ -421,7 +421,8 @@ class Loop:
                 torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
             ck.finish_checkpoint(ckpt_dir, self.done, {"best": self.best, "world_size": self.world,
                                                        "model": model_identity(self.cfg),
-                                                       "objective": self.objective.name})
+                                                       "objective": self.objective.name,
+                                                       "sharding": self.t.sharding})
             ck.prune_checkpoints(ckpt_dir, self.t.keep_last)
         self.accelerator.wait_for_everyone()
 

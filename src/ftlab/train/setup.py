@@ -196,6 +196,9 @@ def check_resumable(cfg: DictConfig, candidates: list[Path], objective: str, tot
             raise UserError(f"checkpoint {path} was trained from {state['model']!r}, this recipe trains {want!r}")
         if state.get("objective") not in (None, objective):
             raise UserError(f"checkpoint {path} is a {state['objective']} run, this recipe trains {objective}")
+        if state.get("sharding", "none") != cfg.train.sharding:  # DCP shards vs. whole weights: neither reads the other
+            raise UserError(f"checkpoint {path} was written with train.sharding={state.get('sharding', 'none')}, this "
+                            f"run has train.sharding={cfg.train.sharding}; resume it with the same sharding")
         if int(state["step"]) > total_steps:
             raise UserError(f"train.max_steps={total_steps} is below the checkpoint's step {state['step']} "
                             f"({path}); raise train.max_steps or resume from an earlier checkpoint")
