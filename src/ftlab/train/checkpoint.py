@@ -7,7 +7,7 @@
         dcp/                (FSDP2, instead of model/ and optimizer.pt: each rank's shard of the trainable
                             weights and their optimizer state, torch distributed checkpoint; ftlab.train.fsdp)
         scheduler.pt        scaler.pt (fp16)        rng_rank<r>.pt (one per process)
-        state.json          {"step": 40, "best": ..., "world_size", "model", "objective"}
+        state.json          {"step": 40, "best": ..., "world_size", "model", "objective", "sharding"}
                             (written last; its presence marks completeness)
 
 Every process writes its own files into the same temp dir; rank 0 renames it when all are done.
