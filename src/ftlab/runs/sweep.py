@@ -76,6 +76,16 @@ log = logging.getLogger("ftlab")
 def run_sweep(recipe: str, overrides: list[str], cfg: DictConfig, grid_args: Sequence[str] = (),
               seeds_arg: str | None = None) -> Path:
     """Plan, check and run the sweep of `recipe` (or continue it, when sweep.dir holds it); returns its directory."""
+    sweep, sweep_dir, cfgs = prepare_sweep(recipe, overrides, cfg, grid_args, seeds_arg)
+    if not (sweep_dir / "points.json").is_file():
+        create_sweep_dir(sweep_dir, cfg)
+    return execute(sweep, sweep_dir, cfgs)
+
+
+def prepare_sweep(recipe: str, overrides: list[str], cfg: DictConfig, grid_args: Sequence[str] = (),
+                  seeds_arg: str | None = None) -> tuple[Sweep, Path, dict[int, DictConfig]]:
+    """The sweep of `recipe` (the stored one, with its points' states, when sweep.dir holds it), its directory and
+    every point's checked recipe; nothing is written."""
     sweep = plan_sweep(recipe, list(overrides), cfg, list(grid_args), seeds_arg)
     sweep_dir = Path(cfg.sweep.dir) if cfg.sweep.dir else new_sweep_dir(cfg)
     if (sweep_dir / "points.json").is_file():
@@ -83,17 +93,19 @@ def run_sweep(recipe: str, overrides: list[str], cfg: DictConfig, grid_args: Seq
         check_same_config(sweep_dir, cfg)
     elif sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise UserError(f"sweep.dir {sweep_dir} is not empty and holds no points.json: not a sweep directory")
-    cfgs = validate(sweep, sweep_dir)
-    if not (sweep_dir / "points.json").is_file():
-        create_sweep_dir(sweep_dir, cfg)
-    return execute(sweep, sweep_dir, cfgs)
+    return sweep, sweep_dir, validate(sweep, sweep_dir)
 
 
 def resume_sweep(sweep_dir: Path) -> Path:
     """Continue the sweep in `sweep_dir` from its points.json: complete points are skipped."""
+    return execute(*reopen_sweep(sweep_dir))
+
+
+def reopen_sweep(sweep_dir: Path) -> tuple[Sweep, Path, dict[int, DictConfig]]:
+    """The stored sweep, its recipe unchanged since it started, every point checked again."""
     sweep = read_sweep(sweep_dir)
     check_same_config(sweep_dir, load_recipe(sweep.recipe, sweep.overrides))
-    return execute(sweep, sweep_dir, validate(sweep, sweep_dir))
+    return sweep, sweep_dir, validate(sweep, sweep_dir)
 
 
 def dry_run(recipe: str, overrides: list[str], cfg: DictConfig, grid_args: Sequence[str] = (),
