@@ -28,6 +28,7 @@ What the loop's exactness needs, kept here:
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +39,7 @@ from omegaconf import DictConfig
 
 from ftlab.errors import UserError
 
+log = logging.getLogger("ftlab")
 CHECKPOINT_DIR = "dcp"  # inside checkpoints/step_N/: model and optimizer shards, written by every process
 
 
@@ -84,6 +86,9 @@ def shard(model: torch.nn.Module, precision: str, device: torch.device) -> torch
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16"
               else MixedPrecisionPolicy())
     layers = transformer_layers(model)
+    if not layers:  # still correct, but every forward gathers the whole model at once
+        log.warning("FSDP2: %s names no transformer layer class (_no_split_modules); the whole model is one unit",
+                    type(model).__name__)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     # The root's weights are needed again at the start of backward: FSDP2 keeps them gathered after forward.
@@ -95,11 +100,7 @@ def transformer_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks transformers says must not be split (`_no_split_modules`), in model order."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
     names = set(getattr(inner, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise UserError(f"FSDP2: {type(inner).__name__} names no transformer layer class (_no_split_modules) to "
-                        "shard by; use --profile ddp or zero3")
-    return layers
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 @contextmanager
