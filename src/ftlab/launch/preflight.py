@@ -30,6 +30,7 @@ Dropout is off because its masks are drawn per process: 1 and N processes cannot
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -215,28 +216,54 @@ def worker_argv(argv: Sequence[str]) -> list[str]:
     return [*argv[:i + 1], "ftlab.launch.preflight", *argv[i + 2:]]
 
 
-def run_tiny(prof: Profile, processes: int, recipe: str, overrides: Sequence[str], out: Path, label: str) -> Path:
-    """Train the pre-flight recipe through the profile's launcher; the run directory. Its output goes to
-    `<out>.log`; a failure is one line with the last error it printed."""
-    launch = prepare_launch(prof, processes, 1, None, "train", recipe, [*overrides, f"output_dir={out}",
-                                                                         f"name={label.replace(' ', '_')}"])
-    logfile = out.with_suffix(".log")
-    with logfile.open("w") as f:
-        # its own process group: a timeout or Ctrl-C ends the launcher and every process it started
-        child = subprocess.Popen(worker_argv(launch.argv), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+@dataclass
+class TinyRun:
+    """A pre-flight training started through a profile's launcher, in its own process group (a timeout or an
+    error elsewhere ends the launcher and every process it started); its output goes to a log file."""
+
+    label: str
+    out: Path
+    log: Path
+    child: subprocess.Popen
+
+    def wait(self, deadline: float) -> Path:
+        """The run directory once it finished; a failure or a hang is one line with the last error it printed."""
         try:
-            code = child.wait(timeout=RUN_TIMEOUT_S)
-        except BaseException as e:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
-            if isinstance(e, subprocess.TimeoutExpired):
-                raise PreflightFailed(f"pre-flight: the {label} run did not finish in {RUN_TIMEOUT_S} s (a hang?); "
-                                      f"its last line: {last_error(logfile)}") from None
-            raise
-    if code != 0:
-        raise PreflightFailed(f"pre-flight: the {label} run failed (exit {code}): {last_error(logfile)}")
-    [run] = [p for p in out.glob("*/*") if not p.is_symlink()]  # <output_dir>/<kind>/<stamp>_<name> (and latest)
-    return run
+            code = self.child.wait(timeout=max(deadline - time.time(), 0))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise PreflightFailed(f"pre-flight: the {self.label} run did not finish in {RUN_TIMEOUT_S} s (a hang?); "
+                                  f"its last line: {last_error(self.log)}") from None
+        if code != 0:
+            raise PreflightFailed(f"pre-flight: the {self.label} run failed (exit {code}): {last_error(self.log)}")
+        # <output_dir>/<kind>/<stamp>_<name>, beside the link `latest`
+        [run] = [p for p in self.out.glob("*/*") if not p.is_symlink()]
+        return run
+
+    def kill(self) -> None:
+        if self.child.poll() is None:
+            os.killpg(self.child.pid, signal.SIGKILL)
+            self.child.wait()
+
+
+def start_tiny(prof: Profile, processes: int, recipe: str, overrides: Sequence[str], out: Path, label: str) -> TinyRun:
+    launch = prepare_launch(prof, processes, 1, None, "train", recipe, [*overrides, f"output_dir={out}",
+                                                                         f"name={label}"])
+    log_path = out.with_suffix(".log")
+    with log_path.open("w") as f:
+        child = subprocess.Popen(worker_argv(launch.argv), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    return TinyRun(label, out, log_path, child)
+
+
+def finish(runs: Sequence[TinyRun]) -> list[Path]:
+    """Wait for runs started together (they are independent: on a machine with idle cores they overlap); the
+    first failure ends the others."""
+    deadline = time.time() + RUN_TIMEOUT_S
+    try:
+        return [run.wait(deadline) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
 
 
 def last_error(logfile: Path) -> str:
@@ -344,19 +371,21 @@ def run_preflight(launch: Launch, recipe: str, overrides: Sequence[str]) -> list
         tiny = preflight_overrides(cfg, base, n)
         tokens = tiny.global_batch * cfg.data.max_length  # at most, per step
         args = [*overrides, *tiny.overrides]
-        many = one = run_tiny(here.one, 1, recipe, args, Path(tmp) / "one", "1-process")
-        bar.update()
+        runs = [start_tiny(here.one, 1, recipe, args, Path(tmp) / "one", "1-process")]
+        if n > 1:
+            runs.append(start_tiny(here.many, n, recipe, args, Path(tmp) / "many", f"{n}-process"))
+        done = finish(runs)
+        one, many = done[0], done[-1]  # with one process only, `many` is that run
+        bar.update(len(runs))
         checks: list[Check] = []
         if n > 1:
-            many = run_tiny(here.many, n, recipe, args, Path(tmp) / "many", f"{n}-process")
-            bar.update()
             checks += compare_steps(f"1 vs {n} processes", one, many, range(1, STEPS + 1), compute, tokens)
         if all(c.passed for c in checks):
             checks += reload_checks(many, base, cfg, weights, config.hidden_size)
         if all(c.passed for c in checks):
             checkpoint = many / "checkpoints" / step_name(CHECKPOINT_STEP)
-            resumed = run_tiny(here.many, n, recipe, [*args, f"train.resume={checkpoint}"], Path(tmp) / "resumed",
-                               "resumed")
+            [resumed] = finish([start_tiny(here.many, n, recipe, [*args, f"train.resume={checkpoint}"],
+                                           Path(tmp) / "resumed", "resumed")])
             bar.update()
             checks += compare_steps(f"resumed at step {CHECKPOINT_STEP} vs not", many, resumed,
                                     range(CHECKPOINT_STEP + 1, STEPS + 1), compute, tokens)
@@ -402,7 +431,10 @@ def preflight_launch(args: Any) -> None:
         raise UserError(f"--preflight checks training launches (--verb train); got --verb {args.verb}")
     if not (args.dry_run or getattr(args, "slurm", False) or getattr(args, "submit", False)):
         check_this_machine(launch)  # refused now, not after a minute of pre-flight
-    run_preflight(launch, args.recipe, args.overrides)
+    # What libraries print while it runs (DeepSpeed's banner on import) goes to stderr: a dry run's stdout is the
+    # command alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        run_preflight(launch, args.recipe, args.overrides)
 
 
 # -- the training processes ----------------------------------------------------------------------------------
