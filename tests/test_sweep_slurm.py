@@ -78,13 +78,13 @@ def test_array_script_runs_point_i_in_task_i_and_requeues_the_task(tmp_path, cap
     assert not sweep_dir.exists()  # a dry run writes nothing
 
     # Written for real: the sweep directory as ftlab sweep makes it, then a re-submission of what is not complete.
-    assert sweep(str(recipe), "--grid", "optim.lr=[1e-3,2e-3,3e-3,4e-3,5e-3]", f"sweep.dir={sweep_dir}",
+    assert sweep(str(recipe), "--grid", "optim.lr=[1e-3,2e-3,3e-3,4e-3]", f"sweep.dir={sweep_dir}",
                  "--slurm", "--cpu") == 0
     written = Path(capsys.readouterr().out.strip())
     assert written.name == "job.sbatch" and written.parent.parent == sweep_dir / "slurm"
-    assert "--array=0-4" in directives(written.read_text()) and statuses(sweep_dir) == ["pending"] * 5
+    assert "--array=0-3" in directives(written.read_text()) and statuses(sweep_dir) == ["pending"] * 4
     assert read_sweep(sweep_dir).points[1].command[:2] == ["ftlab", "train"]
-    for index, state in enumerate(["complete", "failed", "running", "pending", "complete"]):
+    for index, state in enumerate(["complete", "failed", "running", "pending"]):
         update_point(sweep_dir, index, lambda p, s=state: setattr(p, "status", s))
     assert sweep("--resume", str(sweep_dir), "--slurm", "--dry-run", "--cpu") == 0
     assert "--array=1,3" in directives(capsys.readouterr().out)  # neither complete points nor a running one

@@ -3,6 +3,7 @@
     ftlab sweep RECIPE [key=value ...] [--grid key=[v1,v2,...] ...] [--seeds 0,1,2] [--verb train|eval|loop]
     ftlab sweep --resume SWEEP_DIR
     ftlab sweep RECIPE ... --dry-run            # check every point and print its command line; run nothing
+    ftlab sweep RECIPE ... --slurm [--submit] [--profile P --gpus N]   # a Slurm array job (ftlab.runs.sweep_slurm)
 
 or a `sweep:` section in the recipe (--grid replaces the section's value of that key, --seeds its seeds):
 

@@ -187,7 +187,7 @@ def point_overrides(sweep: Sweep, point: Point, sweep_dir: Path) -> list[str]:
 
 def command_lines(sweep: Sweep, sweep_dir: Path) -> list[list[str]]:
     """Every point as one `ftlab VERB RECIPE key=value...` command line: the seam for launchers that run points
-    elsewhere (a Slurm array); such a launcher owns the points' states, which points.json does not then track."""
+    elsewhere (ftlab.runs.sweep_slurm runs each through `ftlab launch` as a task of a Slurm array)."""
     return [["ftlab", sweep.verb, sweep.recipe, *point_overrides(sweep, p, sweep_dir)] for p in sweep.points]
 
 

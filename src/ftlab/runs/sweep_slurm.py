@@ -227,7 +227,7 @@ def slurm_sweep(sweep: Sweep, sweep_dir: Path, cfgs: dict[int, DictConfig], reci
         running = sum(p.status == "running" for p in sweep.points)
         raise UserError(f"{sweep_dir}: nothing to submit: {len(sweep.points) - running} point(s) complete, "
                         f"{running} running")
-    new = not (sweep_dir / "points.json").is_file()
+    new, existed = not (sweep_dir / "points.json").is_file(), sweep_dir.exists()
     job_dir = job_directory(str(sweep_dir), "array")
     try:
         check_launches(sweep, sweep_dir, cfgs, how, opts)  # an accelerate profile writes its config in a point
@@ -248,14 +248,29 @@ def slurm_sweep(sweep: Sweep, sweep_dir: Path, cfgs: dict[int, DictConfig], reci
             return str(script)
         job_id = submit(script)
     except BaseException:
-        shutil.rmtree(sweep_dir if new else job_dir, ignore_errors=True)
+        if new:
+            discard(sweep_dir, existed)
+        else:
+            shutil.rmtree(job_dir, ignore_errors=True)
         raise
     finally:
         if dry_run and new:
-            shutil.rmtree(sweep_dir, ignore_errors=True)
+            discard(sweep_dir, existed)
     log.info("slurm: submitted array job %s (points %s) of %s; task logs under %s", job_id, array_spec(indices),
              sweep_dir, job_dir)
     return job_id
+
+
+def discard(sweep_dir: Path, existed: bool) -> None:
+    """Remove what this submission put into a new sweep directory (an empty one given as sweep.dir stays)."""
+    if not existed:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+        return
+    for child in sweep_dir.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 # -- one array task --------------------------------------------------------------------------------------------
@@ -274,6 +289,8 @@ def run_point_task(sweep_dir: Path, index: int, how: PointLaunch, rdzv_endpoint:
     if keeper:
         sweep = update_point(sweep_dir, index, lambda p: mark_running(sweep_dir, p))
     point = sweep.points[index]
+    if point.status == "complete":  # by a task of another submission, since the first look
+        return 0
     record_attempts(sweep_dir, point)
     resume = resume_from(sweep, sweep_dir, point)
     extra = [override_text("train.resume", str(resume))] if resume else []
@@ -281,7 +298,12 @@ def run_point_task(sweep_dir: Path, index: int, how: PointLaunch, rdzv_endpoint:
              f", resuming from {resume}" if resume else "")
     if how.profile is None:
         return run_here(sweep, sweep_dir, point, extra, keeper)
-    launch = point_launch(sweep, sweep_dir, point, how, rdzv_endpoint, extra)
+    try:
+        launch = point_launch(sweep, sweep_dir, point, how, rdzv_endpoint, extra)
+    except UserError as e:  # e.g. a profile file changed since the submission: the point must not stay running
+        if keeper:
+            finish(sweep_dir, index, "failed", first_line(e))
+        raise
     log.info("launch: %s", shlex.join(launch.argv))
     code = run_argv(launch.argv)
     if keeper:
@@ -290,8 +312,9 @@ def run_point_task(sweep_dir: Path, index: int, how: PointLaunch, rdzv_endpoint:
 
 
 def mark_running(sweep_dir: Path, point: Point) -> None:
-    record_attempts(sweep_dir, point)  # runs of an attempt that was killed before it could record them
-    point.status, point.error = "running", None
+    if point.status != "complete":
+        record_attempts(sweep_dir, point)  # runs of an attempt that was killed before it could record them
+        point.status, point.error = "running", None
 
 
 def run_here(sweep: Sweep, sweep_dir: Path, point: Point, extra: list[str], keeper: bool) -> int:
