@@ -94,8 +94,8 @@ def train(cfg: DictConfig, build_objective: Callable[[DictConfig, Any, int, int]
         if not keep_model:
             loop.release()
     if run:
-        run.finish("complete", **summary)
         log.info("run complete: %s", run.path)
+        run.finish("complete", **summary)
     return run
 
 
