@@ -66,7 +66,8 @@ def test_two_processes_through_the_ddp_profile_match_one_process_at_the_same_glo
 
 def test_plain_torchrun_gets_the_time_out_and_the_global_batch_from_the_recipe(tmp_path):
     """Without `ftlab launch`: the time-out is read back from the default group of a real 2-process gloo run
-    (torch's own default is 30 minutes), and global batch 16 at batch 2 x 2 processes is accumulation 4."""
+    (torch's own default is 30 minutes), formed as `ftlab loop` forms it (then kept by the accelerator), and
+    global batch 16 at batch 2 x 2 processes is accumulation 4."""
     script = tmp_path / "each_rank.py"
     script.write_text(
         "import torch, torch.distributed as dist\n"
@@ -74,6 +75,8 @@ def test_plain_torchrun_gets_the_time_out_and_the_global_batch_from_the_recipe(t
         "from ftlab.train.setup import make_accelerator\n"
         f"cfg = load_recipe({str(tiny_recipe(tmp_path))!r}, ['train.dist_timeout=7.5', 'train.global_batch=16',\n"
         "                  'train.batch_size=2'])\n"
+        "from ftlab.loops.oak import process_state\n"
+        "process_state(cfg)  # as `ftlab loop` forms the group, before any stage\n"
         "make_accelerator(cfg)\n"
         "backend = dist.group.WORLD._get_backend(torch.device('cpu'))\n"
         f"out = {str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.txt'\n"

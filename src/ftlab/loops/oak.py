@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,17 @@ log = logging.getLogger("ftlab")
 
 
 # -- the loop ------------------------------------------------------------------------------------------
-def run_loop(cfg: DictConfig) -> Path:
+def process_state(cfg: DictConfig) -> Any:
+    """The loop's process group, formed before any stage (the stages' accelerators reuse it): so
+    train.dist_timeout is its time-out here. Without cpu=True no gloo group forms on a CPU."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())  # without cpu=True no gloo group forms on a CPU
+    timeout = {"timeout": timedelta(seconds=cfg.train.dist_timeout)} if cfg.train.dist_timeout else {}
+    return PartialState(cpu=not torch.cuda.is_available(), **timeout)
+
+
+def run_loop(cfg: DictConfig) -> Path:
+    state = process_state(cfg)
     rank, world = state.process_index, state.num_processes
     task = check_recipe(cfg, world)
     lp, d = cfg.loop, cfg.data
