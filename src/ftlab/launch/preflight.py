@@ -140,10 +140,15 @@ def save_tiny_base(cfg: DictConfig, out: Path) -> tuple[Any, str]:
 # -- what runs where ---------------------------------------------------------------------------------------
 @dataclass
 class Layout:
-    one: Profile              # the profile run at one process
-    many: Profile             # the profile run at `processes`
+    profile: Profile          # the launch's, run at 1 process and, where it can, at N
     processes: int            # N here (1: no comparison)
+    many: Profile             # the profile of the N-process run: the launch's, or ddp where it cannot run N here
     notes: list[str]
+
+    @property
+    def own_processes(self) -> int:
+        """The most processes the launch's profile runs here: its saving and resuming are checked there."""
+        return self.processes if self.many is self.profile else 1
 
 
 def layout_here(launch: Launch) -> Layout:
@@ -155,17 +160,18 @@ def layout_here(launch: Launch) -> Layout:
     notes = [] if n == launch.processes else [f"{n} processes here instead of the launch's {launch.processes}"]
     prof = launch.profile
     if prof.max_processes == 1 or n == 1:
-        return Layout(prof, prof, 1, notes + [f"profile {prof.name} at 1 process: no 1 vs N comparison"])
+        return Layout(prof, 1, prof, notes + ["1 process: no 1 vs N comparison"])
     as_lora = OmegaConf.merge(launch.cfg, {"lora": {"quantize": None}})  # QLoRA is checked as LoRA without CUDA
     check_this_machine(Launch(prof, as_lora, 1, 1, launch.argv))  # e.g. DeepSpeed not installed: nothing to run
     try:
         check_this_machine(Launch(prof, as_lora, n, 1, launch.argv))
-    except UserError as e:
+    except UserError:
         if not prof.multi_process_needs_cuda:
             raise
-        notes.append(f"{e}: {prof.name} runs at 1 process, the {n}-process arithmetic through ddp")
-        return Layout(prof, load_profile("ddp"), n, notes)
-    return Layout(prof, prof, n, notes)
+        notes.append(f"profile {prof.name} runs several processes on CUDA GPUs only: here it runs at 1 process "
+                     f"(saving and resuming checked there), the {n}-process arithmetic through ddp")
+        return Layout(prof, n, load_profile("ddp"), notes)
+    return Layout(prof, n, prof, notes)
 
 
 @dataclass
@@ -236,8 +242,8 @@ class TinyRun:
                                   f"its last line: {last_error(self.log)}") from None
         if code != 0:
             raise PreflightFailed(f"pre-flight: the {self.label} run failed (exit {code}): {last_error(self.log)}")
-        # <output_dir>/<kind>/<stamp>_<name>, beside the link `latest`
-        [run] = [p for p in self.out.glob("*/*") if not p.is_symlink()]
+        # <output_dir>/<kind>/<stamp>_<name>, beside the link `latest` (and an accelerate profile's launch/)
+        [run] = [p.parent for p in self.out.glob("*/*/metrics.jsonl") if not p.parent.is_symlink()]
         return run
 
     def kill(self) -> None:
@@ -371,23 +377,25 @@ def run_preflight(launch: Launch, recipe: str, overrides: Sequence[str]) -> list
         tiny = preflight_overrides(cfg, base, n)
         tokens = tiny.global_batch * cfg.data.max_length  # at most, per step
         args = [*overrides, *tiny.overrides]
-        runs = [start_tiny(here.one, 1, recipe, args, Path(tmp) / "one", "1-process")]
+        runs = [start_tiny(here.profile, 1, recipe, args, Path(tmp) / "one", "1-process")]
         if n > 1:
             runs.append(start_tiny(here.many, n, recipe, args, Path(tmp) / "many", f"{n}-process"))
         done = finish(runs)
-        one, many = done[0], done[-1]  # with one process only, `many` is that run
         bar.update(len(runs))
         checks: list[Check] = []
         if n > 1:
-            checks += compare_steps(f"1 vs {n} processes", one, many, range(1, STEPS + 1), compute, tokens)
+            via = "" if here.many is here.profile else f" ({here.profile.name} vs {here.many.name})"
+            checks += compare_steps(f"1 vs {n} processes{via}", done[0], done[1], range(1, STEPS + 1), compute,
+                                    tokens)
+        own = done[-1] if here.own_processes == n else done[0]  # the launch's profile at its most processes here
         if all(c.passed for c in checks):
-            checks += reload_checks(many, base, cfg, weights, config.hidden_size)
+            checks += reload_checks(own, base, cfg, weights, config.hidden_size)
         if all(c.passed for c in checks):
-            checkpoint = many / "checkpoints" / step_name(CHECKPOINT_STEP)
-            [resumed] = finish([start_tiny(here.many, n, recipe, [*args, f"train.resume={checkpoint}"],
-                                           Path(tmp) / "resumed", "resumed")])
+            checkpoint = own / "checkpoints" / step_name(CHECKPOINT_STEP)
+            [resumed] = finish([start_tiny(here.profile, here.own_processes, recipe,
+                                           [*args, f"train.resume={checkpoint}"], Path(tmp) / "resumed", "resumed")])
             bar.update()
-            checks += compare_steps(f"resumed at step {CHECKPOINT_STEP} vs not", many, resumed,
+            checks += compare_steps(f"resumed at step {CHECKPOINT_STEP} vs not", own, resumed,
                                     range(CHECKPOINT_STEP + 1, STEPS + 1), compute, tokens)
     log.info("%s", format_table(checks, [model, *here.notes, *tiny.notes], time.time() - began))
     failed = next((c for c in checks if not c.passed), None)
