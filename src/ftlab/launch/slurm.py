@@ -148,7 +148,7 @@ def batch_script(job: SlurmJob, opts: SlurmOptions) -> str:
     """The sbatch script: directives, environment, rendezvous through the first node, one srun task per node,
     and the warning trap that checkpoints and requeues."""
     launch, job_dir = job.launch, job.job_dir
-    n, sig = launch.gpus_per_node, opts.signal_seconds
+    n = launch.gpus_per_node
     resources, step = job_resources(launch.nodes, n, opts)
     directives = [f"--job-name={job_name(launch.cfg.name)}", *resources, *placement_directives(opts),
                   f"--output={job_dir}/slurm-%j.out", *requeue_directives(opts)]

@@ -44,6 +44,7 @@ from ftlab.config.load import load_recipe
 from ftlab.errors import UserError, first_line
 from ftlab.launch.launcher import VERBS as LAUNCH_VERBS
 from ftlab.launch.launcher import Launch, load_profile, prepare_launch, run_argv
+from ftlab.launch.planner import estimate_for_launch
 from ftlab.launch.slurm import (
     HOST_MARK,
     PORT_MARK,
@@ -72,7 +73,14 @@ from ftlab.runs.sweep import (
     run_verb,
     save,
 )
-from ftlab.runs.sweep_plan import K_KEY, Point, Sweep, command_lines, override_text, point_overrides
+from ftlab.runs.sweep_plan import (
+    K_KEY,
+    Point,
+    Sweep,
+    command_lines,
+    override_text,
+    point_overrides,
+)
 from ftlab.runs.sweep_table import plot_k_sweep, write_tables
 
 log = logging.getLogger("ftlab")
@@ -156,25 +164,29 @@ def point_launch(sweep: Sweep, sweep_dir: Path, point: Point, how: PointLaunch, 
 
 
 def check_launches(sweep: Sweep, sweep_dir: Path, cfgs: dict[int, DictConfig], how: PointLaunch,
-                   opts: SlurmOptions) -> None:
+                   opts: SlurmOptions) -> Launch | None:
     """Every point's launch checked as `ftlab launch --slurm` checks it (profile, processes, global batch, the
-    job's options), before anything is written."""
+    job's options), before anything is written; the first point's launch (None without a profile)."""
     if how.profile is None:
         if how.gpus_per_node != 1 or how.nodes != 1:
             raise UserError("--gpus and --nodes go with --profile (without it each point runs in one process)")
         single = load_profile("single")  # what a task runs without a profile: one process, no launcher
         for point in sweep.points:
             check_options(opts, Launch(single, cfgs[point.index], 1, 1, []))
-        return
+        return None
     if sweep.verb not in LAUNCH_VERBS:
         raise UserError(f"--profile: ftlab launch runs {' or '.join(LAUNCH_VERBS)}, not {sweep.verb}; without "
                         "--profile each point of an eval sweep runs in its array task's own process")
     endpoint = f"{HOST_MARK}:{PORT_MARK}" if how.endpoint_needed() else None
+    launches = []
     for point in sweep.points:
         try:
-            check_options(opts, point_launch(sweep, sweep_dir, point, how, endpoint))
+            launch = point_launch(sweep, sweep_dir, point, how, endpoint)
+            check_options(opts, launch)
         except UserError as e:
             raise UserError(f"sweep point {point.label}: {e}") from None
+        launches.append(launch)
+    return launches[0]
 
 
 def array_script(sweep: Sweep, sweep_dir: Path, job_dir: Path, indices: list[int], how: PointLaunch,
@@ -186,8 +198,9 @@ def array_script(sweep: Sweep, sweep_dir: Path, job_dir: Path, indices: list[int
                   *resources, *placement_directives(opts), f"--output={job_dir}/slurm-%A_%a.out",
                   *requeue_directives(opts)]
     runner = [sys.executable, "-m", "ftlab.cli", "sweep", "--resume", str(sweep_dir), "--point"]
-    flags = ["--profile", how.profile, "--gpus", str(how.gpus_per_node), "--nodes", str(how.nodes)] \
-        if how.profile else []
+    flags = []
+    if how.profile:
+        flags = ["--profile", how.profile, "--gpus", str(how.gpus_per_node), "--nodes", str(how.nodes)]
     rdzv = ['--rdzv-endpoint "$RDZV_HOST:$RDZV_PORT"'] if how.endpoint_needed() else []
     run_line = " ".join([shlex.join(step), shlex.join(runner), '"$SLURM_ARRAY_TASK_ID"', *map(shlex.quote, flags),
                          *rdzv, "&"])
@@ -197,8 +210,7 @@ def array_script(sweep: Sweep, sweep_dir: Path, job_dir: Path, indices: list[int
         (f"# ftlab sweep --slurm: {sweep.name}, {len(indices)} of {len(sweep.points)} point(s) as array tasks, "
          f"{how.describe()}, written {time.strftime('%Y-%m-%d %H:%M:%S')}"),
         f"# task i runs point i of {sweep_dir}/points.json and records its state there; submit: sbatch {script}",
-        f"# after failures: ftlab sweep --resume {shlex.quote(str(sweep_dir))} --slurm --submit ... (the points not "
-        "complete)",
+        f"# after failures: ftlab sweep --resume {shlex.quote(str(sweep_dir))} --submit ... (the points not complete)",
         *(f"#SBATCH {d}" for d in directives),
         "",
         *environment_lines(opts),
@@ -230,12 +242,15 @@ def slurm_sweep(sweep: Sweep, sweep_dir: Path, cfgs: dict[int, DictConfig], reci
     new, existed = not (sweep_dir / "points.json").is_file(), sweep_dir.exists()
     job_dir = job_directory(str(sweep_dir), "array")
     try:
-        check_launches(sweep, sweep_dir, cfgs, how, opts)  # an accelerate profile writes its config in a point
+        first = check_launches(sweep, sweep_dir, cfgs, how, opts)  # an accelerate profile writes a config file
         text = array_script(sweep, sweep_dir, job_dir, indices, how, opts, max_parallel)
+        if submit_it and not dry_run:
+            check_slurm_answers()
+        if first is not None:  # the planner's figures for one point, as ftlab launch prints them
+            log.info("each of %d points: %s", len(sweep.points), estimate_for_launch(
+                first.cfg, first.profile.ref, how.gpus_per_node, how.nodes))
         if dry_run:
             return text.removesuffix("\n")
-        if submit_it:
-            check_slurm_answers()
         if new:
             create_sweep_dir(sweep_dir, recipe_cfg)
             for point, command in zip(sweep.points, command_lines(sweep, sweep_dir)):
