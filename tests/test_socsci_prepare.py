@@ -309,7 +309,7 @@ def test_full_data_recipe_loads_with_the_seed_settings():
 @pytest.mark.slow
 def test_cpu_recipe_trains_on_a_prepared_slice_and_compares_by_split(tmp_path, capsys):
     """cpu_launch.yaml (the full-data recipe on the embedded model) for 2 steps on a prepared slice of the real rows,
-    then base vs tuned on that split's test file: one table with the socsci210 metrics of the split kind."""
+    launched on 2 processes as its comment says, then base vs tuned on that split's test file: one table with the socsci210 metrics of the split kind."""
     by_study = defaultdict(list)  # the 6 shortest rows of every study: every split gets studies, steps stay short
     with (DATA / "val.jsonl").open() as f:
         for line in f:
@@ -321,12 +321,13 @@ def test_cpu_recipe_trains_on_a_prepared_slice_and_compares_by_split(tmp_path, c
                  "--test-fraction", "0.3"]) == 0
     runs = tmp_path / "runs"
     recipe = str(ROOT / "recipes" / "socrates" / "cpu_launch.yaml")
-    assert main(["train", recipe, f"data.train={prepared / 'train.jsonl'}", f"data.val={prepared / 'val.jsonl'}",
-                 f"output_dir={runs}", "train.max_steps=2", "train.batch_size=1", "train.global_batch=1",
-                 "train.eval_every=null"]) == 0
+    # as the recipe says it runs: through ftlab launch, 2 processes (gloo on a CPU), global batch 2
+    assert main(["launch", recipe, "--profile", "ddp", "--gpus", "2", f"data.train={prepared / 'train.jsonl'}",
+                 f"data.val={prepared / 'val.jsonl'}", f"output_dir={runs}", "train.max_steps=2",
+                 "train.batch_size=1", "train.global_batch=2", "train.eval_every=null"]) == 0
     (run,) = (runs / "sft").glob("2*")
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "complete"
+    assert summary["status"] == "complete" and summary["world_size"] == 2
     losses = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").open() if "train/loss" in line]
     assert len(losses) == 2 and all(0 < v < 20 for v in losses)
     capsys.readouterr()
