@@ -51,7 +51,7 @@ def preflight(capsys, recipe: Path, *args: str) -> tuple[int, str, str, list[dic
     code = main(["launch", str(recipe), "--profile", "ddp", "--gpus", "2", "--preflight", *args])
     out, err = capsys.readouterr()
     rows = [dict(zip(("check", "step", "difference", "tolerance", "result"), m.groups()))
-            for m in re.finditer(r"^  (\S.*?)\s{2,}(\d+|end)\s+(\S+)\s+(\S+)\s+(ok|FAILED.*)$", err, re.M)]
+            for m in re.finditer(r"^  (\S.*?)\s{2,}(\d+|end)\s+(\S+)\s+(\S+)\s+(ok|FAILED.*)$", err, re.MULTILINE)]
     return code, out, err, rows
 
 

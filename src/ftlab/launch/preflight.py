@@ -16,14 +16,16 @@ What runs, in a temporary directory removed afterwards:
   here). A profile that cannot run N processes here (DeepSpeed on a CPU) runs at 1, and the N-process
   arithmetic is checked through the ddp profile; QLoRA without CUDA is checked as plain LoRA;
 * the checks: per step, equal loss and gradient norm (read from metrics.jsonl); the live model's logits
-  (written by the training processes after the last step) equal to those of the saved model reloaded (adapter
-  and merged for LoRA, the full model otherwise); a run resumed from the checkpoint gives the same next step.
+  (written by the training processes after the run, which for LoRA has merged the adapter into it to save
+  merged/) equal to those of the saved model reloaded (adapter on its base and merged/ for LoRA, the full model
+  otherwise), and apart from the untrained model's; a run resumed from the checkpoint gives the same next step.
 
 Tolerances come from the dtype and the sizes: a step's loss and gradient are means over at most n = global batch
 x max_length tokens, so rounding of each term in the compute dtype (eps_c) averages to eps_c / sqrt(n), while
 the float32 sums accumulate eps_32 x sqrt(n); updates carry it on, so the bound grows with the step:
     tol(step) = SAFETY x (eps_c / sqrt(n) + eps_32 x sqrt(n)) x step        (relative)
-Logits are dot products of `hidden` terms in the weights' dtype: SAFETY x eps_w x sqrt(hidden), relative to the
+and the gradient norm also sums the squares of the model's P parameters in float32: + SAFETY x eps_32 x sqrt(P) x
+step. Logits are dot products of `hidden` terms in the weights' dtype: SAFETY x eps_w x sqrt(hidden), relative to the
 largest logit. A failing check stops the launch in one line naming the check, the step and the difference.
 
 Dropout is off because its masks are drawn per process: 1 and N processes cannot agree with it on, by design.
@@ -114,27 +116,35 @@ def tiny_fields(config: Any) -> dict[str, Any]:
     return {"model_type": config.model_type, **fields}
 
 
-def save_tiny_base(cfg: DictConfig, out: Path) -> tuple[Any, str]:
-    """Build the tiny random model of the recipe's architecture, save it with its tokenizer under `out`; returns
-    its config and one line describing it."""
+@dataclass
+class TinyModel:
+    config: Any
+    params: int
+    description: str
+
+
+def save_tiny_base(cfg: DictConfig, out: Path) -> TinyModel:
+    """Build the tiny random model of the recipe's architecture and save it with its tokenizer under `out`."""
     from ftlab.launch.planner import model_config, recipe_tokenizer
     from ftlab.models.load import DTYPES, build_scratch_model
 
     config, where = model_config(cfg)
     tokenizer, tokenizer_how = recipe_tokenizer(cfg)
     fields = tiny_fields(config)
-    if "not here" in tokenizer_how or fields.get("vocab_size", 0) < len(tokenizer):
-        fields["vocab_size"] = len(tokenizer)  # the model's vocabulary belongs to a tokenizer that is not here
+    # The planner's word for the embedded tokenizer standing in for one that is not here: the vocabulary is then
+    # that tokenizer's, which every id it makes fits (and the model's own vocabulary would only cost time).
+    if tokenizer_how.endswith("is not here)") or fields.get("vocab_size", 0) < len(tokenizer):
+        fields["vocab_size"] = len(tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_scratch_model(fields, tokenizer, DTYPES[cfg.model.dtype], cfg.model.attn_implementation)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    c = model.config
-    return c, (f"a random {c.model_type} of {where}'s config: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
-            f"{c.num_attention_heads} heads / {getattr(c, 'num_key_value_heads', c.num_attention_heads)} key-value, "
-            f"vocabulary {c.vocab_size} ({tokenizer_how}), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-            "parameters")
+    c, params = model.config, sum(p.numel() for p in model.parameters())
+    return TinyModel(c, params, f"a random {c.model_type} of {where}'s config: {c.num_hidden_layers} layers, hidden "
+                                f"{c.hidden_size}, {c.num_attention_heads} heads / "
+                                f"{getattr(c, 'num_key_value_heads', c.num_attention_heads)} key-value, vocabulary "
+                                f"{c.vocab_size} ({tokenizer_how}), {params / 1e6:.1f}M parameters")
 
 
 # -- what runs where ---------------------------------------------------------------------------------------
@@ -206,6 +216,9 @@ def preflight_overrides(cfg: DictConfig, base: Path, processes: int) -> TinyReci
         if cfg.lora.quantize and not torch.cuda.is_available():
             out.append("lora.quantize=null")
             notes.append(f"lora.quantize={cfg.lora.quantize} (QLoRA) needs CUDA: checked as plain LoRA")
+    if cfg.model.attn_implementation.startswith("flash") and not torch.cuda.is_available():
+        out.append("model.attn_implementation=sdpa")
+        notes.append(f"model.attn_implementation={cfg.model.attn_implementation} needs CUDA: sdpa here")
     if cfg.train.method == "dpo":
         out += ["dpo.reference=null", "dpo.reference_cache=null"]
     if cfg.train.method == "grpo":
@@ -285,10 +298,23 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps)
 
 
-def step_tolerance(compute: torch.dtype, tokens: int, step: int) -> float:
-    """Relative tolerance of a step's mean loss or gradient norm (module doc)."""
-    n = max(tokens, 1)
-    return SAFETY * (unit_roundoff(compute) / math.sqrt(n) + unit_roundoff(torch.float32) * math.sqrt(n)) * step
+@dataclass(frozen=True)
+class Tolerances:
+    """Relative tolerances from the dtypes and the sizes of the pre-flight runs (module doc)."""
+
+    compute: torch.dtype      # the coarser of the weights' dtype and train.precision's autocast
+    weights: torch.dtype
+    tokens: int               # at most, per step: the step's loss and gradient are means over them
+    params: int               # the tiny model's: the gradient norm sums their squares
+    hidden: int               # the logits are dot products this long
+
+    def step(self, step: int, norm: bool = False) -> float:
+        n, fp32 = max(self.tokens, 1), unit_roundoff(torch.float32)
+        bound = unit_roundoff(self.compute) / math.sqrt(n) + fp32 * math.sqrt(n)
+        return SAFETY * (bound + (fp32 * math.sqrt(self.params) if norm else 0.0)) * step
+
+    def logits(self) -> float:
+        return SAFETY * unit_roundoff(self.weights) * math.sqrt(self.hidden)
 
 
 def relative(a: float, b: float) -> float:
@@ -301,8 +327,7 @@ def train_rows(run: Path) -> dict[int, dict[str, Any]]:
     return {r["train_step"]: r for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r}
 
 
-def compare_steps(name: str, a: Path, b: Path, steps: Sequence[int], compute: torch.dtype, tokens: int
-                  ) -> list[Check]:
+def compare_steps(name: str, a: Path, b: Path, steps: Sequence[int], tol: Tolerances) -> list[Check]:
     """Loss and gradient norm of runs `a` and `b` at `steps`; each check keeps its worst step, or its first failing
     one."""
     rows_a, rows_b = train_rows(a), train_rows(b)
@@ -313,12 +338,12 @@ def compare_steps(name: str, a: Path, b: Path, steps: Sequence[int], compute: to
             if step not in rows_a or step not in rows_b:
                 raise PreflightFailed(f"pre-flight: {what}, {name}: step {step} was not logged by both runs")
             x, y = rows_a[step][key], rows_b[step][key]
-            diff, tol = relative(x, y), step_tolerance(compute, tokens, step)
-            if not diff <= tol:  # NaN fails too
-                checks.append(Check(f"{what}, {name}", str(step), diff, tol, False, f"{x:.6g} vs {y:.6g}"))
+            diff, bound = relative(x, y), tol.step(step, norm=key == "train/grad_norm")
+            if not diff <= bound:  # NaN fails too
+                checks.append(Check(f"{what}, {name}", str(step), diff, bound, False, f"{x:.6g} vs {y:.6g}"))
                 break
-            if check.difference is None or diff / tol > check.difference / check.tolerance:
-                check.step, check.difference, check.tolerance = str(step), diff, tol
+            if check.difference is None or diff / bound > check.difference / check.tolerance:
+                check.step, check.difference, check.tolerance = str(step), diff, bound
         else:
             checks.append(check)
     return checks
@@ -343,12 +368,11 @@ def compare_logits(name: str, live: torch.Tensor, reloaded: torch.Tensor, tol: f
     return Check(name, "end", diff, tol, diff <= tol)
 
 
-def reload_checks(run: Path, base: Path, cfg: DictConfig, weights: torch.dtype, hidden: int) -> list[Check]:
+def reload_checks(run: Path, base: Path, cfg: DictConfig, tol: float) -> list[Check]:
     """The live model's logits against the saved model reloaded (adapter and merged, or the full model), and
     against the untrained base: a save that lost the training (an empty adapter) fails, and the check is only
     decisive when training moved the logits beyond the tolerance."""
     live = torch.load(run / LIVE_LOGITS, weights_only=True)
-    tol = SAFETY * unit_roundoff(weights) * math.sqrt(hidden)
     saved = [("the adapter reloaded on its base", run / "final"), ("the merged model reloaded", run / "merged")] \
         if cfg.lora.enabled else [("the full model reloaded", run / "final")]
     checks = [compare_logits(f"logits: live vs {what}", live, logits_of(path, cfg.model.dtype), tol)
@@ -368,14 +392,13 @@ def run_preflight(launch: Launch, recipe: str, overrides: Sequence[str]) -> list
     cfg, began = launch.cfg, time.time()
     here = layout_here(launch)
     n = here.processes
-    weights, compute = dtypes(cfg)
     with tempfile.TemporaryDirectory(prefix="ftlab-preflight-") as tmp, \
             tqdm(total=3 + (n > 1), desc="pre-flight", disable=not sys.stderr.isatty()) as bar:
         base = Path(tmp) / "base"
-        config, model = save_tiny_base(cfg, base)
+        model = save_tiny_base(cfg, base)
         bar.update()
         tiny = preflight_overrides(cfg, base, n)
-        tokens = tiny.global_batch * cfg.data.max_length  # at most, per step
+        tol = tolerances(cfg, model, tiny.global_batch * tokens_per_example(cfg))
         args = [*overrides, *tiny.overrides]
         runs = [start_tiny(here.profile, 1, recipe, args, Path(tmp) / "one", "1-process")]
         if n > 1:
@@ -385,19 +408,18 @@ def run_preflight(launch: Launch, recipe: str, overrides: Sequence[str]) -> list
         checks: list[Check] = []
         if n > 1:
             via = "" if here.many is here.profile else f" ({here.profile.name} vs {here.many.name})"
-            checks += compare_steps(f"1 vs {n} processes{via}", done[0], done[1], range(1, STEPS + 1), compute,
-                                    tokens)
+            checks += compare_steps(f"1 vs {n} processes{via}", done[0], done[1], range(1, STEPS + 1), tol)
         own = done[-1] if here.own_processes == n else done[0]  # the launch's profile at its most processes here
         if all(c.passed for c in checks):
-            checks += reload_checks(own, base, cfg, weights, config.hidden_size)
+            checks += reload_checks(own, base, cfg, tol.logits())
         if all(c.passed for c in checks):
             checkpoint = own / "checkpoints" / step_name(CHECKPOINT_STEP)
             [resumed] = finish([start_tiny(here.profile, here.own_processes, recipe,
                                            [*args, f"train.resume={checkpoint}"], Path(tmp) / "resumed", "resumed")])
             bar.update()
             checks += compare_steps(f"resumed at step {CHECKPOINT_STEP} vs not", own, resumed,
-                                    range(CHECKPOINT_STEP + 1, STEPS + 1), compute, tokens)
-    log.info("%s", format_table(checks, [model, *here.notes, *tiny.notes], time.time() - began))
+                                    range(CHECKPOINT_STEP + 1, STEPS + 1), tol)
+    log.info("%s", format_table(checks, [model.description, *here.notes, *tiny.notes], time.time() - began))
     failed = next((c for c in checks if not c.passed), None)
     if failed:
         said = f"{failed.note}; " if failed.note else ""
@@ -406,13 +428,19 @@ def run_preflight(launch: Launch, recipe: str, overrides: Sequence[str]) -> list
     return checks
 
 
-def dtypes(cfg: DictConfig) -> tuple[torch.dtype, torch.dtype]:
-    """(weights' dtype, compute dtype: the coarser of the weights' and train.precision's autocast)."""
+def tokens_per_example(cfg: DictConfig) -> int:
+    """At most: a pretraining window, a preference pair's two sequences, or one sequence."""
+    if cfg.train.method == "pretrain":
+        return cfg.pretrain.seq_len
+    return cfg.data.max_length * (2 if cfg.train.method == "dpo" else 1)
+
+
+def tolerances(cfg: DictConfig, model: TinyModel, tokens: int) -> Tolerances:
     from ftlab.models.load import DTYPES
 
     weights = DTYPES[cfg.model.dtype]
-    autocast = DTYPES.get(cfg.train.precision, torch.float32)
-    return weights, max(weights, autocast, key=unit_roundoff)
+    compute = max(weights, DTYPES.get(cfg.train.precision, torch.float32), key=unit_roundoff)
+    return Tolerances(compute, weights, tokens, model.params, model.config.hidden_size)
 
 
 def format_table(checks: Sequence[Check], notes: Sequence[str], seconds: float) -> str:
