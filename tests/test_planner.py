@@ -196,6 +196,19 @@ def test_cli_prints_one_table_and_refuses_bad_input(tiny: Path, capsys):
         assert err.startswith("ftlab: error:") and message in err and "\n" not in err
 
 
+def test_auto_precision_is_planned_for_the_gpus_not_for_this_machine(tiny: Path, capsys):
+    """`precision: auto` means bf16 on the A100s planned for, whatever this CPU resolves it to (fp32 on one
+    without bf16 hardware): the plan equals the bf16 plan, and differs from the fp32 one."""
+    assert load_recipe(str(tiny), ["train.precision=auto"], resolve_hardware=False).train.precision == "auto"
+    tables = {}
+    for precision in ("auto", "bf16", "fp32"):
+        assert main(["plan", str(tiny), "--gpus", "2", "--gpu-type", "a100-80gb", "--examples", "100",
+                     "--mean-tokens", "50", f"train.precision={precision}"]) == 0
+        tables[precision] = capsys.readouterr().out
+    body = {k: v.split("\n", 1)[1] for k, v in tables.items()}  # the first line names the recipe file
+    assert body["auto"] == body["bf16"] != body["fp32"]
+
+
 # -- telemetry -------------------------------------------------------------------------------------
 def test_no_gpu_telemetry_on_cpu(tmp_path: Path):
     from ftlab.train import run_training

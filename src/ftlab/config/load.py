@@ -140,8 +140,10 @@ def _parses_as_yaml(text: str) -> bool:
         return False
 
 
-def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> DictConfig:
-    """Load, merge and validate a recipe; returns a typed, fully resolved DictConfig.
+def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = (),
+                resolve_hardware: bool = True) -> DictConfig:
+    """Load, merge and validate a recipe; returns a typed, fully resolved DictConfig. `resolve_hardware=False`
+    keeps `precision: auto` as written, for a plan made on another machine than the one that will train.
 
     Every check runs here, before any model or data loads, so every verb gets it; an error names the
     override that caused it (`override 'train.log_every=0': ...`) or else the recipe file.
@@ -174,7 +176,8 @@ def load_recipe(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
     check_best_metric(cfg, origin)
     check_grpo(cfg, origin)
     apply_model_preset(cfg, origin)
-    resolve_precision(cfg)
+    if resolve_hardware:
+        resolve_precision(cfg)
     return cfg
 
 

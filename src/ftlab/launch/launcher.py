@@ -69,6 +69,7 @@ class Launch:
     gpus_per_node: int
     nodes: int
     argv: list[str]
+    plan_cfg: DictConfig | None = None  # `precision: auto` unresolved: the planner sizes it for the GPUs, not here
 
     @property
     def processes(self) -> int:
@@ -173,7 +174,7 @@ def prepare_launch(profile: Profile | str, gpus_per_node: int, nodes: int, rdzv_
         config = write_accelerate_config(prof, cfg)
         argv = [sys.executable, "-m", "accelerate.commands.launch",
                 *accelerate_flags(prof, config, gpus_per_node, nodes, rdzv_endpoint), *child]
-    return Launch(prof, cfg, gpus_per_node, nodes, argv)
+    return Launch(prof, cfg, gpus_per_node, nodes, argv, load_recipe(recipe, overrides, resolve_hardware=False))
 
 
 def check_layout(prof: Profile, gpus_per_node: int, nodes: int, rdzv_endpoint: str | None, verb: str) -> None:
@@ -286,7 +287,7 @@ def run_launch(launch: Launch, dry_run: bool = False) -> int:
     goes to the log first in both cases (stdout of a dry run is the command alone)."""
     from ftlab.launch.planner import estimate_for_launch
 
-    log.info("%s", estimate_for_launch(launch.cfg, launch.profile.ref, launch.gpus_per_node, launch.nodes))
+    log.info("%s", estimate_for_launch(launch.plan_cfg or launch.cfg, launch.profile.ref, launch.gpus_per_node, launch.nodes))
     if dry_run:
         print(shlex.join(launch.argv))
         return 0

@@ -392,7 +392,7 @@ def estimate_for_launch(cfg: DictConfig, profile: str, gpus: int, nodes: int) ->
 def cmd_plan(args: argparse.Namespace) -> int:
     from ftlab.config import load_recipe
 
-    cfg = load_recipe(args.recipe, args.overrides)
+    cfg = load_recipe(args.recipe, args.overrides, resolve_hardware=False)  # auto: as on the GPUs planned for
     plan = build_plan(cfg, args.profile, args.gpus, args.nodes, args.gpu_type, examples=args.examples,
                       mean_tokens=args.mean_tokens, measure=args.measure, measure_steps=args.measure_steps,
                       tokens_per_s=args.tokens_per_s, usd_per_gpu_hour=args.usd_per_gpu_hour, sample=args.sample,

@@ -185,11 +185,13 @@ def measure_config(cfg: DictConfig, config: Any, out: Path, steps: int) -> tuple
     its matmul shapes, kept; saved under `out` for QLoRA). Returns (config to run, the config of the model it runs)."""
     from transformers import AutoConfig
 
+    from ftlab.config.load import resolve_precision
     from ftlab.models.load import hub_cached
 
     run = OmegaConf.merge(cfg, {"output_dir": str(out), "train": {
         "max_steps": steps, "eval_every": None, "save_every": None, "log_generations_every": None,
         "save_final": False, "resume": None}, "track": {"wandb": False}})
+    resolve_precision(run)  # the recipe's `precision: auto` as this machine, which runs the steps, resolves it
     name = cfg.model.name
     if not cfg.model.scratch and not Path(name).expanduser().exists() and not _embedded(name) and not hub_cached(name):
         small = {**stand_in_fields(config), "model_type": config.model_type}
@@ -248,7 +250,7 @@ def measured_throughput(cfg: DictConfig, config: Any, table: GpuTable, gpu: Gpu,
     if measured <= 0:
         raise UserError("--measure: the training steps reported no throughput")
     n_measured = flop_params(architecture(run_model), head_share)
-    device_tflops, device_how = device_peak_tflops(table, cfg.train.precision)
+    device_tflops, device_how = device_peak_tflops(table, run_cfg.train.precision)
     tps, u = scale_measured(measured, n_measured, device_tflops, gpu, params, method, cfg.train.gradient_checkpointing)
     return Throughput(tps, f"measured {measured:,.0f} tok/s over {steps} steps (first step's warm-up included) of a "
                            f"{n_measured / 1e6:,.1f}M-param model = {u:.1%} of {device_tflops:.3g} TFLOPS "

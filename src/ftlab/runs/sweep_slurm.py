@@ -248,7 +248,7 @@ def slurm_sweep(sweep: Sweep, sweep_dir: Path, cfgs: dict[int, DictConfig], reci
             check_slurm_answers()
         if first is not None:  # the planner's figures for one point, as ftlab launch prints them
             log.info("each of %d points: %s", len(sweep.points), estimate_for_launch(
-                first.cfg, first.profile.ref, how.gpus_per_node, how.nodes))
+                first.plan_cfg or first.cfg, first.profile.ref, how.gpus_per_node, how.nodes))
         if dry_run:
             return text.removesuffix("\n")
         if new:
