@@ -287,7 +287,8 @@ def run_launch(launch: Launch, dry_run: bool = False) -> int:
     goes to the log first in both cases (stdout of a dry run is the command alone)."""
     from ftlab.launch.planner import estimate_for_launch
 
-    log.info("%s", estimate_for_launch(launch.plan_cfg or launch.cfg, launch.profile.ref, launch.gpus_per_node, launch.nodes))
+    log.info("%s", estimate_for_launch(launch.plan_cfg or launch.cfg, launch.profile.ref, launch.gpus_per_node,
+                                       launch.nodes))
     if dry_run:
         print(shlex.join(launch.argv))
         return 0

@@ -302,7 +302,8 @@ def run_slurm(job: SlurmJob, opts: SlurmOptions, submit_it: bool, dry_run: bool)
     text = batch_script(job, opts)
     if submit_it and not dry_run:
         check_slurm_answers()
-    log.info("%s", estimate_for_launch(launch.plan_cfg or launch.cfg, launch.profile.ref, launch.gpus_per_node, launch.nodes))
+    log.info("%s", estimate_for_launch(launch.plan_cfg or launch.cfg, launch.profile.ref, launch.gpus_per_node,
+                                       launch.nodes))
     if dry_run:
         print(text, end="")
         return 0
