@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 from ftlab.errors import UserError, not_utf8
 
@@ -21,20 +21,25 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
     with f:
-        for lineno, raw in enumerate(f, start=1):
-            try:  # utf-8-sig on line 1: editors on Windows start files with a byte-order mark
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise not_utf8(path, raw, e, lineno) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {json_type(record)}")
-            yield lineno, record
+        yield from read_records(path, f)
+
+
+def read_records(path: str | os.PathLike, f: IO[bytes]) -> Iterator[tuple[int, dict]]:
+    """(line_number, record) from an open binary stream (a file, a gzip stream, a pipe); errors name `path`:line."""
+    for lineno, raw in enumerate(f, start=1):
+        try:  # utf-8-sig on line 1: editors on Windows start files with a byte-order mark
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise not_utf8(path, raw, e, lineno) from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {json_type(record)}")
+        yield lineno, record
 
 
 def json_type(value: Any) -> str:

@@ -36,13 +36,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from ftlab.data.corpus import publish, split_of
-from ftlab.data.jsonl import json_type
-from ftlab.errors import UserError, not_utf8
+from ftlab.data.jsonl import json_type, read_records
+from ftlab.errors import UserError
 
 log = logging.getLogger("ftlab")
 
@@ -120,28 +120,11 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            yield from _records(path, f)
+            yield from read_records(path, f)
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise UserError(f"{path}: not a complete gzip file ({e or type(e).__name__})") from None
     except OSError as e:  # unreadable: permissions, a vanished network mount
         raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
-
-
-def _records(path: Path, f: IO[bytes]) -> Iterator[tuple[int, dict]]:
-    for lineno, raw in enumerate(f, start=1):
-        try:  # utf-8-sig on line 1: a byte-order mark is not part of the JSON
-            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise not_utf8(path, raw, e, lineno) from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{lineno}: expected a JSON object, got {json_type(record)}")
-        yield lineno, record
 
 
 def hub_source(s: SocsciSettings) -> Source:
