@@ -25,8 +25,10 @@ x max_length tokens, so rounding of each term in the compute dtype (eps_c) avera
 the float32 sums accumulate eps_32 x sqrt(n); updates carry it on, so the bound grows with the step:
     tol(step) = SAFETY x (eps_c / sqrt(n) + eps_32 x sqrt(n)) x step        (relative)
 and the gradient norm also sums the squares of the model's P parameters in float32: + SAFETY x eps_32 x sqrt(P) x
-step. Logits are dot products of `hidden` terms in the weights' dtype: SAFETY x eps_w x sqrt(hidden), relative to the
-largest logit. A failing check stops the launch in one line naming the check, the step and the difference.
+step. Logits are compared in the dtype the live model computes in (eps_l), with the saved weights reloaded in that
+dtype: the same weights through the same kernels, where only the order of a reduction can differ, a few units in
+the last place of the largest logit: SAFETY x eps_l, relative to it. A failing check stops the launch in one line
+naming the check, the step and the difference.
 
 Dropout is off because its masks are drawn per process: 1 and N processes cannot agree with it on, by design.
 """
@@ -213,7 +215,7 @@ def preflight_overrides(cfg: DictConfig, base: Path, processes: int) -> TinyReci
         out.append("lora.dropout=0.0")
         if cfg.lora.last_layers:
             out.append(f"lora.last_layers={min(cfg.lora.last_layers, TINY_LAYERS - 1)}")
-        if cfg.lora.quantize and not torch.cuda.is_available():
+        if cfg.lora.quantize and not runs_qlora(cfg):
             out.append("lora.quantize=null")
             notes.append(f"lora.quantize={cfg.lora.quantize} (QLoRA) needs CUDA: checked as plain LoRA")
     if cfg.model.attn_implementation.startswith("flash") and not torch.cuda.is_available():
@@ -225,6 +227,11 @@ def preflight_overrides(cfg: DictConfig, base: Path, processes: int) -> TinyReci
         out += [f"grpo.max_completion_length={min(cfg.grpo.max_completion_length, 16)}", "grpo.engine=hf",
                 "grpo.log_completions_every=null"]
     return TinyRecipe(out, global_batch, notes)
+
+
+def runs_qlora(cfg: DictConfig) -> bool:
+    """QLoRA is checked as QLoRA where it runs (CUDA), else as plain LoRA."""
+    return bool(cfg.lora.enabled and cfg.lora.quantize) and torch.cuda.is_available()
 
 
 # -- running the tiny recipe -------------------------------------------------------------------------------
@@ -303,18 +310,13 @@ class Tolerances:
     """Relative tolerances from the dtypes and the sizes of the pre-flight runs (module doc)."""
 
     compute: torch.dtype      # the coarser of the weights' dtype and train.precision's autocast
-    weights: torch.dtype
     tokens: int               # at most, per step: the step's loss and gradient are means over them
     params: int               # the tiny model's: the gradient norm sums their squares
-    hidden: int               # the logits are dot products this long
 
     def step(self, step: int, norm: bool = False) -> float:
         n, fp32 = max(self.tokens, 1), unit_roundoff(torch.float32)
         bound = unit_roundoff(self.compute) / math.sqrt(n) + fp32 * math.sqrt(n)
         return SAFETY * (bound + (fp32 * math.sqrt(self.params) if norm else 0.0)) * step
-
-    def logits(self) -> float:
-        return SAFETY * unit_roundoff(self.weights) * math.sqrt(self.hidden)
 
 
 def relative(a: float, b: float) -> float:
@@ -353,14 +355,16 @@ def probe_ids(tokenizer: Any) -> torch.Tensor:
     return tokenizer(PROBE_TEXT, return_tensors="pt").input_ids
 
 
-def logits_of(model_dir: Path, dtype: str) -> torch.Tensor:
-    """Logits of the probe text from a saved model or adapter (on its base), loaded as `ftlab` loads models."""
+def logits_of(model_dir: Path, dtype: torch.dtype, **placement: Any) -> torch.Tensor:
+    """Logits of the probe text from a saved model or adapter (on its base), loaded as `ftlab` loads models, in
+    `dtype` (`placement`: QLoRA's 4-bit loading)."""
     from ftlab.config.schema import ModelConfig
-    from ftlab.models.load import load_model_and_tokenizer
+    from ftlab.models.load import DTYPES, load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(ModelConfig(name=str(model_dir), dtype=dtype))
+    name = next(k for k, v in DTYPES.items() if v == dtype)
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name=str(model_dir), dtype=name), **placement)
     with torch.no_grad():
-        return model(input_ids=probe_ids(tokenizer)).logits.float()
+        return model(input_ids=probe_ids(tokenizer).to(model.device)).logits.float().cpu()
 
 
 def compare_logits(name: str, live: torch.Tensor, reloaded: torch.Tensor, tol: float) -> Check:
@@ -368,20 +372,32 @@ def compare_logits(name: str, live: torch.Tensor, reloaded: torch.Tensor, tol: f
     return Check(name, "end", diff, tol, diff <= tol)
 
 
-def reload_checks(run: Path, base: Path, cfg: DictConfig, tol: float) -> list[Check]:
-    """The live model's logits against the saved model reloaded (adapter and merged, or the full model), and
-    against the untrained base: a save that lost the training (an empty adapter) fails, and the check is only
-    decisive when training moved the logits beyond the tolerance."""
+def reload_checks(run: Path, base: Path, cfg: DictConfig) -> list[Check]:
+    """The live model's logits against the saved model reloaded in the live model's dtype (DeepSpeed holds bf16
+    weights under bf16 precision): the adapter on its base and merged/, or the full model. The untrained base
+    must differ from the live model: a save that lost the training (an empty adapter) would otherwise pass.
+
+    QLoRA (on CUDA) reloads its adapter on a 4-bit base as training loaded it; its merged/ is folded into an
+    unquantized bf16 base, so it is compared with the adapter on that base."""
+    from ftlab.models.adapters import quantization_config
+
     live = torch.load(run / LIVE_LOGITS, weights_only=True)
-    saved = [("the adapter reloaded on its base", run / "final"), ("the merged model reloaded", run / "merged")] \
-        if cfg.lora.enabled else [("the full model reloaded", run / "final")]
-    checks = [compare_logits(f"logits: live vs {what}", live, logits_of(path, cfg.model.dtype), tol)
-              for what, path in saved]
-    untrained = compare_logits("logits: trained vs untrained", live, logits_of(base, cfg.model.dtype), tol)
-    if untrained.passed:  # training changed nothing measurable: the checks above could not tell a lost save
-        untrained.passed, untrained.note = False, "training moved no logit beyond rounding"
-        checks.append(untrained)
-    return checks
+    dtype = getattr(torch, live["dtype"])
+    tol = SAFETY * unit_roundoff(dtype)
+    quantized = {"quantization_config": quantization_config(cfg.lora), "device_map": {"": 0}} \
+        if runs_qlora(cfg) else {}
+    checks = [compare_logits("logits: live vs saved, reloaded" + (" (adapter on its base)" if cfg.lora.enabled else ""),
+                             live["logits"], logits_of(run / "final", dtype, **quantized), tol)]
+    if cfg.lora.enabled:
+        folded = logits_of(run / "final", torch.bfloat16) if quantized else live["logits"]
+        checks.append(compare_logits("logits: merged/ reloaded" + (" vs adapter on bf16 base" if quantized else ""),
+                                     folded, logits_of(run / "merged", torch.bfloat16 if quantized else dtype),
+                                     SAFETY * unit_roundoff(torch.bfloat16) if quantized else tol))
+    untrained = compare_logits("logits: trained vs untrained (must differ)", live["logits"],
+                               logits_of(base, dtype, **quantized), tol)
+    untrained.passed = not untrained.passed
+    untrained.note = "" if untrained.passed else "training moved no logit beyond rounding"
+    return checks + [untrained]
 
 
 # -- the pre-flight --------------------------------------------------------------------------------------------
@@ -411,7 +427,7 @@ def run_preflight(launch: Launch, recipe: str, overrides: Sequence[str]) -> list
             checks += compare_steps(f"1 vs {n} processes{via}", done[0], done[1], range(1, STEPS + 1), tol)
         own = done[-1] if here.own_processes == n else done[0]  # the launch's profile at its most processes here
         if all(c.passed for c in checks):
-            checks += reload_checks(own, base, cfg, tol.logits())
+            checks += reload_checks(own, base, cfg)
         if all(c.passed for c in checks):
             checkpoint = own / "checkpoints" / step_name(CHECKPOINT_STEP)
             [resumed] = finish([start_tiny(here.profile, here.own_processes, recipe,
@@ -440,7 +456,7 @@ def tolerances(cfg: DictConfig, model: TinyModel, tokens: int) -> Tolerances:
 
     weights = DTYPES[cfg.model.dtype]
     compute = max(weights, DTYPES.get(cfg.train.precision, torch.float32), key=unit_roundoff)
-    return Tolerances(compute, weights, tokens, model.params, model.config.hidden_size)
+    return Tolerances(compute, tokens, model.params)
 
 
 def format_table(checks: Sequence[Check], notes: Sequence[str], seconds: float) -> str:
@@ -511,10 +527,13 @@ def train_and_record_logits(recipe: str, overrides: Sequence[str]) -> None:
     loop = kept[-1].loop
     model = loop.accelerator.unwrap_model(loop.model)
     model.eval()
+    # the dtype the live model computes in (DeepSpeed casts it to bf16/fp16 under that precision; QLoRA's 4-bit
+    # weights are not floating point, its other weights are)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     with torch.no_grad():
         logits = model(input_ids=probe_ids(loop.tokenizer).to(loop.device)).logits.float().cpu()
     if loop.rank == 0:
-        torch.save(logits, loop.run_path / LIVE_LOGITS)
+        torch.save({"logits": logits, "dtype": str(dtype).removeprefix("torch.")}, loop.run_path / LIVE_LOGITS)
     loop.accelerator.wait_for_everyone()
 
 
