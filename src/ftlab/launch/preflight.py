@@ -82,7 +82,7 @@ class Check:
     step: str = ""
     difference: float | None = None    # relative
     tolerance: float | None = None
-    passed: bool | None = None         # None: not run here (`note` says why)
+    passed: bool = True
     note: str = ""
 
 
@@ -173,10 +173,11 @@ def layout_here(launch: Launch) -> Layout:
     prof = launch.profile
     if prof.max_processes == 1 or n == 1:
         return Layout(prof, 1, prof, notes + ["1 process: no 1 vs N comparison"])
-    as_lora = OmegaConf.merge(launch.cfg, {"lora": {"quantize": None}})  # QLoRA is checked as LoRA without CUDA
-    check_this_machine(Launch(prof, as_lora, 1, 1, launch.argv))  # e.g. DeepSpeed not installed: nothing to run
+    # as the pre-flight runs it: QLoRA without CUDA as LoRA (preflight_overrides)
+    cfg = launch.cfg if runs_qlora(launch.cfg) else OmegaConf.merge(launch.cfg, {"lora": {"quantize": None}})
+    check_this_machine(Launch(prof, cfg, 1, 1, launch.argv))  # e.g. DeepSpeed not installed: nothing to run
     try:
-        check_this_machine(Launch(prof, as_lora, n, 1, launch.argv))
+        check_this_machine(Launch(prof, cfg, n, 1, launch.argv))
     except UserError:
         if not prof.multi_process_needs_cuda:
             raise
@@ -213,7 +214,7 @@ def preflight_overrides(cfg: DictConfig, base: Path, processes: int) -> TinyReci
     notes = [f"{STEPS} steps at global batch {global_batch} ({batch} per process), constant lr {lr:g}"]
     if cfg.lora.enabled:
         out.append("lora.dropout=0.0")
-        if cfg.lora.last_layers:
+        if cfg.lora.last_layers:  # fewer than all layers: a frozen lower layer stays part of what is checked
             out.append(f"lora.last_layers={min(cfg.lora.last_layers, TINY_LAYERS - 1)}")
         if cfg.lora.quantize and not runs_qlora(cfg):
             out.append("lora.quantize=null")
@@ -390,7 +391,8 @@ def reload_checks(run: Path, base: Path, cfg: DictConfig) -> list[Check]:
                              live["logits"], logits_of(run / "final", dtype, **quantized), tol)]
     if cfg.lora.enabled:
         folded = logits_of(run / "final", torch.bfloat16) if quantized else live["logits"]
-        checks.append(compare_logits("logits: merged/ reloaded" + (" vs adapter on bf16 base" if quantized else ""),
+        checks.append(compare_logits("logits: adapter on bf16 base vs merged/" if quantized else
+                                     "logits: live vs merged/, reloaded",
                                      folded, logits_of(run / "merged", torch.bfloat16 if quantized else dtype),
                                      SAFETY * unit_roundoff(torch.bfloat16) if quantized else tol))
     untrained = compare_logits("logits: trained vs untrained (must differ)", live["logits"],
@@ -440,7 +442,7 @@ def run_preflight(launch: Launch, recipe: str, overrides: Sequence[str]) -> list
     if failed:
         said = f"{failed.note}; " if failed.note else ""
         raise PreflightFailed(f"pre-flight failed: {failed.name}, step {failed.step}: {said}relative difference "
-                              f"{failed.difference:.3g} > tolerance {failed.tolerance:.3g}; nothing launched")
+                              f"{failed.difference:.3g}, tolerance {failed.tolerance:.3g}; nothing launched")
     return checks
 
 
@@ -464,7 +466,7 @@ def format_table(checks: Sequence[Check], notes: Sequence[str], seconds: float) 
     width = max((len(c.name) for c in checks), default=10)
     lines.append(f"  {'check':<{width}}  {'step':>4}  {'difference':>10}  {'tolerance':>9}  result")
     for c in checks:
-        result = "skipped" if c.passed is None else "ok" if c.passed else f"FAILED {c.note}".rstrip()
+        result = "ok" if c.passed else f"FAILED {c.note}".rstrip()
         diff = "" if c.difference is None else f"{c.difference:.2e}"
         tol = "" if c.tolerance is None else f"{c.tolerance:.2e}"
         lines.append(f"  {c.name:<{width}}  {c.step:>4}  {diff:>10}  {tol:>9}  {result}")
