@@ -34,6 +34,7 @@ Dropout is off because its masks are drawn per process: 1 and N processes cannot
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
@@ -474,16 +475,16 @@ def format_table(checks: Sequence[Check], notes: Sequence[str], seconds: float) 
     return "\n".join(lines)
 
 
-def preflight_launch(args: Any) -> None:
+def preflight_launch(args: argparse.Namespace) -> None:
     """`ftlab launch --preflight`: what this machine refuses for the real launch first (a local launch), then the
     pre-flight; returns when every check passed."""
     from ftlab.launch.launcher import check_this_machine
 
-    launch = prepare_launch(args.profile, args.gpus, args.nodes, args.rdzv_endpoint, args.verb, args.recipe,
-                            args.overrides)
     if args.verb != "train":
         raise UserError(f"--preflight checks training launches (--verb train); got --verb {args.verb}")
-    if not (args.dry_run or getattr(args, "slurm", False) or getattr(args, "submit", False)):
+    launch = prepare_launch(args.profile, args.gpus, args.nodes, args.rdzv_endpoint, args.verb, args.recipe,
+                            args.overrides)
+    if not (args.dry_run or args.slurm or args.submit):
         check_this_machine(launch)  # refused now, not after a minute of pre-flight
     # What libraries print while it runs (DeepSpeed's banner on import) goes to stderr: a dry run's stdout is the
     # command alone.
