@@ -255,3 +255,33 @@ def offline_summary_and_tags(path: Path) -> tuple[dict, list[str]]:
         elif record.WhichOneof("record_type") == "run":
             tags = list(record.run.tags)
     return summary, tags
+
+
+def test_evaluations_of_the_same_rows_are_paired_against_the_base_model(made, tmp_path):
+    """Copies of a real evaluation with correctness set by hand: the base model (a model no run made) answers
+    rows 1 of 4, the tuned one rows 1-3: +50 points over 4 paired rows, the paired bootstrap interval of those
+    differences, and a run on other rows (another limit) is not paired with them."""
+    import shutil
+
+    from ftlab.tasks.scoring import bootstrap_ci
+
+    evals = tmp_path / "runs" / "eval"
+    for name, model, correct in (("20260101_000000_base", "smollm2-135m-instruct", [1, 0, 0, 0]),
+                                 ("20260101_000001_tuned", str(made["seed0"] / "final"), [1, 1, 1, 0])):
+        shutil.copytree(made["eval_seed0"], evals / name)
+        rows = [json.loads(line) for line in (evals / name / "predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == 4
+        (evals / name / "predictions.jsonl").write_text(
+            "".join(json.dumps({**r, "correct": bool(c)}) + "\n" for r, c in zip(rows, correct)))
+        metrics = json.loads((evals / name / "metrics.json").read_text())
+        (evals / name / "metrics.json").write_text(json.dumps({**metrics, "model": model, "adapter": None}))
+    shutil.copytree(made["eval_small"], evals / "20260101_000002_other_rows")
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    section = md.split("## Paired differences", 1)[1].split("\n## ", 1)[0]
+    assert "Baseline base " in section
+    lo, hi = bootstrap_ci([0, 1, 1, 0])
+    assert table_row(section, "tuned") == ["tuned", "+50.0", f"[{100 * lo:+.1f}, {100 * hi:+.1f}]", "4",
+                                           "better" if lo > 0 else "no difference shown (the interval holds 0)"]
+    assert "| other_rows |" not in section

@@ -3,7 +3,7 @@
 The report holds, in this order: problems found while reading (damaged metrics lines, runs that never
 started), a table of every run (status, last step, final and best metrics with intervals, trainable
 parameters, wall time, tokens, peak memory, what makes it not comparable), seed groups (mean and 95% t
-interval), the overlaid curves, the sweep plots, and per kind of run the comparability properties and the
+interval), paired differences of evaluations of the same rows, the overlaid curves, the sweep plots, and per kind of run the comparability properties and the
 configuration keys that differ. Each comparability flag is written under the plot or table it spoils.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ftlab.errors import UserError
 from ftlab.report import compare as C
 from ftlab.report.curves import PANELS, Final, finals
+from ftlab.report.paired import paired_section
 from ftlab.report.plots import plot_panel
 from ftlab.report.render import (
     WARN,
@@ -64,6 +65,7 @@ def build_report(paths: Sequence[str | Path], out: str | Path, axis: str = "step
     blocks += problems_section(runs)
     blocks += runs_section(runs, groups)
     blocks += groups_section(groups)
+    blocks += paired_section(runs)
     blocks += curves_section(runs, groups, axis, window, images)
     blocks += sweeps_section(runs, groups, images)
     for kind in dict.fromkeys(r.kind for r in runs):
