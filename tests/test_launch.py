@@ -196,8 +196,9 @@ def assert_one_line_error(code: int, err: str, needle: str) -> None:
     (["--profile", "ddp", "--nodes", "2"], "--nodes 2 needs --rdzv-endpoint HOST:PORT"),
     (["--profile", "ddp", "--nodes", "2", "--rdzv-endpoint", "node001"], "expected HOST:PORT"),
     (["--profile", "ddp", "--gpus", "0"], "--gpus and --nodes must be >= 1"),
+    (["--profile", "ddp", "train.resume=runs/no_such_run"], "train.resume: no complete checkpoint under"),
 ], ids=["unknown-profile", "missing-profile-file", "global-batch", "global-batch-world", "grpo-groups",
-        "single-several", "nodes-without-endpoint", "bad-endpoint", "zero-gpus"])
+        "single-several", "nodes-without-endpoint", "bad-endpoint", "zero-gpus", "resume-not-a-checkpoint"])
 def test_bad_launches_are_one_line(tmp_path, capsys, args, needle):
     recipe = str(tiny_recipe(tmp_path))
     code, out, err = launch([recipe, *args, "--dry-run"], capsys)

@@ -149,7 +149,7 @@ def launch_argv(profile: Profile | str, gpus_per_node: int, nodes: int, rdzv_end
 def prepare_launch(profile: Profile | str, gpus_per_node: int, nodes: int, rdzv_endpoint: str | None, verb: str,
                    recipe: str, overrides: Sequence[str]) -> Launch:
     from ftlab.config import load_recipe
-    from ftlab.train.setup import check_distributed_type, global_batch_accum
+    from ftlab.train.setup import check_distributed_type, global_batch_accum, resolve_resume
 
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     check_layout(prof, gpus_per_node, nodes, rdzv_endpoint, verb)
@@ -161,6 +161,8 @@ def prepare_launch(profile: Profile | str, gpus_per_node: int, nodes: int, rdzv_
     # The profile's sharding goes last, so it is what runs (and what the recipe checks see).
     overrides = [*overrides, *([f"train.sharding={prof.sharding}"] if prof.sharding != "none" else [])]
     cfg = load_recipe(recipe, overrides)
+    if verb == "train" and cfg.train.resume:  # a path that is not a checkpoint: one line here, not one per process
+        resolve_resume(cfg)
     child = ["-m", "ftlab.cli", verb, str(recipe), *overrides]
     if cfg.train.global_batch is not None:
         # Each process computes the same accumulation from its WORLD_SIZE; passing it makes the command say it.
