@@ -285,3 +285,30 @@ def test_evaluations_of_the_same_rows_are_paired_against_the_base_model(made, tm
     assert table_row(section, "tuned") == ["tuned", "+50.0", f"[{100 * lo:+.1f}, {100 * hi:+.1f}]", "4",
                                            "better" if lo > 0 else "no difference shown (the interval holds 0)"]
     assert "| other_rows |" not in section
+
+
+def test_training_runs_nothing_evaluated_keep_their_accuracy_beside_a_base_evaluation(made, tmp_path):
+    """A size sweep's training runs (in-training accuracy on GSM8K-shaped rows) and an evaluation of the base model:
+    the base model trained on no data.limit, so it is left out of accuracy-against-size, and the sweep plot is
+    still drawn from the training runs (an evaluation replaces only the run whose model it scored)."""
+    import shutil
+
+    from tests.helpers import tiny_recipe
+    from tests.report_runs import write_gsm8k
+
+    gsm = write_gsm8k(tmp_path / "gsm.jsonl", n=8)
+    recipe = tiny_recipe(tmp_path, train={"eval_every": 2, "max_steps": 2},
+                         data={"task": "gsm8k", "train": str(gsm), "val": str(gsm), "val_limit": 2},
+                         eval={"max_new_tokens": 2})
+    for limit in (4, 8):
+        assert main(["train", str(recipe), f"data.limit={limit}", f"name=size{limit}"]) == 0
+    base = tmp_path / "runs" / "eval" / "20260101_000000_base"
+    shutil.copytree(made["eval_seed0"], base)
+    metrics = json.loads((base / "metrics.json").read_text())
+    (base / "metrics.json").write_text(json.dumps({**metrics, "model": "smollm2-135m-instruct", "adapter": None}))
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    sweeps = md.split("## Sweeps", 1)[1].split("\n## ", 1)[0]
+    assert "sweep_accuracy_vs_size.png" in sweeps and (out / "img" / "sweep_accuracy_vs_size.png").is_file()
+    assert "Left out (setting not recorded): base" in sweeps

@@ -59,6 +59,8 @@ def final_of(key: str) -> Callable[[Run], tuple[float, None] | None]:
 
 
 def dataset_size(run: Run) -> float | None:
+    if run.kind == "eval" and run.origin_path is None:  # a base model: its recipe's data.limit trained nothing
+        return None
     limit = run.setting("data.limit")
     return float(limit) if isinstance(limit, int) else (float(n) if (n := training_examples(run)) else None)
 
@@ -95,12 +97,14 @@ def sweep_plots(runs: Sequence[Run], out: Path) -> list[SweepPlot]:
          "pretrain.num_categories", "K (pretrain.num_categories)", "final bits per byte", 2, "eval"),
     ]
     # A training run's in-training accuracy and an evaluation of its model would count the same model twice:
-    # evaluations (and loops) speak for accuracy where there are any.
+    # an evaluation (or a loop) speaks for the model it scored; a training run nothing evaluated speaks for itself.
     scored = [r for r in runs if r.kind in ("eval", "loop") and accuracy_of(r) is not None]
+    evaluated = {r.origin_path for r in scored if r.origin_path is not None}
+    scored += [r for r in runs if r.kind not in ("eval", "loop") and r.path not in evaluated]
     pretraining = [r for r in runs if is_pretraining(r)]  # K is a pretraining setting
     plots = []
     for title, name, x_of, y_of, x_key, xlabel, ylabel, base, comparison in specs:
-        among = (scored or runs) if comparison == "accuracy" else pretraining
+        among = scored if comparison == "accuracy" else pretraining
         points, placed, left_out = collect(among, x_of, y_of, x_key)
         if len({p.x for p in points}) < 2:
             continue
