@@ -83,7 +83,10 @@ def test_config_diff_and_comparability_flags(report):
     sweep = re.search(r"### accuracy against training-set size\n(.*?)\n#", md, re.DOTALL).group(1)
     assert "Not comparable here: eval set differs" in sweep   # written beside the plot it spoils
     pretrain = md[md.index("## pretrain runs"):md.index("## sft runs")]
-    assert "| pretrain.num_categories | 1 | 2 |" in pretrain and "⚠" not in pretrain
+    assert "| pretrain.num_categories | 1 | 2 |" in pretrain
+    # K = 1 and K = 2 draw their validation windows from their own categories: other text, flagged as such
+    assert "| ⚠ eval set |" in pretrain and re.search(r"val\[\w[\w-]*, seed 0, \d+ x \d+\] \(k1\)", pretrain)
+    assert "| ⚠ tokenizer |" not in pretrain
 
 
 def test_sweep_plots_and_pngs_are_written_and_inlined(report):

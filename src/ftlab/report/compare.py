@@ -108,6 +108,12 @@ def eval_set(run: Run) -> str | None:
         c = run.config  # an evaluation from before the hash was recorded: its source and slice
         return f"{c.get('eval.source')}:{c.get('eval.split')}[{c.get('eval.offset')}:+{c.get('eval.limit')}]"
     c = run.config
+    if c.get("train.method") == "pretrain":
+        # validation windows are drawn from the run's own categories with its seed: another K or another seed
+        # is measured on other text
+        categories = "+".join(sorted(run.summary.get("categories") or [])) or "?"
+        return (f"{c.get('pretrain.corpus')}:{c.get('pretrain.val_split')}[{categories}, seed {c.get('seed')}, "
+                f"{c.get('pretrain.val_windows')} x {c.get('pretrain.seq_len')}]")
     source = c.get("loop.heldout") or c.get("data.val") if run.kind == "loop" else c.get("data.val")
     limit = c.get("loop.heldout_limit") if run.kind == "loop" else c.get("data.val_limit")
     return f"{source}:{c.get('data.val_split')}[:{limit}]" if source else None
