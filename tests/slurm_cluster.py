@@ -18,9 +18,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
+
+import pytest
 
 NODE_CPUS = 2
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -165,3 +167,14 @@ class SlurmCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@pytest.fixture
+def cluster() -> Iterator[SlurmCluster]:
+    """A running one-node cluster for one test (skipped, with the daemons' own words, where none can start)."""
+    try:
+        c = SlurmCluster.start()
+    except ClusterUnavailable as e:
+        pytest.skip(f"no Slurm cluster could start here: {e}")
+    yield c
+    c.stop()

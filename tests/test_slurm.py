@@ -23,7 +23,7 @@ import pytest
 from ftlab.cli import main
 from ftlab.runs.trackers import read_metrics
 from tests.helpers import tiny_recipe
-from tests.slurm_cluster import ClusterUnavailable, SlurmCluster, slurm_conf
+from tests.slurm_cluster import cluster, slurm_conf  # noqa: F401 (cluster: a fixture)
 
 pytestmark = pytest.mark.timeout(300)
 T = TypeVar("T")
@@ -174,15 +174,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_checkpointed_step(tmp
     assert sorted(steps_of(run)) == list(range(1, k + 1))
 
 
-# -- a real cluster --------------------------------------------------------------------------------------------
-@pytest.fixture
-def cluster():
-    try:
-        c = SlurmCluster.start()
-    except ClusterUnavailable as e:
-        pytest.skip(f"no Slurm cluster could start here: {e}")
-    yield c
-    c.stop()
+# -- a real cluster (the `cluster` fixture: tests/slurm_cluster.py) ----------------------------------------
 
 
 def test_warned_job_checkpoints_requeues_resumes_and_matches_an_uninterrupted_run(tmp_path, capsys, monkeypatch,

@@ -24,7 +24,7 @@ from ftlab.runs.sweep_plan import point_overrides
 from ftlab.runs.sweep_slurm import array_spec, update_point
 from ftlab.runs.sweep_table import stitched_metrics
 from tests.helpers import tiny_recipe
-from tests.slurm_cluster import ClusterUnavailable, SlurmCluster, slurm_conf
+from tests.slurm_cluster import cluster, slurm_conf  # noqa: F401 (cluster: a fixture)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -160,15 +160,7 @@ def test_submit_where_no_slurm_answers_writes_nothing(tmp_path, capsys, monkeypa
     assert captured.out == "" and not (tmp_path / "runs").exists()
 
 
-# -- a real cluster --------------------------------------------------------------------------------------------
-@pytest.fixture
-def cluster():
-    try:
-        c = SlurmCluster.start()
-    except ClusterUnavailable as e:
-        pytest.skip(f"no Slurm cluster could start here: {e}")
-    yield c
-    c.stop()
+# -- a real cluster (the `cluster` fixture: tests/slurm_cluster.py) ----------------------------------------
 
 
 def test_array_tasks_run_every_point_through_launch_with_the_losses_of_a_sequential_sweep(tmp_path, capsys,
