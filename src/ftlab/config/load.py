@@ -361,3 +361,13 @@ def _where(path: Any) -> str:
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of nested dicts (a config as plain containers); lists stay values."""
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}

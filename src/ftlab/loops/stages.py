@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from ftlab.config.load import flatten
 from ftlab.errors import UserError
 from ftlab.models.load import release_memory
 from ftlab.runs.rundir import redact, write_json
@@ -39,19 +40,10 @@ UNHASHED = ("output_dir", "loop.dir", "loop.iterations")
 
 def recipe_fingerprint(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     """(hash, flat {dotted key: value}) of the resolved recipe without the UNHASHED keys."""
-    flat = _flatten(redact(OmegaConf.to_container(cfg, resolve=True)))
+    flat = flatten(redact(OmegaConf.to_container(cfg, resolve=True)))
     for key in UNHASHED:
         flat.pop(key, None)
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16], flat
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict) and obj:
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): obj}
 
 
 class LoopDir:

@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ftlab.config.load import flatten
 from ftlab.errors import UserError
 from ftlab.runs.trackers import read_metrics
 
@@ -58,16 +59,6 @@ class Run:
         if self.kind == "eval" and key in self.origin and key not in ("seed", "model.name", "model.adapter"):
             return self.origin[key]
         return self.config.get(key)
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """{dotted key: value} of nested dicts; lists stay values."""
-    if isinstance(obj, dict) and obj:
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): obj}
 
 
 # -- finding runs ------------------------------------------------------------------------------------

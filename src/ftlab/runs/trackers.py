@@ -105,7 +105,7 @@ def config_tags(config: dict[str, Any]) -> list[str]:
 
     from ftlab.config.schema import Recipe
     from ftlab.report.compare import differing_keys
-    from ftlab.report.runs import flatten
+    from ftlab.config.load import flatten
 
     defaults = flatten(OmegaConf.to_container(OmegaConf.structured(Recipe)))
     mine = flatten(config)
