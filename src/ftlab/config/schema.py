@@ -273,6 +273,7 @@ class QuickstartConfig:
     heldout_dir: str = "../shared/data/prontoqa"   # relative to the working directory
     heldout_hops: list[int] = field(default_factory=lambda: [1, 3, 5])
     heldout_sizes: list[int] = field(default_factory=lambda: [50, 100, 50])  # problems per entry of heldout_hops
+    heldout_offset: int = 0         # rows of each authors' file skipped first (e.g. rows set aside for choices)
     heldout_seed: int = 987654
 
 
@@ -400,6 +401,7 @@ RANGES: dict[str, str] = {
     "quickstart.data_seed": ">= 0",
     "quickstart.heldout_hops": ">= 1",
     "quickstart.heldout_sizes": ">= 1",
+    "quickstart.heldout_offset": ">= 0",
     "quickstart.heldout_seed": ">= 0",
     "loop.iterations": ">= 0",
     "loop.max_problems": ">= 1",
