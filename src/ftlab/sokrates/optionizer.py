@@ -145,13 +145,15 @@ def _needed(known: dict, goal: tuple) -> tuple[list[_Derived], tuple]:
     return order, goal
 
 
-def _backward_plan(premises: list[Statement], claim: Fact, derived: list[_Derived]) -> str | None:
+def _backward_plan(premises: list[Statement], claim: Fact, derived: list[_Derived],
+                   compact: bool = False) -> str | None:
     """The search a proof of `derived` (a chain of modus ponens steps from one premise fact) makes back from
     the claim, in the words of `conclusion_index`: the rules that conclude the claimed property, in premise
     order, dead ends (nothing concludes their subject) said as such, then one entry per concept down to the
     entity's fact. Each entry also spells the premise as the forward steps cite it ("each wumpus is a dumpus
     (premise 14)"): a step then finds its rule by the concept it stands at, the first words of that phrase,
-    instead of reading the plan backwards. None when the proof is not such a chain."""
+    instead of reading the plan backwards. `compact`: each entry is the premise as the grouped prompt words it
+    ("grimpus: each wumpus is a grimpus (20)", the index line "grimpus: wumpus (20)" spelled). None when the proof is not such a chain."""
     if not derived or any(d.option != "MODUS_PONENS" for d in derived) or any(
             d.fact != prev.out.key for prev, d in pairwise(derived)):
         return None
@@ -161,6 +163,8 @@ def _backward_plan(premises: list[Statement], claim: Fact, derived: list[_Derive
     concluded = {p.pred for p in premises}
 
     def entry(i: int, spelled: bool = True) -> str:
+        if compact:
+            return f"{premises[i].pred}: {premises[i].text()} ({i})"
         said = f", {premises[i].text()} (premise {i})" if spelled else ""
         return f"{premises[i].pred}: {index_entry(premises[i], i)}{said}"
 
@@ -175,9 +179,10 @@ def _backward_plan(premises: list[Statement], claim: Fact, derived: list[_Derive
 
 
 def _render(problem: Problem, premises: list[Statement], claim: Fact,
-            plan: tuple[list[_Derived], tuple], backward_plan: bool = False) -> tuple[list[Step], str]:
+            plan: tuple[list[_Derived], tuple], backward_plan: bool = False,
+            compact: bool = False) -> tuple[list[Step], str]:
     derived, goal_key = plan
-    search = _backward_plan(premises, claim, derived) if backward_plan else None
+    search = _backward_plan(premises, claim, derived, compact) if backward_plan else None
     index: dict[tuple, int] = {}
     for i, p in enumerate(premises):
         if isinstance(p, Fact):
@@ -186,6 +191,8 @@ def _render(problem: Problem, premises: list[Statement], claim: Fact,
 
     def ref(key: tuple) -> str:
         i = index[key]
+        if compact:
+            return str(i)
         return f"premise {i}" if i < len(premises) else f"derived fact {i}"
 
     steps = []
@@ -197,13 +204,17 @@ def _render(problem: Problem, premises: list[Statement], claim: Fact,
             rule_text = sentence[0].lower() + sentence[1:]
         number = len(premises) + len(steps)  # the fact this step derives
         lead = f"{search} " if search and not steps else ""
-        steps.append(make_step(f"{lead}Since {facts[d.fact].text()} ({ref(d.fact)}) and {rule_text} (premise {d.rule}), "
-                               f"{d.out.text()} (derived fact {number}).", d.option, [index[d.fact], d.rule]))
+        if compact:  # the fact used is the previous line's; the rule as the plan spelled it
+            thought = f"{lead}{premises[d.rule].text()} ({d.rule}), so {d.out.text()} ({number})."
+        else:
+            thought = (f"{lead}Since {facts[d.fact].text()} ({ref(d.fact)}) and {rule_text} (premise {d.rule}), "
+                       f"{d.out.text()} (derived fact {number}).")
+        steps.append(make_step(thought, d.option, [index[d.fact], d.rule], short=compact))
         index.setdefault(d.out.key, number)
         facts.setdefault(d.out.key, d.out)
     goal = facts[goal_key]
     verdict = "True" if goal.key == claim.key else "False"
-    if search:
+    if search or compact:
         # the claim written beside the derived fact before the verdict: with "which is the claim" /
         # "which contradicts" the policy had to choose before writing the claim, and after following its plan
         # to the right fact it chose at chance (39 of 79 such outputs right on the authors' 3-hop rows 101-300)
@@ -212,12 +223,13 @@ def _render(problem: Problem, premises: list[Statement], claim: Fact,
         how = (", which is the claim. The" if verdict == "True"
                else f", which contradicts the claim that {claim.text()}. The")
     steps.append(make_step(f"{goal.text()} ({ref(goal.key)}){how} answer is {verdict}.",
-                           "CONCLUDE", [index[goal.key]]))
+                           "CONCLUDE", [index[goal.key]], short=compact))
     return steps, verdict
 
 
-def optionize_prontoqa(problem: Problem, backward_plan: bool = False) -> Proof:
-    """`backward_plan`: the first step's thought starts with the search back from the claim (`_backward_plan`)."""
+def optionize_prontoqa(problem: Problem, backward_plan: bool = False, compact: bool = False) -> Proof:
+    """`backward_plan`: the first step's thought starts with the search back from the claim (`_backward_plan`);
+    `compact`: the wording of `render_problem(..., compact=True)` (premises as grouped there, bare numbers)."""
     premises, claim = parse_prontoqa(problem)
     notes: list[str] = []
     derived, source = None, "gold"
@@ -229,11 +241,11 @@ def optionize_prontoqa(problem: Problem, backward_plan: bool = False) -> Proof:
     else:
         notes.append("no gold chain of thought")
     if derived is not None:
-        steps, verdict = _render(problem, premises, claim, derived, backward_plan)
+        steps, verdict = _render(problem, premises, claim, derived, backward_plan, compact)
         if verdict == problem.gold:
             return Proof(steps, source, verdict, notes)
         notes.append(f"the gold chain proves {verdict}, the label says {problem.gold}")
-    steps, verdict = _render(problem, premises, claim, _from_solver(premises, claim), backward_plan)
+    steps, verdict = _render(problem, premises, claim, _from_solver(premises, claim), backward_plan, compact)
     return Proof(steps, "solver", verdict, notes)
 
 
@@ -261,17 +273,17 @@ def optionize_folio(problem: Problem) -> Proof:
     return Proof([make_step(thought, "CONCLUDE", support)], "solver", label)
 
 
-def optionize(example: Any, backward_plan: bool = False) -> Proof:
+def optionize(example: Any, backward_plan: bool = False, compact: bool = False) -> Proof:
     """The optionized proof of a Problem or task Example (PrOntoQA or FOLIO); OptionizeError when none can
     be written, LogicParseError when PrOntoQA premises cannot be read. `backward_plan` (PrOntoQA): the first
     thought starts with the search back from the claim."""
     problem = as_problem(example)
     if problem.task == "folio":
         return optionize_folio(problem)
-    return optionize_prontoqa(problem, backward_plan)
+    return optionize_prontoqa(problem, backward_plan, compact)
 
 
-def optionized_target(example: Any, backward_plan: bool = False) -> str:
-    """The supervised response for `render_problem(example, index=backward_plan)`: the steps, ending in
-    CONCLUDE."""
-    return optionize(example, backward_plan).text()
+def optionized_target(example: Any, backward_plan: bool = False, compact: bool = False) -> str:
+    """The supervised response for `render_problem(example, index=backward_plan, compact=compact)`: the steps,
+    ending in CONCLUDE."""
+    return optionize(example, backward_plan, compact).text()

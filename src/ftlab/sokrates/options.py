@@ -3,6 +3,9 @@
     Thought: Since Wren is a jompus (premise 0) and each jompus is nervous (premise 8), Wren is nervous.
     Action: <Option type="MODUS_PONENS" args="[0, 8]" />
 
+The short form `Action: MODUS_PONENS [0, 8]` (`format_action(..., short=True)`, the quickstart's compact layout)
+is the same option in 12 tokens instead of 23; both parse to the same Action.
+
 Indices: premises are 0..P-1 in prompt order; every step except CONCLUDE derives one fact, which gets the
 next index P, P+1, ... in step order (an invalid step still takes its index, so the numbering a trace
 uses never shifts under it; citing that index is then an error).
@@ -38,6 +41,7 @@ VOCABULARY: dict[str, OptionSpec] = {spec.name: spec for spec in (
 
 _TAG_RE = re.compile(r'^<Option\s+type="(?P<type>[^"]*)"\s+args="(?P<args>[^"]*)"\s*(?P<close>/>)?(?P<rest>.*)$',
                      re.DOTALL)
+_SHORT_RE = re.compile(r"^(?P<type>[A-Z][A-Z_]*)\s+(?P<args>\[[^\]]*\])(?P<close>)(?P<rest>.*)$", re.DOTALL)
 _ARGS_RE = re.compile(r"^\[\s*(?:-?\d+\s*(?:,\s*-?\d+\s*)*)?\]$")
 _THOUGHT_RE = re.compile(r"^\s*\**thought\**\s*:\**\s*", re.I)
 _ACTION_RE = re.compile(r"^\s*\**action\**\s*:\**\s*", re.I)
@@ -56,14 +60,16 @@ class Action:
         return format_action(self.option, self.args)
 
 
-def format_action(option: str, args: list[int] | tuple[int, ...]) -> str:
-    return f'<Option type="{option}" args="[{", ".join(str(a) for a in args)}]" />'
+def format_action(option: str, args: list[int] | tuple[int, ...], short: bool = False) -> str:
+    listed = "[" + ", ".join(str(a) for a in args) + "]"
+    return f"{option} {listed}" if short else f'<Option type="{option}" args="{listed}" />'
 
 
 def parse_action(text: str) -> Action:
-    """'<Option type="MODUS_PONENS" args="[0, 8]" />' -> Action; ActionError with the reason otherwise."""
+    """'<Option type="MODUS_PONENS" args="[0, 8]" />' (or 'MODUS_PONENS [0, 8]') -> Action; ActionError with the
+    reason otherwise."""
     s = text.strip()
-    m = _TAG_RE.match(s)
+    m = _TAG_RE.match(s) or _SHORT_RE.match(s)
     if m is None:
         if not s.startswith("<Option"):
             raise ActionError(f"the action is not an <Option .../> tag: {s[:60]!r}")
@@ -97,9 +103,9 @@ class Step:
         return f"Thought: {self.thought}\nAction: {self.action_text if self.action_text is not None else ''}"
 
 
-def make_step(thought: str, option: str, args: list[int] | tuple[int, ...]) -> Step:
+def make_step(thought: str, option: str, args: list[int] | tuple[int, ...], short: bool = False) -> Step:
     action = Action(option, tuple(args))
-    return Step(thought, action.text(), action)
+    return Step(thought, format_action(option, action.args, short), action)
 
 
 def format_steps(steps: list[Step]) -> str:

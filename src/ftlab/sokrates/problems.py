@@ -22,6 +22,11 @@ and copying the next token. With "Premise 0: ..." first it had to find the sente
 `render_problem(example, index=True)` (the task option `backward_plan`) adds the premises grouped by what they
 conclude (`conclusion_index`), so a proof planned back from the claim looks each premise up by a line's first
 word instead of a sentence's last.
+
+`render_problem(example, index=True, compact=True)` (the task option `compact`) states the premises by that
+index alone (each premise once: "brimpus: numpus (1)." is "each numpus is a brimpus") with shorter instructions:
+the same lookups at well under half the tokens, which is what lets the quickstart train and evaluate on a laptop
+CPU.
 """
 from __future__ import annotations
 
@@ -144,10 +149,22 @@ def index_entry(premise: Statement, i: int) -> str:
     return f"{who} ({i}{', not' if premise.negated else ''})"
 
 
-def render_problem(example: Any, index: bool = False) -> str:
+def compact_instructions(n: int) -> str:
+    return ("True or false? Prove it in steps, each a line \"Thought: ...\" then a line \"Action: MODUS_PONENS "
+            f"[fact, rule]\"; derived facts are numbered from {n} on. End with \"Action: CONCLUDE [fact]\" after a "
+            "thought ending \"The answer is True.\" or \"The answer is False.\"")
+
+
+def render_problem(example: Any, index: bool = False, compact: bool = False) -> str:
     """The prompt: numbered premises, the claim, the step format. `example`: a Problem or a task Example.
-    `index` (PrOntoQA) adds the premises grouped by what they conclude (`conclusion_index`)."""
+    `index` (PrOntoQA) adds the premises grouped by what they conclude (`conclusion_index`); with `compact` that
+    list alone states them (with shorter instructions)."""
     problem = as_problem(example)
+    if index and compact and problem.task == "prontoqa":
+        lines = ["Premises by what they conclude: \"x: y (n)\" is premise n, each y is x (or the entity y is x); "
+                 "\"not\": is not x.", *conclusion_index(parse_prontoqa(problem)[0]), "",
+                 "Claim: " + " ".join(problem.claim.split())]
+        return "\n".join(lines) + "\n\n" + compact_instructions(len(problem.premises))
     lines = [f"{p.strip().rstrip('.')} (premise {i})." for i, p in enumerate(problem.premises)]
     if index and problem.task == "prontoqa":
         lines += ["", "Premises by what they conclude (number, and 'not' when they conclude its negation):",

@@ -121,7 +121,7 @@ def _verify_prontoqa(problem: Problem, steps: list[Step], report: TraceReport) -
     concluded = False
     for step in steps:
         is_conclude = (step.action.option == "CONCLUDE" if step.action
-                       else 'type="CONCLUDE"' in (step.action_text or ""))
+                       else "CONCLUDE" in (step.action_text or ""))
         reason = step.error
         if reason is None and concluded:
             reason = "step after CONCLUDE"

@@ -9,7 +9,9 @@ source task reads (files, hub ids, PrOntoQA's `generate:N`), and turns each exam
 
 so SFT supervises the whole trace, not the verdict alone (the seed's first SFT trained on CONCLUDE-only
 text). `backward_plan: true` (PrOntoQA) renders with the conclusion index and starts each proof with its
-search back from the claim (`render_problem(..., index=True)`, `optionized_target(..., backward_plan=True)`).
+search back from the claim (`render_problem(..., index=True)`, `optionized_target(..., backward_plan=True)`);
+`compact: true` with it shows each premise once, grouped by what it concludes, with shorter steps (the quickstart's
+layout: about half the tokens).
 Scoring reads the answer with the source task's rules and runs `verify_trace` for the steps. Problems that have no
 optionized proof (unreadable premises, FOLIO formulas that do not give the label) are left out of the
 data with one warning that counts them and names the first; they are never silently dropped.
@@ -29,7 +31,8 @@ SOURCES = ("prontoqa", "folio")
 class SokratesTask(Task):
     name = "sokrates"
 
-    def __init__(self, source: str = "prontoqa", backward_plan: bool = False, **source_options: Any):
+    def __init__(self, source: str = "prontoqa", backward_plan: bool = False, compact: bool = False,
+                 **source_options: Any):
         from ftlab.tasks import get_task
 
         if source not in SOURCES:
@@ -38,7 +41,11 @@ class SokratesTask(Task):
             raise UserError(f"sokrates: backward_plan={backward_plan!r} must be true or false")
         if backward_plan and source != "prontoqa":
             raise UserError("sokrates: backward_plan applies to PrOntoQA problems only (source: prontoqa)")
-        self.source, self.backward_plan = source, backward_plan
+        if compact not in (True, False):
+            raise UserError(f"sokrates: compact={compact!r} must be true or false")
+        if compact and not backward_plan:
+            raise UserError("sokrates: compact is a layout of the backward plan; set backward_plan: true with it")
+        self.source, self.backward_plan, self.compact = source, backward_plan, compact
         self.base = get_task(source, **source_options)
         self.required_fields = self.base.required_fields
 
@@ -55,8 +62,8 @@ class SokratesTask(Task):
         ex = self.base.to_example(record, index)
         problem = problem_from_example(ex, self.source)
         # OptionizeError / LogicParseError: no proof, see examples_from
-        target = optionized_target(problem, self.backward_plan)
-        return Example(id=ex.id, question=render_problem(problem, index=self.backward_plan), target=target,
+        target = optionized_target(problem, self.backward_plan, self.compact)
+        return Example(id=ex.id, question=render_problem(problem, index=self.backward_plan, compact=self.compact), target=target,
                        gold=problem.gold,
                        meta={**{k: v for k, v in ex.meta.items() if isinstance(v, (int, str, float))},
                              "problem": problem})
