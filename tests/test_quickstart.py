@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from ftlab import quickstart_report as qr
 from ftlab.cli import main
+from ftlab.config import load_recipe
+from ftlab.data.jsonl import write_jsonl
+from ftlab.errors import UserError
+from ftlab.quickstart import heldout_sets, load_heldout
 from ftlab.runs.rundir import read_status
+from ftlab.sokrates import parse_steps
+from ftlab.tasks import generate_prontoqa, get_task
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["quickstart.train_examples=8", "quickstart.heldout_hops=[1,3]", "quickstart.heldout_sizes=[3,3]",
@@ -19,43 +26,131 @@ SHORT = ["quickstart.train_examples=8", "quickstart.heldout_hops=[1,3]", "quicks
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_shortened_quickstart_end_to_end(tmp_path, capsys, lora):
+    # trained on 1-2 hops, evaluated on 1 and 3: the 3-hop set is a hop count not trained on
     code = main(["quickstart", str(REPO / "recipes" / "quickstart.yaml"), f"output_dir={tmp_path}",
                  f"quickstart.heldout_dir={tmp_path / 'no-real-data'}", f"lora.enabled={lora}", *SHORT,
-                 # the LoRA run also trains on conversations: extra claims and lookup drills as follow-up turns
-                 *(["quickstart.more_queries=2", "quickstart.lookups=1", "data.max_length=1024"] if lora else [])])
+                 # SOKRATES prompts and proofs reach ~1400 tokens; fewer and shorter rows than SHORT's
+                 "quickstart.train_hops=[1,2]", "data.max_length=1536", "quickstart.heldout_sizes=[2,2]",
+                 "quickstart.train_examples=4", "train.batch_size=4"])
     out = capsys.readouterr().out
     assert code == 0
     run = next((tmp_path / "quickstart").glob("2*_quickstart"))
     assert read_status(run) == "complete"
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["accuracy_before"]) == {"1", "3"} and set(summary["accuracy_after"]) == {"1", "3"}
-    assert "ftlab-generated held-out problems" in summary["heldout"]  # says which data it used
+    assert "ftlab-generated held-out problems for 1-hop (2), 3-hop (2)" in summary["heldout"]
     for f in ("report.md", "training_loss.png", "accuracy_by_hops.png", "predictions_base_3hop.jsonl",
               "predictions_tuned_3hop.jsonl", "data/train.jsonl"):
         assert (run / f).is_file(), f
-    # base and tuned saw identical prompts
-    base = [json.loads(l)["prompt"] for l in (run / "predictions_base_3hop.jsonl").open()]
-    tuned = [json.loads(l)["prompt"] for l in (run / "predictions_tuned_3hop.jsonl").open()]
-    assert base == tuned and len(base) == 3
+    # base and tuned saw identical prompts: the recipe's task (numbered premises), not plain PrOntoQA
+    base = [json.loads(l) for l in (run / "predictions_base_3hop.jsonl").open()]
+    tuned = [json.loads(l) for l in (run / "predictions_tuned_3hop.jsonl").open()]
+    assert [r["prompt"] for r in base] == [r["prompt"] for r in tuned] and len(base) == 2
+    assert "(premise 0)" in base[0]["prompt"] and {"fully_valid", "steps", "steps_valid"} <= set(tuned[0])
     final = Path(summary["sft_run"]) / "final"
     assert (final / ("adapter_config.json" if lora else "model.safetensors")).is_file()
     if lora:  # the adapter names the embedded base, so a copy on another machine (or FTLAB_CACHE) finds it
         assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == \
             "smollm2-135m-instruct"
-    assert ("LoRA (r=" in (run / "report.md").read_text()) == lora
-    assert "keys and values computed without gradient" in (run / "report.md").read_text()  # the recipe's method
-    assert "report:" in out and "3-hop" in out
-    assert (run / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
+    # per-hop metrics with intervals; the paired lift is on the 2 identical rows
+    three = summary["hops"]["3"]
+    assert three["n"] == 2 and not three["trained_on"] and summary["hops"]["1"]["trained_on"]
+    for model in ("base", "tuned"):
+        m = three[model]
+        assert m["accuracy"] == sum(r["correct"] for r in (base if model == "base" else tuned)) / 2
+        lo, hi = m["accuracy_ci95"]
+        assert lo <= m["accuracy"] <= hi
+        assert m["fully_valid_ci95"][0] <= m["fully_valid"] <= m["fully_valid_ci95"][1]
+        assert 0 <= m["proof_format"] <= 1
+    assert three["lift_accuracy"]["n_paired"] == 2 and three["lift_fully_valid"]["n_paired"] == 2
+    assert three["lift_accuracy"]["diff"] == pytest.approx(three["tuned"]["accuracy"] - three["base"]["accuracy"])
+    assert set(summary["phases"]) == {"data", "base_eval", "sft", "tuned_eval", "report"}
+    assert all(v >= 0 for v in summary["phases"].values()) and summary["cpu"]["model"]
     report = (run / "report.md").read_text()
-    assert "goal-directed proofs" in report and "before and after" in report
-    first_tuned = json.loads((run / "predictions_tuned_3hop.jsonl").open().readline())["output"].strip()
-    assert first_tuned in report  # the unpicked first problem, with both outputs
+    assert ("LoRA (r=" in report) == lora
+    assert "keys and values computed without gradient" in report  # the recipe's method
+    assert "SOKRATES option traces" in report and "before and after" in report
+    assert "| 3-hop: held-out hop count (not trained on) | 2 |" in report  # the table row
+    assert "Hop counts [3] are a held-out hop count (not trained on)" in report  # and the sentence
+    assert f"extraction rule: {summary['extraction_rule']}" in report and summary["extraction_rule"]
+    assert "Phase wall times: data " in report and "CPU: " in report
+    # the 1-2 hop training leaves 2-hop unevaluated: the examples come from the first set, each kind shown or
+    # said not to occur
+    assert "## Example proofs of the tuned model (1-hop set)" in report
+    for title in ("a fully valid proof", "a proof with an invalid step", "a wrong verdict"):
+        assert f"**{title}** (row " in report or f"**{title}**: none occurred" in report, title
+    assert "report:" in out and "3-hop (OOD)" in out
+    assert (run / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "accuracy_by_hops.png").read_bytes()[:4] == b"\x89PNG"
+    assert tuned[0]["output"].strip() in report  # the unpicked first problem, with both outputs
     trained_on = json.loads((run / "data" / "train.jsonl").open().readline())
     assert {"question", "query", "chain_of_thought", "answer", "hops"} <= set(trained_on)
-    assert ({"more_queries", "lookups"} <= set(trained_on)) == lora
-    if lora:  # the run log shows the follow-up answers supervised
-        sft_log = (Path(summary["sft_run"]) / "run.log").read_text()
-        assert "Which sentences say whether something is" in sft_log and sft_log.count("«") >= 4
+
+
+def _cfg(tmp_path, *overrides):
+    return load_recipe(REPO / "recipes" / "quickstart.yaml", [f"output_dir={tmp_path}", *overrides])
+
+
+def test_heldout_sets_use_the_authors_file_per_hop_count_after_the_offset(tmp_path):
+    authors = tmp_path / "authors"
+    authors.mkdir()
+    records = generate_prontoqa(5, hops=1, seed=3)
+    write_jsonl(authors / "generator_1hop_test.jsonl", records)  # no 3-hop file: that one is generated
+    cfg = _cfg(tmp_path, f"quickstart.heldout_dir={authors}", "quickstart.heldout_hops=[1,3]",
+               "quickstart.heldout_sizes=[2,3]", "quickstart.heldout_offset=2")
+    sets, provenance = heldout_sets(cfg, tmp_path / "data")
+    assert sets[1].authors and sets[1].path == authors / "generator_1hop_test.jsonl" and not sets[3].authors
+    assert f"the authors' PrOntoQA generator test files in {authors} for 1-hop (rows 3-4)" in provenance
+    assert "ftlab-generated held-out problems for 3-hop (3)" in provenance
+    task = get_task(cfg.data.task, **cfg.data.task_options)
+    assert [ex.id for ex in load_heldout(task, sets[1], 2)] == [records[2]["id"], records[3]["id"]]
+    assert len(load_heldout(task, sets[3], 3)) == 3
+
+
+def test_heldout_offset_must_not_be_negative(tmp_path):
+    with pytest.raises(UserError, match="heldout_offset"):
+        _cfg(tmp_path, "quickstart.heldout_offset=-1")
+
+
+def _sokrates_problem():
+    task = get_task("sokrates", source="prontoqa", backward_plan=True)
+    return task, task.examples_from([("generated", generate_prontoqa(1, hops=3, seed=5)[0])])[0]
+
+
+def test_example_picking_marks_the_invalid_step_with_the_verifiers_reason():
+    task, ex = _sokrates_problem()
+    valid = ex.target  # the task's own gold proof
+    first = parse_steps(valid)[0]
+    fact, rule = first.action.args
+    # the first step cites its rule as the fact: the verifier rejects it (and the steps built on it)
+    swapped = valid.replace(first.action_text, f'<Option type="MODUS_PONENS" args="[{rule}, {fact}]" />', 1)
+    other = "True" if ex.gold == "False" else "False"
+    wrong = valid[::-1].replace(f"answer is {ex.gold}."[::-1], f"answer is {other}."[::-1], 1)[::-1]
+    rows = [{"id": ex.id, "output": out, "gold": ex.gold, **task.score(out, ex)} for out in (valid, swapped, wrong)]
+    assert [r["fully_valid"] for r in rows] == [True, False, False] and rows[2]["extracted"] == other
+    assert qr.pick_examples(rows) == {"fully_valid": 0, "invalid_step": 1, "wrong_verdict": 2}
+    assert qr.pick_examples(rows[:1]) == {"fully_valid": 0, "invalid_step": None, "wrong_verdict": None}
+    assert qr.pick_examples(rows[::-1])["invalid_step"] == 0  # the first in file order
+
+    marked = qr.marked_trace(ex.meta["problem"], swapped).splitlines()
+    at = marked.index(f'Action: <Option type="MODUS_PONENS" args="[{rule}, {fact}]" />')
+    assert marked[at + 1] == f"^^^ INVALID step 1: premise {rule} is a rule, not a fact"
+    assert "^^^" not in qr.marked_trace(ex.meta["problem"], valid)
+
+    section = qr.examples_section(rows, [ex], 3, True)
+    assert f"^^^ INVALID step 1: premise {rule} is a rule, not a fact" in section
+    assert "**a wrong verdict** (row 3" in section and "**a fully valid proof** (row 1" in section
+    assert "none occurred among the 1 tuned outputs" in qr.examples_section(rows[:1], [ex], 3, True)
+
+
+def test_step_validity_pools_steps_and_resamples_problems():
+    rows = [{"steps": 3, "steps_valid": 2}, {"steps": 1, "steps_valid": 0}, {"steps": 4, "steps_valid": 4},
+            {"steps": 0, "steps_valid": 0}]
+    value, (lo, hi) = qr.step_validity(rows)
+    assert value == 6 / 8  # pooled, not the mean of per-row ratios ((2/3 + 0 + 1) / 3 = 0.56)
+    assert 0 <= lo < value < hi <= 1
+    assert qr.step_validity([{"steps": 2, "steps_valid": 1}] * 5) == (0.5, [0.5, 0.5])  # every resample: 5/10
+    assert qr.step_validity([{"steps": 0, "steps_valid": 0}]) == (None, None)
 
 
 @pytest.mark.slow
