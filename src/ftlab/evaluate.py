@@ -26,7 +26,8 @@ def generation_config(ecfg: Any, seed: int = 0) -> Any:
     from ftlab.generate import GenerationConfig
 
     return GenerationConfig(max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, top_p=ecfg.top_p,
-                            n=ecfg.n, stop=list(ecfg.stop), batch_size=ecfg.batch_size, seed=seed)
+                            n=ecfg.n, stop=list(ecfg.stop), batch_size=ecfg.batch_size, seed=seed,
+                            stop_line_repeats=ecfg.get("stop_line_repeats", 0))
 
 
 def evaluate_examples(model: Any, tokenizer: Any, task: Any, examples: list, ecfg: Any, seed: int = 0,

@@ -250,6 +250,7 @@ class EvalConfig:
     top_p: float = 1.0
     n: int = 1
     stop: list[str] = field(default_factory=list)
+    stop_line_repeats: int = 0           # stop a row when one of its lines (digits ignored) occurs this often; 0 = off
     precision: str = "fp32"              # fp32 | bf16 autocast during generation | auto
 
 

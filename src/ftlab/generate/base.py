@@ -6,6 +6,8 @@ are post-processed identically.
 """
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, runtime_checkable
 
@@ -37,6 +39,9 @@ class Completion:
 CompletionCallback = Callable[[int, list[Completion]], None]
 
 
+_DIGITS_RE = re.compile(r"\d+")
+
+
 @dataclass
 class GenerationConfig:
     """How to generate. `temperature == 0` means greedy decoding (top_p is then ignored)."""
@@ -49,6 +54,9 @@ class GenerationConfig:
     batch_size: int = 64            # row slots decoded at the same time (more rows per step: more tokens per weight read)
     seed: int = 0
     max_prompt_tokens: int | None = None  # longer prompts lose their beginning (left truncation)
+    # a row stops once one of its lines (digits ignored, blank lines not counted) has occurred this many times: a
+    # loop ("Step 7: The claim is false.") that would otherwise run to max_new_tokens; 0 = never (HF engine only)
+    stop_line_repeats: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -67,6 +75,8 @@ class GenerationConfig:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise UserError(f"max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}")
+        if self.stop_line_repeats < 0 or self.stop_line_repeats == 1:
+            raise UserError(f"stop_line_repeats must be 0 (off) or >= 2, got {self.stop_line_repeats}")
         if isinstance(self.stop, str):  # a bare string would be split into characters
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]
@@ -108,6 +118,19 @@ class Engine(Protocol):
     def close(self) -> None:
         """Give back what the engine holds (vLLM: its workers, weights and KV cache), so that a training stage
         that follows in the same process has the memory. The engine is unusable afterwards."""
+
+
+def repeats_a_line(text: str, times: int) -> bool:
+    """Whether some non-blank line of `text`, with its digits ignored, occurs `times` times or more: the mark of a
+    decoding loop. Numbers are ignored so that numbered loops ("Step 6: ...", "Step 7: ...") count as one line."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        key = _DIGITS_RE.sub("#", line.strip())
+        if key:
+            counts[key] = counts.get(key, 0) + 1
+            if counts[key] >= times:
+                return True
+    return False
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

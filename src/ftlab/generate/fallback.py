@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ftlab.errors import UserError
 from ftlab.generate.batch import Row, Run
 from ftlab.generate.sampling import LogitsHook, chosen_logprobs
 from ftlab.losses import accepts_logits_to_keep
@@ -32,6 +33,8 @@ def generate_fallback(model: Any, tokenizer: Any, encoded: list[list[int]], run:
     samples. Greedy decoding draws nothing and is unaffected.
     """
     cfg, device = run.cfg, run.device
+    if cfg.stop_line_repeats:
+        raise UserError("stop_line_repeats needs the slot engine; this model is generated with model.generate")
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     per_batch = max(1, cfg.batch_size // (1 if cfg.greedy else cfg.n))
     for b in range(0, len(order), per_batch):

@@ -70,6 +70,7 @@ from ftlab.generate.base import (
     GenerationConfig,
     ResultCallback,
     cut_at_stop,
+    repeats_a_line,
 )
 from ftlab.generate.batch import Batch, Row, Run, is_plain_dynamic_cache
 from ftlab.generate.fallback import generate_fallback
@@ -284,9 +285,12 @@ class HFEngine:
             return "stop"
         if len(row.tokens) >= cfg.max_new_tokens:
             return "length"
-        if cfg.stop and len(row.tokens) % self.stop_check_every == 0:
+        if (cfg.stop or cfg.stop_line_repeats) and len(row.tokens) % self.stop_check_every == 0:
             text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-            return "stop" if cut_at_stop(text, cfg.stop)[1] else ""  # the text is cut when it is delivered
+            if cfg.stop and cut_at_stop(text, cfg.stop)[1]:
+                return "stop"  # the text is cut when it is delivered
+            if cfg.stop_line_repeats and repeats_a_line(text, cfg.stop_line_repeats):
+                return "stop"  # a loop: the text is delivered as it stands
         return ""
 
     def _completion(self, row: Row, cfg: GenerationConfig) -> Completion:

@@ -136,6 +136,8 @@ class VLLMEngine:
     def _generate(self, prompts: list[str], cfg: GenerationConfig, on_result: CompletionCallback | None,
                   progress: bool, logprobs: bool) -> list[list[Completion]]:
         cfg.validate()
+        if cfg.stop_line_repeats:
+            raise UserError("stop_line_repeats is applied by the HF engine only (eval.engine: hf)")
         start = time.perf_counter()
         inputs, truncated = self._inputs(prompts, cfg)
         requests, params = [], []
