@@ -364,3 +364,41 @@ def test_one_seeding_rule_for_both_engines():
     assert len({s for row in seeds for s in row}) == 6  # no two rows share a stream
     assert request_seeds(3, prompts[1:2], n=2) == [seeds[1]]  # a prompt's seeds ignore its company
     assert _seed_key({"prompt_token_ids": [5, 6, 7]}) == [5, 6, 7] and _seed_key("ab") == [97, 98]
+
+
+def test_a_row_that_loops_stops_at_its_nth_repeated_line():
+    """A hook forces rows to write "a b" lines (or numbered ones: "a 7", "a 8", ...): with stop_line_repeats=3
+    a row stops once one line, digits ignored, has come 3 times; an unforced row runs to max_new_tokens."""
+    from tokenizers import decoders
+
+    from ftlab.generate.base import repeats_a_line
+
+    vocab = {"<pad>": PAD, "<eos>": EOS, "<unk>": 2, "a ": 3, "b": 4, "<nl>": 5, "7": 6, "8": 7, "9": 8}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.Replace("<nl>", "\n")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS)
+    tiny = LlamaForCausalLM(config).eval()
+    cycles = {0: [3, 4, 5], 1: [3, 6, 5, 3, 7, 5, 3, 8, 5], 2: [3, 4, 3, 4]}  # prompt 2: no line ever ends
+
+    def force(logits, requests, generated):
+        out = torch.full_like(logits, float("-inf"))
+        for i, (request, done) in enumerate(zip(requests, generated)):
+            cycle = cycles[request]
+            out[i, cycle[len(done) % len(cycle)]] = 0.0
+        return out
+
+    engine = HFEngine(tiny, tok, stop_check_every=1, logits_processor=force)
+    cfg = GenerationConfig(max_new_tokens=30, batch_size=4, stop_line_repeats=3)
+    got = engine.generate_full(["b", "b b", "b b b"], cfg, progress=False)
+    plain, numbered, endless = (c[0] for c in got)
+    assert plain.text == "a b\na b\na b\n" and plain.finish_reason == "stop"  # the 3rd "a b" line ends it
+    assert numbered.text == "a 7\na 8\na 9\n" and numbered.finish_reason == "stop"  # numbers are ignored
+    assert len(endless.token_ids) == 30 and endless.finish_reason == "length"
+    assert repeats_a_line("x 1\n\n\nx 2\ny\n", 2) and not repeats_a_line("x\n\n\ny\n", 2)  # blank lines not counted
+    with pytest.raises(UserError, match="stop_line_repeats must be 0"):
+        GenerationConfig(stop_line_repeats=1)

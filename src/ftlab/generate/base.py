@@ -121,10 +121,11 @@ class Engine(Protocol):
 
 
 def repeats_a_line(text: str, times: int) -> bool:
-    """Whether some non-blank line of `text`, with its digits ignored, occurs `times` times or more: the mark of a
-    decoding loop. Numbers are ignored so that numbered loops ("Step 6: ...", "Step 7: ...") count as one line."""
+    """Whether some complete, non-blank line of `text`, with its digits ignored, occurs `times` times or more: the
+    mark of a decoding loop. Numbers are ignored so that numbered loops ("Step 6: ...", "Step 7: ...") count as one
+    line; the line still being written is not counted."""
     counts: dict[str, int] = {}
-    for line in text.splitlines():
+    for line in text.split("\n")[:-1]:
         key = _DIGITS_RE.sub("#", line.strip())
         if key:
             counts[key] = counts.get(key, 0) + 1
