@@ -31,7 +31,9 @@ def test_shortened_quickstart_end_to_end(tmp_path, capsys, lora):
                  f"quickstart.heldout_dir={tmp_path / 'no-real-data'}", f"lora.enabled={lora}", *SHORT,
                  # SOKRATES prompts and proofs reach ~1400 tokens; fewer and shorter rows than SHORT's
                  "quickstart.train_hops=[1,2]", "data.max_length=1536", "quickstart.heldout_sizes=[2,2]",
-                 "quickstart.train_examples=4", "train.batch_size=4"])
+                 "quickstart.train_examples=4", "train.batch_size=4", "train.grad_accum=1",
+                 # the full run also takes the prompt-detached gradient: both method sentences are checked
+                 f"train.detach_prompt={not lora}"])
     out = capsys.readouterr().out
     assert code == 0
     run = next((tmp_path / "quickstart").glob("2*_quickstart"))
@@ -68,7 +70,7 @@ def test_shortened_quickstart_end_to_end(tmp_path, capsys, lora):
     assert all(v >= 0 for v in summary["phases"].values()) and summary["cpu"]["model"]
     report = (run / "report.md").read_text()
     assert ("LoRA (r=" in report) == lora
-    assert "keys and values computed without gradient" in report  # the recipe's method
+    assert ("keys and values computed without gradient" in report) == (not lora)  # the run's method
     assert "SOKRATES option traces" in report and "before and after" in report
     assert "| 3-hop: held-out hop count (not trained on) | 2 |" in report  # the table row
     assert "Hop counts [3] are a held-out hop count (not trained on)" in report  # and the sentence
