@@ -3,7 +3,7 @@
     generate PrOntoQA-style training data (ftlab's own generator)
     -> evaluate the base model zero-shot on held-out problems, one set per hop count (the authors' file for a
        hop count where there is one, else generated problems)
-    -> SFT, LoRA by default (bf16 autocast on CPU; full fine-tuning with lora.enabled=false)
+    -> SFT, LoRA by default (train.precision: auto; full fine-tuning with lora.enabled=false)
     -> evaluate the tuned model on the identical prompts
     -> report.md + plots (training loss, accuracy by hop count with intervals); see quickstart_report
 
