@@ -392,6 +392,7 @@ RANGES: dict[str, str] = {
     "eval.shots": ">= 0",
     "eval.batch_size": ">= 1",
     "eval.max_new_tokens": ">= 1",
+    "eval.stop_line_repeats": ">= 0",
     "eval.temperature": ">= 0",
     "eval.top_p": "(0, 1]",
     "eval.n": ">= 1",
