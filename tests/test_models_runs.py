@@ -65,6 +65,9 @@ def test_adapter_copied_from_another_machine_finds_the_embedded_base(tmp_path):
 
     from ftlab.models.adapters import peft_wrapping
     base, tok = load_model_and_tokenizer(name="smollm2-135m-instruct")
+    ids = tok("Every wumpus is a yumpus.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base_logits = base(ids).logits.clone()
     with peft_wrapping():
         lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     adapter = tmp_path / "adapter"
@@ -73,12 +76,16 @@ def test_adapter_copied_from_another_machine_finds_the_embedded_base(tmp_path):
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = "/home/someone-else/.cache/ftlab/models/smollm2-135m-instruct"
     cfg_path.write_text(json.dumps(cfg))
-    ids = tok("Every wumpus is a yumpus.", return_tensors="pt").input_ids
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # issue 11.17: adapter loads warned on every run
         merged, _ = load_model_and_tokenizer(name=str(adapter))
     with torch.no_grad():
-        assert torch.allclose(merged(ids).logits, lora(ids).logits, atol=1e-4)
+        merged_logits, lora_logits = merged(ids).logits, lora(ids).logits
+    # Merging B@A into the weights rounds differently from adding it per token: allow a few float32 ulps per
+    # layer at the logits' scale (CPU kernels differ), far below what the adapter itself changes.
+    tol = 64 * torch.finfo(torch.float32).eps * merged.config.num_hidden_layers * lora_logits.abs().max().item()
+    assert (merged_logits - lora_logits).abs().max().item() < tol
+    assert (base_logits - lora_logits).abs().max().item() > 100 * tol
 
 
 def test_lora_wrapping_warns_nothing():
