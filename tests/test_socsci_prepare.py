@@ -276,8 +276,11 @@ def test_ctrl_c_while_streaming_leaves_nothing(tmp_path):
     fifo = tmp_path / "rows.jsonl"
     os.mkfifo(fifo)
     out = tmp_path / "out"
+    # as from a terminal: a shell starts background jobs (a CI script's `&`, nohup) with SIGINT ignored, and the
+    # child would inherit that
     proc = subprocess.Popen([sys.executable, "-m", "ftlab.cli", "prepare-socsci", str(fifo), "--out", str(out)],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     with fifo.open("w") as f:
         for r in synthetic_rows(n_studies=2):
             f.write(json.dumps(r) + "\n")
