@@ -133,10 +133,35 @@ def method_sentence(cfg: DictConfig) -> str:
 
 
 @contextmanager
-def timed(phases: dict[str, float], name: str) -> Iterator[None]:
+def timed(phases: dict[str, float], name: str, peaks: dict[str, float | None] | None = None) -> Iterator[None]:
+    """The phase's wall seconds into `phases[name]`; with `peaks`, its own peak resident memory in MB too."""
     started = time.time()
+    if peaks is not None:
+        reset_peak_rss()
     yield
     phases[name] = round(time.time() - started, 2)
+    if peaks is not None:
+        peaks[name] = peak_rss_mb()
+
+
+def reset_peak_rss() -> None:
+    """Start the process's peak RSS (VmHWM) over from what is resident now (Linux >= 4.0: clear_refs 5), so a
+    phase's peak is its own and not the job's so far. Elsewhere nothing happens and peak_rss_mb says None."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    """The peak resident memory since the last reset_peak_rss (the process's start if none), in MB; None where
+    /proc/self/status is not there (not Linux)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return None if kb is None else round(kb / 1024, 1)
 
 
 def cpu_description() -> dict[str, Any]:
@@ -159,10 +184,11 @@ def run_quickstart(cfg: DictConfig) -> RunDir:
 
     started = time.time()
     phases: dict[str, float] = {}
+    peaks: dict[str, float | None] = {}  # each phase's own peak RSS, MB: where the job's memory goes
     run = RunDir.create(cfg.output_dir, "quickstart", cfg.name, cfg, cfg.seed)
     try:
         task = get_task(cfg.data.task, **cfg.data.task_options)
-        with timed(phases, "data"):
+        with timed(phases, "data", peaks):
             data_dir = run.path / "data"
             train_path = make_training_set(cfg, data_dir / "train.jsonl")
             sets, provenance = heldout_sets(cfg, data_dir)
@@ -171,30 +197,31 @@ def run_quickstart(cfg: DictConfig) -> RunDir:
         log.info("held-out evaluation uses %s", provenance)
         run.update_summary(heldout=provenance)
 
-        with timed(phases, "base_eval"):
+        with timed(phases, "base_eval", peaks):
             base, tokenizer = load_model_and_tokenizer(cfg.model)
             rows, metrics = {}, {}
             rows["base"], metrics["base"] = evaluate_all(base, tokenizer, task, examples, cfg, run.path, "base")
             del base
             release_memory()  # each phase's peak then starts from what is alive, not from the last phase's peak
 
-        with timed(phases, "sft"):
+        with timed(phases, "sft", peaks):
             sft_cfg = OmegaConf.merge(cfg, {"data": {"train": str(train_path)}, "output_dir": str(run.path),
                                             "kind": "sft"})
             sft_run = run_sft(sft_cfg)
             run.log_to_file()  # the SFT run had taken over the log file handler
             release_memory()
-        with timed(phases, "tuned_eval"):
+        with timed(phases, "tuned_eval", peaks):
             tuned, tokenizer = load_tuned(cfg, sft_run.path / "final")
             rows["tuned"], metrics["tuned"] = evaluate_all(tuned, tokenizer, task, examples, cfg, run.path,
                                                            "tuned")
 
-        with timed(phases, "report"):
+        with timed(phases, "report", peaks):
             body, summary = build_report(cfg, run, sft_run, rows, metrics, examples, provenance)
         cpu = cpu_description()
-        summary.update(phases=phases, cpu=cpu, minutes=round((time.time() - started) / 60, 2))
+        summary.update(phases=phases, phase_peak_rss_mb=peaks, cpu=cpu, minutes=round((time.time() - started) / 60, 2))
         (run.path / "report.md").write_text(
-            f"{body}\n{qr.timing_line(phases, cpu)} Whole job: {summary['minutes']:.1f} min.\n", encoding="utf-8")
+            f"{body}\n{qr.timing_line(phases, cpu, peaks)} Whole job: {summary['minutes']:.1f} min.\n",
+            encoding="utf-8")
     except KeyboardInterrupt:
         run.finish("interrupted")
         raise

@@ -224,8 +224,11 @@ def ood_sentence(per_hop: dict[int, dict], train_hops: Sequence[int]) -> str:
             "generalisation to another depth.")
 
 
-def timing_line(phases: dict[str, float], cpu: dict[str, Any]) -> str:
+def timing_line(phases: dict[str, float], cpu: dict[str, Any], peaks: dict[str, float | None]) -> str:
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" if v is not None else f"{k} unknown"
                       for k, v in cpu.items() if k != "model")
-    return ("Phase wall times: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items())
-            + f". CPU: {cpu['model']} ({flags}).")
+    line = "Phase wall times: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items()) + "."
+    if all(peaks.get(k) is not None for k in phases):
+        line += " Peak resident memory per phase: " + ", ".join(
+            f"{k.replace('_', ' ')} {peaks[k] / 1024:.2f} GB" for k in phases) + "."
+    return line + f" CPU: {cpu['model']} ({flags})."
