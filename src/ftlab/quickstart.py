@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -136,32 +137,47 @@ def method_sentence(cfg: DictConfig) -> str:
 def timed(phases: dict[str, float], name: str, peaks: dict[str, float | None] | None = None) -> Iterator[None]:
     """The phase's wall seconds into `phases[name]`; with `peaks`, its own peak resident memory in MB too."""
     started = time.time()
-    if peaks is not None:
-        reset_peak_rss()
+    sampler = PhasePeak() if peaks is not None else None
     yield
     phases[name] = round(time.time() - started, 2)
-    if peaks is not None:
-        peaks[name] = peak_rss_mb()
+    if peaks is not None and sampler is not None:
+        peaks[name] = sampler.stop()
 
 
-def reset_peak_rss() -> None:
-    """Start the process's peak RSS (VmHWM) over from what is resident now (Linux >= 4.0: clear_refs 5), so a
-    phase's peak is its own and not the job's so far. Elsewhere nothing happens and peak_rss_mb says None."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+class PhasePeak:
+    """A phase's own peak resident memory (Linux), without touching the process's peak counter, so that
+    `/usr/bin/time -v` still reports the whole job's peak. When the phase sets a new high for the process, the
+    kernel's VmHWM is that peak exactly; otherwise (a later, smaller phase) the peak is the largest VmRSS a
+    thread sampled every 20 ms. Elsewhere than Linux, stop() gives None."""
+
+    def __init__(self) -> None:
+        self.high_before = proc_status_kb("VmHWM")
+        self.largest = proc_status_kb("VmRSS") or 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        if self.high_before is not None:
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.02):
+            self.largest = max(self.largest, proc_status_kb("VmRSS") or 0)
+
+    def stop(self) -> float | None:
+        if self.high_before is None:
+            return None
+        self._done.set()
+        self._thread.join()
+        high = proc_status_kb("VmHWM") or 0
+        return round((high if high > self.high_before else self.largest) / 1024, 1)
 
 
-def peak_rss_mb() -> float | None:
-    """The peak resident memory since the last reset_peak_rss (the process's start if none), in MB; None where
-    /proc/self/status is not there (not Linux)."""
+def proc_status_kb(field: str) -> int | None:
+    """A `kB` field of /proc/self/status (VmRSS, VmHWM), or None where there is none."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None
-    kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
-    return None if kb is None else round(kb / 1024, 1)
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith(field + ":")), None)
 
 
 def cpu_description() -> dict[str, Any]:
