@@ -33,10 +33,12 @@ TRIM = False  # --trim: gc.collect() + malloc_trim(0) after every phase
 
 
 def status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+    from ftlab.quickstart import proc_status_kb
+
+    kb = proc_status_kb(field)
+    if kb is None:
+        raise KeyError(field)
+    return kb
 
 
 def reset_peak() -> bool:

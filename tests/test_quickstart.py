@@ -100,10 +100,10 @@ def test_each_phase_reports_its_own_peak_memory_and_the_job_keeps_its_peak():
 
     from ftlab.quickstart import proc_status_kb, timed
     phases, peaks = {}, {}
-    with timed(phases, "big", peaks):
+    with timed(phases, peaks, "big"):
         block = np.ones(100 * 2**20, dtype=np.float32)  # 400 MB, touched
         del block
-    with timed(phases, "small", peaks):
+    with timed(phases, peaks, "small"):
         time.sleep(0.1)  # a few samples
     assert set(phases) == set(peaks) == {"big", "small"}
     assert peaks["big"] - peaks["small"] > 350

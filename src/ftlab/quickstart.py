@@ -134,14 +134,16 @@ def method_sentence(cfg: DictConfig) -> str:
 
 
 @contextmanager
-def timed(phases: dict[str, float], name: str, peaks: dict[str, float | None] | None = None) -> Iterator[None]:
-    """The phase's wall seconds into `phases[name]`; with `peaks`, its own peak resident memory in MB too."""
+def timed(phases: dict[str, float], peaks: dict[str, float | None], name: str) -> Iterator[None]:
+    """The phase's wall seconds into `phases[name]` and its own peak resident memory (MB) into `peaks[name]`."""
     started = time.time()
-    sampler = PhasePeak() if peaks is not None else None
-    yield
+    sampler = PhasePeak()
+    try:
+        yield
+    finally:
+        peak = sampler.stop()  # also when the phase fails: the sampling thread ends with it
     phases[name] = round(time.time() - started, 2)
-    if peaks is not None and sampler is not None:
-        peaks[name] = sampler.stop()
+    peaks[name] = peak
 
 
 class PhasePeak:
@@ -204,7 +206,7 @@ def run_quickstart(cfg: DictConfig) -> RunDir:
     run = RunDir.create(cfg.output_dir, "quickstart", cfg.name, cfg, cfg.seed)
     try:
         task = get_task(cfg.data.task, **cfg.data.task_options)
-        with timed(phases, "data", peaks):
+        with timed(phases, peaks, "data"):
             data_dir = run.path / "data"
             train_path = make_training_set(cfg, data_dir / "train.jsonl")
             sets, provenance = heldout_sets(cfg, data_dir)
@@ -213,25 +215,25 @@ def run_quickstart(cfg: DictConfig) -> RunDir:
         log.info("held-out evaluation uses %s", provenance)
         run.update_summary(heldout=provenance)
 
-        with timed(phases, "base_eval", peaks):
+        with timed(phases, peaks, "base_eval"):
             base, tokenizer = load_model_and_tokenizer(cfg.model)
             rows, metrics = {}, {}
             rows["base"], metrics["base"] = evaluate_all(base, tokenizer, task, examples, cfg, run.path, "base")
             del base
             release_memory()  # each phase's peak then starts from what is alive, not from the last phase's peak
 
-        with timed(phases, "sft", peaks):
+        with timed(phases, peaks, "sft"):
             sft_cfg = OmegaConf.merge(cfg, {"data": {"train": str(train_path)}, "output_dir": str(run.path),
                                             "kind": "sft"})
             sft_run = run_sft(sft_cfg)
             run.log_to_file()  # the SFT run had taken over the log file handler
             release_memory()
-        with timed(phases, "tuned_eval", peaks):
+        with timed(phases, peaks, "tuned_eval"):
             tuned, tokenizer = load_tuned(cfg, sft_run.path / "final")
             rows["tuned"], metrics["tuned"] = evaluate_all(tuned, tokenizer, task, examples, cfg, run.path,
                                                            "tuned")
 
-        with timed(phases, "report", peaks):
+        with timed(phases, peaks, "report"):
             body, summary = build_report(cfg, run, sft_run, rows, metrics, examples, provenance)
         cpu = cpu_description()
         summary.update(phases=phases, phase_peak_rss_mb=peaks, cpu=cpu, minutes=round((time.time() - started) / 60, 2))
