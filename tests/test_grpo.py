@@ -440,7 +440,8 @@ def test_a_weight_sync_that_hangs_fails_the_process_in_one_line(tmp_path):
 
 # -- the recipe, on the embedded model from an SFT adapter ------------------------------------------------------
 @pytest.mark.slow
-def test_prontoqa_tiny_recipe_runs_two_steps_from_an_adapter(tmp_path):
+def test_prontoqa_tiny_recipe_runs_a_step_from_an_adapter(tmp_path):
+    """The recipe as shipped (its SOKRATES prompts of ~700 tokens, the verifier's rewards), one short step."""
     from peft import LoraConfig, get_peft_model
 
     from ftlab.config.schema import ModelConfig
@@ -452,11 +453,13 @@ def test_prontoqa_tiny_recipe_runs_two_steps_from_an_adapter(tmp_path):
                                     task_type="CAUSAL_LM")).save_pretrained(adapter)
     del base
     argv = ["train", str(REPO / "recipes" / "grpo" / "prontoqa_tiny.yaml"), f"output_dir={tmp_path / 'runs'}",
-            f"model.adapter={adapter}", "data.train=generate:4,hops=1,seed=3", "data.val=null", "train.max_steps=2",
+            f"model.adapter={adapter}", "data.train=generate:4,hops=1,seed=3", "train.max_steps=1",
             "train.batch_size=2", "train.grad_accum=1", "grpo.num_generations=2", "grpo.max_completion_length=8",
-            "train.eval_every=null", "train.save_every=null"]
+            "train.save_every=null"]
     assert main(argv) == 0
     run = max((tmp_path / "runs" / "grpo").glob("*_grpo-prontoqa-tiny"))
     r = rows(run)
-    assert sorted(r) == [1, 2] and "train/rewards/correctness/mean" in r[2] and "train/rewards/format/mean" in r[2]
-    assert len(completions(run, 2)) == 2 and (run / "final" / "adapter_model.safetensors").is_file()
+    assert sorted(r) == [1]
+    assert {f"train/rewards/{k}/mean" for k in ("step_validity", "fully_valid", "verified_answer")} <= set(r[1])
+    assert "(premise 0)" in completions(run, 1)[0]["prompt"]  # the quickstart's layout, as the adapter learned
+    assert len(completions(run, 1)) == 2 and (run / "final" / "adapter_model.safetensors").is_file()

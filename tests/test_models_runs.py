@@ -126,6 +126,30 @@ def test_lora_last_layers_adapts_only_the_top_layers_and_backward_stops_there():
 
 
 @pytest.mark.slow
+def test_a_gguf_file_is_parsed_once_during_a_conversion_and_gguf_is_restored_after(tmp_path):
+    """convert_gguf's speed-up: inside the block the same file gives the same reader (one parse) and the same
+    arguments the same tensor-name table; after it, even after an error, `gguf` is untouched."""
+    import gguf
+
+    from ftlab.models.load import gguf_parsed_once
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("ftlab.test", 7)
+    writer.add_tensor("tok", torch.arange(6, dtype=torch.float32).numpy())
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file):
+        write()
+    writer.close()
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with pytest.raises(RuntimeError), gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(tmp_path / "." / "tiny.gguf")) is first
+        assert int(first.fields["ftlab.test"].contents()) == 7
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        raise RuntimeError("a failed conversion")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader_cls, name_map)
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+
+
 def test_damaged_embedded_cache_is_converted_again(tmp_path, monkeypatch):
     """A truncated cached conversion (a killed copy, a full disk) is rebuilt, not loaded or reported."""
     import shutil

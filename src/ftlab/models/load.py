@@ -106,8 +106,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     """A GGUF file as a plain (de-quantized, float32) HF model directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with gguf_parsed_once():
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers refuses save_pretrained on a GGUF-loaded model ("quantized with gguf"): rebuild a
     # plain model from the same config without quantization_config and copy the weights over.
     config = quantized.config
@@ -118,6 +119,33 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     plain.generation_config = quantized.generation_config
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+@contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """transformers reads a GGUF file three times (config, weights, tokenizer), each time parsing every metadata
+    field (the tokenizer's 49k tokens and merges dominate), and builds gguf's tensor-name table once per module
+    (397 times for SmolLM2). Both are pure functions of their arguments: while this block runs, each file is
+    parsed once and each table built once, which halves the conversion (docs/BENCHMARKS.md)."""
+    import functools
+
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    # transformers imports both names from `gguf` inside its functions, at each call: patching the module works
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
 
 
 def gguf_model_dir(gguf: Path) -> Path:

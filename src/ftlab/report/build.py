@@ -21,7 +21,6 @@ from ftlab.errors import UserError
 from ftlab.report import compare as C
 from ftlab.report.curves import PANELS, Final, finals
 from ftlab.report.paired import paired_section
-from ftlab.report.plots import plot_panel
 from ftlab.report.render import (
     WARN,
     Block,
@@ -43,7 +42,6 @@ from ftlab.report.runs import (
     wall_seconds,
 )
 from ftlab.report.stats import mean_interval, wilson_interval
-from ftlab.report.sweeps import sweep_plots
 
 STAMP = re.compile(r"\d{8}_\d{6}_")  # run directories start with one; an evaluation's name may hold another
 
@@ -194,7 +192,11 @@ def kind_section(kind: str, runs: list[Run], groups: list[C.Group]) -> list[Bloc
 
 
 # -- plots ---------------------------------------------------------------------------------------------
+# matplotlib is imported where a plot is drawn: this module registers `ftlab report` on every command's parser,
+# and importing matplotlib there cost every ftlab command (each process of a launch) half a second.
 def curves_section(runs: list[Run], groups: list[C.Group], axis: str, window: int, images: Path) -> list[Block]:
+    from ftlab.report.plots import plot_panel
+
     blocks: list[Block] = []
     by_label = {r.label: r for r in runs}
     for i, panel in enumerate(PANELS):
@@ -212,6 +214,8 @@ def curves_section(runs: list[Run], groups: list[C.Group], axis: str, window: in
 
 
 def sweeps_section(runs: list[Run], groups: list[C.Group], images: Path) -> list[Block]:
+    from ftlab.report.sweeps import sweep_plots
+
     blocks: list[Block] = []
     by_label = {r.label: r for r in runs}
     for plot in sweep_plots(runs, images):
