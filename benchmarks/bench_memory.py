@@ -89,7 +89,7 @@ def run_eval(cfg: Any, model: Any, tok: Any, path: Path, n: int, label: str) -> 
     from ftlab.evaluate import evaluate_examples
     from ftlab.tasks import get_task
 
-    task = get_task("prontoqa")
+    task = get_task(cfg.data.task, **cfg.data.task_options)  # the quickstart's prompts, as the job renders them
     examples = task.load(str(path), limit=n)
     with phase(f"eval {label}", f"{n} problems, {cfg.eval.max_new_tokens} new tokens, {cfg.eval.batch_size} slots"):
         rows, metrics = evaluate_examples(model, tok, task, examples, cfg.eval, cfg.seed, progress=False)
@@ -104,7 +104,7 @@ def run_train(cfg: Any, steps: int, out: Path) -> Any:
     from ftlab.train.sft import run_sft
 
     train_path = make_training_set(cfg, out / "data" / "train.jsonl")
-    sft_cfg = OmegaConf.merge(cfg, {"data": {"train": str(train_path), "task": "prontoqa"}, "output_dir": str(out),
+    sft_cfg = OmegaConf.merge(cfg, {"data": {"train": str(train_path)}, "output_dir": str(out),
                                     "kind": "sft", "train": {"max_steps": steps}})
     t = cfg.train
     with phase("train", f"{steps} steps, batch {t.batch_size} x accum {t.grad_accum}, {t.precision}, "
@@ -133,7 +133,7 @@ def run_step(cfg: Any, total_steps: int, out: Path, saved: bool, reps: int) -> N
     from ftlab.train.sft import build_objective
 
     train_path = make_training_set(cfg, out / "data" / "train.jsonl")
-    cfg = OmegaConf.merge(cfg, {"data": {"train": str(train_path), "task": "prontoqa"}, "output_dir": str(out),
+    cfg = OmegaConf.merge(cfg, {"data": {"train": str(train_path)}, "output_dir": str(out),
                                 "kind": "sft"})
     t = cfg.train
     with phase("prepare model", "LoRA" if cfg.lora.enabled else "full"):
