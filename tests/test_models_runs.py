@@ -125,7 +125,6 @@ def test_lora_last_layers_adapts_only_the_top_layers_and_backward_stops_there():
         apply_lora(tiny(), LoraConfig(enabled=True, last_layers=5))
 
 
-@pytest.mark.slow
 def test_a_gguf_file_is_parsed_once_during_a_conversion_and_gguf_is_restored_after(tmp_path):
     """convert_gguf's speed-up: inside the block the same file gives the same reader (one parse) and the same
     arguments the same tensor-name table; after it, even after an error, `gguf` is untouched."""
@@ -150,6 +149,7 @@ def test_a_gguf_file_is_parsed_once_during_a_conversion_and_gguf_is_restored_aft
     assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
 
 
+@pytest.mark.slow
 def test_damaged_embedded_cache_is_converted_again(tmp_path, monkeypatch):
     """A truncated cached conversion (a killed copy, a full disk) is rebuilt, not loaded or reported."""
     import shutil
