@@ -33,8 +33,9 @@ def test_shortened_quickstart_end_to_end(tmp_path, capsys, lora):
                  # training example is ~700 tokens: the suite's time goes into these steps)
                  "quickstart.train_hops=[1]", "data.max_length=1536", "quickstart.heldout_sizes=[2,2]",
                  "quickstart.train_examples=2", "train.batch_size=2", "train.grad_accum=1",
-                 # the full run also takes the prompt-detached gradient: both method sentences are checked
-                 f"train.detach_prompt={not lora}"])
+                 # the full run also takes the prompt-detached gradient (which needs checkpointing off): both
+                 # method sentences are checked; the LoRA run keeps the recipe's checkpointing
+                 f"train.detach_prompt={not lora}", f"train.gradient_checkpointing={lora}"])
     out = capsys.readouterr().out
     assert code == 0
     run = next((tmp_path / "quickstart").glob("2*_quickstart"))
