@@ -53,10 +53,10 @@ SECTION = "## Generation engine"
 def load_model() -> tuple[Any, Any, str]:
     """ftlab's cached loader when present (fast), else de-quantize the embedded GGUF (~20 s)."""
     try:
-        from ftlab.models import load_model_and_tokenizer
+        from ftlab.models.load import load_model_and_tokenizer
 
         model, tok = load_model_and_tokenizer()
-        how = "ftlab.models.load_model_and_tokenizer() (embedded model, cached fp32 conversion)"
+        how = "ftlab.models.load.load_model_and_tokenizer() (embedded model, cached fp32 conversion)"
     except ImportError:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -35,6 +35,16 @@ def test_help_lists_verbs():
         assert verb in out.stdout
 
 
+def test_the_parser_imports_no_torch():
+    """Every verb is registered at start; importing torch and transformers there cost each command ~1.7 s
+    (`ftlab --help`, `ftlab plan`, the process `ftlab launch` starts torchrun from)."""
+    code = ("import sys; from ftlab.cli import build_parser; build_parser(); "
+            "print(' '.join(m for m in ('torch', 'transformers', 'peft', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+
+
 @pytest.mark.parametrize("case, overrides, needle", [
     ("missing recipe", None, "recipe file not found"),
     ("unknown key", ["optim.lerning_rate=1"], "unknown key 'optim.lerning_rate'"),

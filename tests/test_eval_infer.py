@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from ftlab.cli import main
-from ftlab.evaluate import compare_table, paired_difference
+from ftlab.evaluate import compare_table
+from ftlab.report.stats import paired_difference
 from ftlab.runs.rundir import read_status
 from tests.helpers import tiny_recipe
 

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab.data.jsonl import append_jsonl
 from ftlab.errors import UserError
+from ftlab.report.stats import paired_difference, predictions_by_id
 from ftlab.runs.rundir import RunDir, write_json
 
 log = logging.getLogger("ftlab")
@@ -253,36 +254,6 @@ def check_model_spec(spec: str) -> None:
             check_adapter_files(adapter)
     except UserError as e:
         raise UserError(f"--compare {spec}: {e}") from None
-
-
-def predictions_by_id(run_path: str | Path) -> dict[str, list[bool]]:
-    """Per example id, the primary-rule correctness of its rows in predictions.jsonl (file order)."""
-    from ftlab.data.jsonl import iter_jsonl
-
-    rows: dict[str, list[bool]] = {}
-    for _, r in iter_jsonl(Path(run_path) / "predictions.jsonl"):
-        rows.setdefault(str(r["id"]), []).append(bool(r["correct"]))
-    return rows
-
-
-def paired_difference(base: dict[str, list[bool]], tuned: dict[str, list[bool]]) -> dict[str, Any]:
-    """Tuned minus base accuracy over rows matched by example id, with a paired bootstrap 95% interval.
-
-    Resampling the per-row differences (not the two accuracies separately) keeps the pairing: both
-    models answered the same questions, so question difficulty cancels and the interval is narrower.
-    Repeated ids are paired in order of appearance; rows whose id only one run has are counted apart.
-    """
-    from ftlab.tasks.scoring import bootstrap_ci
-
-    diffs = [float(t) - float(b) for key in base.keys() & tuned.keys()
-             for b, t in zip(base[key], tuned[key])]
-    n_base, n_tuned = sum(map(len, base.values())), sum(map(len, tuned.values()))
-    return {
-        "accuracy_diff": sum(diffs) / len(diffs) if diffs else float("nan"),
-        "accuracy_diff_ci95": bootstrap_ci(diffs),
-        "n_paired": len(diffs),
-        "n_unpaired": n_base + n_tuned - 2 * len(diffs),
-    }
 
 
 def run_compare(cfg: DictConfig, specs: list[str]) -> list[dict]:

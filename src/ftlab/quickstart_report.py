@@ -54,7 +54,7 @@ def model_metrics(rows: Sequence[dict], metrics: dict) -> dict[str, Any]:
 
 def paired_lift(base_rows: Sequence[dict], tuned_rows: Sequence[dict], key: str) -> dict[str, Any]:
     """Tuned minus base of a per-row flag over the rows both models answered (same ids, same prompts)."""
-    from ftlab.evaluate import paired_difference
+    from ftlab.report.stats import paired_difference
 
     def by_id(rows: Sequence[dict]) -> dict[str, list[bool]]:
         out: dict[str, list[bool]] = {}

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from ftlab.data.jsonl import iter_jsonl, json_type, text_field
-from ftlab.data.sft import Conversation, chat_terminator
 from ftlab.errors import UserError
 
 GENERIC = "generic"
@@ -32,6 +31,9 @@ def chat_turns(tokenizer: Any, msgs: list[dict], where: str) -> Turns:
     puts after that and before the next answer (turn markers, the next user message). Templates that
     rewrite earlier turns (e.g. drop past reasoning) cannot be split so.
     """
+    # imported here: sft imports torch, and the CLI's parser reaches this module
+    from ftlab.data.sft import Conversation, chat_terminator
+
     terminator = chat_terminator(tokenizer)
     turns = Conversation(terminator=terminator)
     done = ""  # the conversation so far, through the last answer and its terminator
@@ -160,5 +162,8 @@ def load_conversations(data_cfg: Any, source: str, split: str, tokenizer: Any, l
 def with_terminators(samples: list[Turns], tokenizer: Any, chat_template: bool) -> list[Turns]:
     """Samples rendered through the chat template end each answer with the template's end of turn
     (a model then learns to stop as the template says); plain-text samples end with EOS."""
+    # imported here: sft imports torch, and the CLI's parser reaches this module
+    from ftlab.data.sft import Conversation, chat_terminator
+
     terminator = chat_terminator(tokenizer) if chat_template else None
     return [s if isinstance(s, Conversation) else Conversation(s, terminator) for s in samples]

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.data.jsonl import iter_jsonl, json_type, write_jsonl
@@ -168,6 +167,8 @@ def append_rows(path: Path, rows: list[dict]) -> None:
 
 def run_sample(cfg: DictConfig, out_path: str, samples: int | None = None, which: str = "train") -> int:
     """Write N traces per question of the recipe's data to `out_path` (resumable); returns rows written."""
+    import torch
+
     from ftlab.evaluate import autocast_for, generation_config, load_for_generation
     from ftlab.infer import settings_hash, write_settings
 

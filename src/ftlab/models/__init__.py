@@ -1,3 +1,1 @@
-from ftlab.models.load import load_model_and_tokenizer, resolve_model_path
-
-__all__ = ["load_model_and_tokenizer", "resolve_model_path"]
+"""Models: loading (embedded, hub, local, scratch), adapters, memory estimates, the architecture's names."""

@@ -58,10 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import torch
-
 from ftlab.errors import UserError
-from ftlab.losses import head_chunk_rows
 
 GiB = 1024 ** 3
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -196,6 +193,7 @@ class Architecture:
 
 
 def build_meta_model(config: Any) -> Any:
+    import torch  # here, not at the top: `ftlab plan` and the CLI's start need no torch
     from transformers import AutoModelForCausalLM
 
     from ftlab.models.load import config_errors, first_line
@@ -210,6 +208,7 @@ def build_meta_model(config: Any) -> Any:
 
 def architecture(config: Any, name: str | None = None) -> Architecture:
     """Exact parameter counts and layer shapes from a model instantiated on the meta device."""
+    import torch
     from transformers.pytorch_utils import Conv1D
 
     model = build_meta_model(config)
@@ -469,6 +468,8 @@ def estimate_memory(arch: Architecture, method: str = "full", optim: str = "adam
         rows.append(("logits (loss)", supervised * a.vocab * logit_b,
                      f"{supervised} supervised tokens x {a.vocab} vocab x {logit_b} B"))
     else:  # a frozen head: log-probs chunk by chunk, each row's gradient kept (ftlab.losses.head_log_probs)
+        from ftlab.losses import head_chunk_rows
+
         chunk = min(supervised, head_chunk_rows(a.vocab))
         rows.append(("logits (loss)", supervised * a.hidden * 4 + chunk * a.vocab * 8,
                      f"{supervised} supervised tokens x {a.hidden} x 4 B + one chunk of {chunk} rows x "

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ftlab.evaluate import paired_difference, predictions_by_id
 from ftlab.report import compare as C
 from ftlab.report.render import Block, Heading, Table, Text
 from ftlab.report.runs import Run
+from ftlab.report.stats import paired_difference, predictions_by_id
 
 
 def same_rows_key(run: Run) -> tuple:

@@ -1,11 +1,17 @@
-"""Intervals for a report: Wilson for an accuracy over n answers, Student's t for a mean over seeds."""
+"""Intervals for a report: Wilson for an accuracy over n answers, Student's t for a mean over seeds, a paired
+bootstrap for the difference of two runs on the same questions."""
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
+
+from ftlab.data.jsonl import iter_jsonl
+from ftlab.tasks.scoring import bootstrap_ci
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond 30 the normal quantile is
 # within 2% of t). Seed groups are small (2-5 runs), where t is much wider than the normal 1.96.
@@ -63,3 +69,29 @@ def smooth(values: Sequence[float], window: int) -> list[float]:
     idx = np.arange(1, len(values) + 1)
     lo = np.maximum(idx - window, 0)
     return list((cums[idx] - cums[lo]) / (idx - lo))
+
+
+def predictions_by_id(run_path: str | Path) -> dict[str, list[bool]]:
+    """Per example id, the primary-rule correctness of its rows in predictions.jsonl (file order)."""
+    rows: dict[str, list[bool]] = {}
+    for _, r in iter_jsonl(Path(run_path) / "predictions.jsonl"):
+        rows.setdefault(str(r["id"]), []).append(bool(r["correct"]))
+    return rows
+
+
+def paired_difference(base: dict[str, list[bool]], tuned: dict[str, list[bool]]) -> dict[str, Any]:
+    """Tuned minus base accuracy over rows matched by example id, with a paired bootstrap 95% interval.
+
+    Resampling the per-row differences (not the two accuracies separately) keeps the pairing: both
+    models answered the same questions, so question difficulty cancels and the interval is narrower.
+    Repeated ids are paired in order of appearance; rows whose id only one run has are counted apart.
+    """
+    diffs = [float(t) - float(b) for key in base.keys() & tuned.keys()
+             for b, t in zip(base[key], tuned[key])]
+    n_base, n_tuned = sum(map(len, base.values())), sum(map(len, tuned.values()))
+    return {
+        "accuracy_diff": sum(diffs) / len(diffs) if diffs else float("nan"),
+        "accuracy_diff_ci95": bootstrap_ci(diffs),
+        "n_paired": len(diffs),
+        "n_unpaired": n_base + n_tuned - 2 * len(diffs),
+    }

@@ -62,7 +62,8 @@ def leakage_note(prepared: Path, tuned: str) -> str | None:
 
 def compare_pair(cfg: DictConfig, base: str, tuned: str, prepared: Path) -> dict[str, Any]:
     """Base and tuned on DIR/test.jsonl, the paired accuracy difference, and the split kind."""
-    from ftlab.evaluate import paired_difference, parse_model_spec, predictions_by_id, run_eval
+    from ftlab.evaluate import parse_model_spec, run_eval
+    from ftlab.report.stats import paired_difference, predictions_by_id
 
     pair_cfg = OmegaConf.merge(cfg, {"eval": {"task": "socsci210", "source": str(prepared / "test.jsonl")}})
     runs = {}
