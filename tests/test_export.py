@@ -463,6 +463,11 @@ def fake_hub(monkeypatch: Any) -> Iterator[list]:
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at its import: a test that imported it first under
+    # HF_HUB_OFFLINE=1 left every later request refused before it was sent
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     yield FakeHub.requests
     server.shutdown()
 

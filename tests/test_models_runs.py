@@ -102,6 +102,30 @@ def test_lora_wrapping_warns_nothing():
         apply_lora(model, LoraConfig(enabled=True), gradient_checkpointing=True)
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]], ids=["projections", "lm-head"])
+def test_an_adapter_saves_without_asking_the_hub_and_keeps_targeted_embeddings(tmp_path, targets):
+    """An adapter names the embedded base, which is no Hub repo: peft's default asked the Hub for its config.json at
+    every save (two warnings offline). The head's own weights go into the adapter exactly when LoRA adapts it."""
+    import warnings
+
+    from safetensors import safe_open
+
+    from ftlab.config.schema import LoraConfig
+    from ftlab.models.adapters import apply_lora
+    from ftlab.train.checkpoint import save_model
+    model, _ = load_model_and_tokenizer(ModelConfig(scratch={"model_type": "llama", "hidden_size": 32,
+                                                             "intermediate_size": 64, "num_hidden_layers": 1,
+                                                             "num_attention_heads": 4, "num_key_value_heads": 2}))
+    model = apply_lora(model, LoraConfig(enabled=True, target_modules=targets))
+    model.peft_config["default"].base_model_name_or_path = "smollm2-135m-instruct"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_model(model, None, tmp_path / "adapter")
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        head_weights = [k for k in f.keys() if "lm_head" in k and "lora_" not in k]
+    assert bool(head_weights) == ("lm_head" in targets)
+
+
 def test_lora_last_layers_adapts_only_the_top_layers_and_backward_stops_there():
     """lora.last_layers=2 of 4: adapters in layers 2-3 only; a backward pass never reaches layers 0-1 (the
     point of the option: their activations need no gradient), and more layers than the model has is a UserError."""

@@ -50,9 +50,24 @@ def model_is_finite(model: Any) -> bool:
 
 def save_model(model: Any, tokenizer: Any, path: Path, state_dict: dict | None = None) -> None:
     """HF-loadable export: adapter for PEFT models, full weights otherwise (`state_dict`: gathered ZeRO weights)."""
-    model.save_pretrained(path, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+    from peft import PeftModel
+
+    extra: dict[str, Any] = {"state_dict": state_dict} if state_dict else {}
+    if isinstance(model, PeftModel):
+        extra["save_embedding_layers"] = embeddings_adapted(model)
+    model.save_pretrained(path, safe_serialization=True, **extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def embeddings_adapted(model: Any) -> bool:
+    """Whether an adapter must carry the embedding or LM head weights: only where LoRA targets them, since
+    ftlab never resizes a vocabulary. peft's default finds out by asking the Hub for the base's config.json,
+    which for the embedded base (a name, not a Hub repo) offline prints two warnings at every save."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = (model.get_input_embeddings(), model.get_output_embeddings())
+    return any(isinstance(m, BaseTunerLayer) for m in layers)
 
 
 def save_merged_from_adapter(model_cfg: Any, adapter_dir: Path, out: Path, dtype: str = "bf16") -> None:
