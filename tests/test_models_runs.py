@@ -113,9 +113,8 @@ def test_an_adapter_saves_without_asking_the_hub_and_keeps_targeted_embeddings(t
     from ftlab.config.schema import LoraConfig
     from ftlab.models.adapters import apply_lora
     from ftlab.train.checkpoint import save_model
-    model, _ = load_model_and_tokenizer(ModelConfig(scratch={"model_type": "llama", "hidden_size": 32,
-                                                             "intermediate_size": 64, "num_hidden_layers": 1,
-                                                             "num_attention_heads": 4, "num_key_value_heads": 2}))
+    from tests.helpers import TINY_SCRATCH
+    model, _ = load_model_and_tokenizer(ModelConfig(scratch=TINY_SCRATCH))
     model = apply_lora(model, LoraConfig(enabled=True, target_modules=targets))
     model.peft_config["default"].base_model_name_or_path = "smollm2-135m-instruct"
     with warnings.catch_warnings():

@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.errors import UserError
+from ftlab.train.checkpoint import save_model
 
 log = logging.getLogger("ftlab")
 
@@ -159,7 +160,7 @@ class VLLMRollouts:
 
     def push_adapter(self, model: Any) -> None:
         folder = Path(tempfile.mkdtemp(prefix="ftlab-grpo-adapter-"))
-        model.save_pretrained(str(folder))  # the trainable adapter only (adapter_config.json + safetensors)
+        save_model(model, None, folder)  # the trainable adapter only (adapter_config.json + safetensors)
         self.engine.set_adapter(str(folder))  # a new path: VLLMEngine gives it a new LoRA id
         request = self.engine._lora_request()
         add = getattr(self.engine.llm.llm_engine, "add_lora", None)
