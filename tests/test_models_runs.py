@@ -172,6 +172,20 @@ def test_a_gguf_file_is_parsed_once_during_a_conversion_and_gguf_is_restored_aft
     assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
 
 
+def test_a_conversion_finished_second_leaves_the_first_in_place(tmp_path):
+    """Two processes converting into one empty cache (the test workers do): the second rename meets a full
+    directory; the first copy stays whole and the second's temporary directory is removed."""
+    from ftlab.models.load import publish_conversion
+    first, second, target = tmp_path / ".m.first", tmp_path / ".m.second", tmp_path / "m"
+    for tmp, text in ((first, "first"), (second, "second")):
+        tmp.mkdir()
+        (tmp / "config.json").write_text(text)
+    publish_conversion(first, target)
+    publish_conversion(second, target)
+    assert (target / "config.json").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 @pytest.mark.slow
 def test_damaged_embedded_cache_is_converted_again(tmp_path, monkeypatch):
     """A truncated cached conversion (a killed copy, a full disk) is rebuilt, not loaded or reported."""

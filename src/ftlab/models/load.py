@@ -84,11 +84,19 @@ def embedded_model_dir(name: str) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(f"cannot write the model cache {target.parent} ({e.strerror or e}); "
                             "free space or set FTLAB_CACHE elsewhere") from None
-    if target.exists():  # a concurrent conversion finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half cache
+    publish_conversion(tmp, target)
     return target
+
+
+def publish_conversion(tmp: Path, target: Path) -> None:
+    """Rename a finished conversion into place, atomically: a killed conversion never leaves a half cache. When
+    another process converted the same model meanwhile, its copy stays and this one is discarded."""
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not target.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cache_tempdir(target: Path) -> Path:
@@ -182,10 +190,7 @@ def gguf_model_dir(gguf: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():  # a concurrent conversion finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    publish_conversion(tmp, target)
     return target
 
 
