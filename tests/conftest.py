@@ -1,7 +1,14 @@
 """Shared test fixtures: a tiny offline tokenizer with known ids, so expectations can be written by hand."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The suite runs in 2 worker processes (pyproject's addopts): each worker computes with one thread, as the
+# subprocesses they start do, instead of two workers' torch thread pools contending for the same cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # id = position in this list; every test can compute token ids by hand from it.
 TINY_VOCAB = "<pad> <eos> <unk> <bos> hello world the cat sat on mat user assistant : a b c d".split()
