@@ -31,8 +31,7 @@ What still differs (each trainer's own defaults)
     streams, so completion lengths differ; hence completion tokens/s (tokens over time) beside steps per minute;
   * generation: TRL pads the generation batch to its longest prompt and decodes all rows in one `generate` call;
     ftlab prefills each prompt once for its G rows and refills finished rows' slots (`grpo.generation_batch_size`
-    = P x G rows here), and samples with the LoRA adapter folded into the base weights (`lora_folded`; restored
-    bit for bit after the round), where TRL's `generate` runs through peft's unmerged layers;
+    = P x G rows here);
   * TRL computes per-step metrics (entropy, clip ratios, rewards) and logs completions' statistics; ftlab writes
     every round's completions to the run directory and its own metrics (entropy, clip shares) too.
 

@@ -101,41 +101,6 @@ def enable_gradient_checkpointing(model: Any) -> None:
     model.config.use_cache = False
 
 
-@contextmanager
-def lora_folded(model: Any) -> Iterator[None]:
-    """A LoRA model's adapters folded into the base weights while the body generates: each adapted projection is
-    then one matmul per decoded token instead of three plus the scaling and the sum (the quickstart's adapter
-    adapts 210 projections of a 135M model, where decoding is bound by the number of small ops; BENCHMARKS has
-    the speed-up). Afterwards the base weights are put back bit for bit from a copy: unmerging subtracts in
-    floating point, which would move the frozen base by rounding every round (and a resumed run, which loads
-    the untouched base, would no longer replay the same losses). The copy costs the adapted weights' memory once
-    more; it is kept on the CPU. Quantized, sharded (FSDP, ZeRO-3) or non-peft models sample unfolded."""
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)] if isinstance(model, PeftModel) else []
-    weights = [m.get_base_layer().weight for m in layers]
-    if not layers or not all(plain_weight(w) for w in weights):
-        yield
-        return
-    saved = [w.detach().to("cpu", copy=True) for w in weights]
-    model.merge_adapter()
-    try:
-        yield
-    finally:
-        model.unmerge_adapter()
-        with torch.no_grad():
-            for w, copy in zip(weights, saved):
-                w.copy_(copy)
-
-
-def plain_weight(w: Any) -> bool:
-    """A whole, floating-point weight of this process (not a 4-bit/8-bit parameter, a DTensor shard or a ZeRO-3
-    placeholder): one that merging changes exactly as peft computes it."""
-    return (isinstance(w, torch.nn.Parameter) and type(w.data) is torch.Tensor and w.is_floating_point()
-            and w.numel() > 0)
-
-
 def trainable_summary(model: Any) -> str:
     """'174.6M / 8.4B (2.09%)' style count of trainable parameters."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -59,12 +59,11 @@ def hf_generate(model: Any, tokenizer: Any, texts: list[str], cfg: Any, autocast
     """The round's completions from ftlab's HF engine on the policy itself (eval mode: no dropout), under the
     training precision's autocast; `hook(engine)` makes the engine's logits hook (a constraint), if any."""
     from ftlab.generate import HFEngine
-    from ftlab.models.adapters import lora_folded
 
     was_training = model.training
     model.eval()
     try:
-        with autocast(), lora_folded(model):
+        with autocast():
             engine = HFEngine(model, tokenizer)
             if hook is not None:
                 engine.logits_processor = hook(engine)

@@ -35,7 +35,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.config.schema import metric_direction
-from ftlab.models.adapters import lora_folded
 from ftlab.errors import Terminated, UserError
 from ftlab.runs.rundir import RunDir
 from ftlab.runs.trackers import Trackers
@@ -362,9 +361,8 @@ class Loop:
         ecfg = OmegaConf.merge(self.cfg.eval, {"shots": self.cfg.data.shots,
                                                "chat_template": self.cfg.data.chat_template})
         mine = examples[self.rank::self.world]
-        model = self.accelerator.unwrap_model(self.model)
-        with lora_folded(model):
-            rows, _ = evaluate_examples(model, self.tokenizer, task, mine, ecfg, self.cfg.seed, progress=False)
+        rows, _ = evaluate_examples(self.accelerator.unwrap_model(self.model), self.tokenizer, task, mine, ecfg,
+                                    self.cfg.seed, progress=False)
         rows = gather_object(rows) if self.world > 1 else rows  # every rank gets all rows: same decisions
         by_id = {r["id"]: r for r in rows}
         metrics = task.aggregate([by_id[ex.id] for ex in examples], examples)
@@ -375,10 +373,8 @@ class Loop:
 
         task, examples = self.objective.generation_task
         if examples:
-            model = self.accelerator.unwrap_model(self.model)
-            with lora_folded(model):
-                log_generations(model, self.tokenizer, task, examples[:8], self.cfg.eval, step=self.done,
-                                run=self.run, tracker=self.tracker, seed=self.cfg.seed)
+            log_generations(self.accelerator.unwrap_model(self.model), self.tokenizer, task, examples[:8],
+                            self.cfg.eval, step=self.done, run=self.run, tracker=self.tracker, seed=self.cfg.seed)
 
     def maybe_save_best(self, metrics: dict[str, float]) -> None:
         key = (self.t.best_metric or "").removeprefix("eval/")
