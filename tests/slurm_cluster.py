@@ -12,6 +12,7 @@ scheduler every second, and job credentials valid 5 s, which is also how long Sl
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -39,8 +40,12 @@ def free_port() -> int:
 
 
 def slurm_conf(root: Path) -> str:
+    # A random first job id: `ftlab launch` derives a job's rendezvous port from its id, so two clusters started by
+    # two test workers at once must not both number their jobs from 1 (two sweeps met on one port and one failed).
+    first_job = random.SystemRandom().randrange(1, 9900)
     return f"""\
 ClusterName=ftlabtest
+FirstJobId={first_job}
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
