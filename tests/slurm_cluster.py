@@ -41,7 +41,8 @@ def free_port() -> int:
 
 def slurm_conf(root: Path) -> str:
     # A random first job id: `ftlab launch` derives a job's rendezvous port from its id, so two clusters started by
-    # two test workers at once must not both number their jobs from 1 (two sweeps met on one port and one failed).
+    # two test workers at once must not both number their jobs from 1 (a sweep failed to reach its rendezvous
+    # store when both Slurm test files ran side by side: most likely two jobs on one port).
     first_job = random.SystemRandom().randrange(1, 9900)
     return f"""\
 ClusterName=ftlabtest
